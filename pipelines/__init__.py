@@ -1,0 +1,1 @@
+"""Ray Data ingest, the training stream, sequence packing and image I/O."""

@@ -1,0 +1,34 @@
+"""Shared fixtures: one real local Ray cluster per pytest session (starting Ray costs ~5 s)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray with capped object store and 4 logical CPUs (2-core machine: see data-loaders.md)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, object_store_memory=400 * 1024 * 1024, include_dashboard=False,
+                 log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return ROOT
