@@ -40,6 +40,9 @@ class PackedBatch:
     # bookkeeping (never used by the model)
     batch_data_indexes: list[dict[str, Any]] = field(default_factory=list)  # per sample: sample_id, dataset, group
     metrics: dict[str, Any] = field(default_factory=dict)   # packing efficiency, tokens per group, skipped
+    # the stream's state_dict() right after this batch was produced: saving it with the last *consumed*
+    # batch keeps resume exact even when batches are prefetched in the background
+    stream_state: dict[str, Any] | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
         """A copy with every tensor moved to `device` (lists of tensors included)."""

@@ -1,0 +1,1 @@
+"""Ray Train trainer: config, loop, EMA, schedules, checkpoints, metrics."""
