@@ -1,0 +1,83 @@
+"""Attention masks of packed sequences (bagel-compat §2.7, §4.1).
+
+`prepare_attention_mask_per_sample` is the dense (SDPA) form, one [S, S] float mask per sample with
+0 = attend and -inf = blocked. `allowed_pairs` is the flex rule written out densely over a whole pack;
+the model's flex/varlen path must agree with it, and tests use it to check both forms against each other.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+ATTN_MODES = ("causal", "full", "noise")
+
+
+def _check(split_lens: Sequence[int], attn_modes: Sequence[str]) -> None:
+    if len(split_lens) != len(attn_modes):
+        raise ValueError(f"{len(split_lens)} split_lens but {len(attn_modes)} attn_modes")
+    for mode in attn_modes:
+        if mode not in ATTN_MODES:
+            raise ValueError(f"unknown attention mode {mode!r}; expected one of {ATTN_MODES}")
+    for length in split_lens:
+        if length < 0:
+            raise ValueError(f"split length must be >= 0, got {length}")
+
+
+def attention_allowed_per_sample(split_lens: Sequence[int], attn_modes: Sequence[str]) -> torch.Tensor:
+    """Boolean [S, S] mask (True = query row may attend to key column), two passes as upstream."""
+    _check(split_lens, attn_modes)
+    size = int(sum(split_lens))
+    allowed = torch.zeros((size, size), dtype=torch.bool)
+    start = 0
+    # pass 1: causal or full inside the split, plus every earlier column of the sample
+    for length, mode in zip(split_lens, attn_modes):
+        end = start + length
+        if mode == "causal":
+            allowed[start:end, start:end] = torch.ones((length, length), dtype=torch.bool).tril()
+        else:
+            allowed[start:end, start:end] = True
+        allowed[start:end, :start] = True
+        start = end
+    # pass 2: a noise split is invisible to every other row (later ones included) but sees itself fully
+    start = 0
+    for length, mode in zip(split_lens, attn_modes):
+        end = start + length
+        if mode == "noise":
+            allowed[:, start:end] = False
+            allowed[start:end, start:end] = True
+        start = end
+    return allowed
+
+
+def prepare_attention_mask_per_sample(split_lens: Sequence[int], attn_modes: Sequence[str],
+                                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """Float [S, S] mask of one sample: 0 where attention is allowed, -inf where it is blocked."""
+    allowed = attention_allowed_per_sample(split_lens, attn_modes)
+    mask = torch.zeros(allowed.shape, dtype=torch.float32)
+    mask.masked_fill_(~allowed, float("-inf"))
+    return mask.to(device)
+
+
+def allowed_pairs(sample_lens: Sequence[int], split_lens: Sequence[int],
+                  attn_modes: Sequence[str]) -> torch.Tensor:
+    """Dense boolean [L, L] form of the flex rule over a whole pack (small packs only: tests, debugging).
+
+    allow(q, k) = [q >= k or (q, k in the same full/noise split)] and not [k in a noise split that q is
+    not in] and [same sample]. `split_lens` must tile `sample_lens` (a flex pad split included).
+    """
+    _check(split_lens, attn_modes)
+    total = int(sum(sample_lens))
+    if int(sum(split_lens)) != total:
+        raise ValueError(f"split_lens sum to {sum(split_lens)} but sample_lens sum to {total}")
+    sample_id = torch.repeat_interleave(torch.arange(len(sample_lens)), torch.tensor(list(sample_lens), dtype=torch.long))
+    split_id = torch.repeat_interleave(torch.arange(len(split_lens)), torch.tensor(list(split_lens), dtype=torch.long))
+    is_noise = torch.tensor([m == "noise" for m in attn_modes], dtype=torch.bool)[split_id] if total else torch.zeros(0, dtype=torch.bool)
+    is_bidir = torch.tensor([m != "causal" for m in attn_modes], dtype=torch.bool)[split_id] if total else torch.zeros(0, dtype=torch.bool)
+    pos = torch.arange(total)
+    same_split = split_id[:, None] == split_id[None, :]
+    causal = pos[:, None] >= pos[None, :]
+    allowed = causal | (same_split & is_bidir[None, :])
+    allowed &= ~(is_noise[None, :] & ~same_split)
+    allowed &= sample_id[:, None] == sample_id[None, :]
+    return allowed

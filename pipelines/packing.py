@@ -1,0 +1,373 @@
+"""Packing: a list of drawn samples -> one `PackedBatch` with upstream `pack_sequence` semantics.
+
+bagel-compat §4.3 (pack_sequence table, to_tensor), §2.4 (fields), §2.7 (masks). The sequence plan of a
+sample comes only from `datasets_catalog.plan.build_plan`; this module turns plans into tensors.
+
+Which samples form a pack is decided by the mixture stream (pipelines.mixture); this function only
+materialises them. Randomness (CFG dropout, timesteps) is a pure function of (seed, sample.draw_key): see
+`pipelines.packing_rng` for why this replaces upstream's per-process salted-hash reseeding.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from datasets_catalog.plan import ImageSlot, Message, PlanItem, SamplePlan, build_plan
+from datasets_catalog.task_kinds import resolve_task_kind
+from datasets_catalog.tokenizer import TextTokenizer
+from datasets_catalog.transforms import VAE_DOWNSAMPLE
+
+from .image_decode import image_to_tensor, load_image_rgb
+from .masks import allowed_pairs, prepare_attention_mask_per_sample
+from .packed_batch import PackedBatch
+from .packing_config import PackingConfig
+from .packing_ops import len2weight, patchify
+from .packing_rng import CFG, TIMESTEP, sample_generator
+from .position_ids import (
+    get_flattened_position_ids,
+    get_flattened_position_ids_extrapolate,
+    get_flattened_position_ids_interpolate,
+)
+from .sample import StreamSample
+
+__all__ = [
+    "build_packed_batch", "sample_plan", "PackingError",
+    "prepare_attention_mask_per_sample", "allowed_pairs", "patchify", "len2weight",
+    "get_flattened_position_ids", "get_flattened_position_ids_extrapolate",
+    "get_flattened_position_ids_interpolate", "load_image_rgb", "image_to_tensor",
+]
+
+
+class PackingError(ValueError):
+    """A sample that cannot be packed (missing image, size beyond the position tables, ...)."""
+
+
+def _messages(row: dict[str, Any]) -> list[Message]:
+    return [Message(m["from"], m["value"] if m["value"] is not None else "") for m in (row.get("messages") or [])]
+
+
+def sample_plan(sample: StreamSample) -> SamplePlan:
+    """The spec §4.6 plan of a drawn sample (built by datasets_catalog.plan, never re-derived here)."""
+    row = sample.row
+    kind = resolve_task_kind(sample.task)
+    return build_plan(kind, _messages(row), len(row.get("input_images") or []), len(row.get("output_images") or []))
+
+
+class _SampleImages:
+    """Decodes each image of a row at most once; resizes per use (VAE and ViT targets differ)."""
+
+    def __init__(self, sample: StreamSample) -> None:
+        self.sample = sample
+        self._decoded: dict[ImageSlot, Any] = {}
+
+    def record(self, slot: ImageSlot) -> dict[str, Any]:
+        images = self.sample.row.get(f"{slot.role}_images") or []
+        if slot.index >= len(images):
+            raise PackingError(
+                f"sample {self.sample.sample_id}: the plan needs {slot.role} image {slot.index} but the row has "
+                f"{len(images)}; fix the record (an <image> tag without an image?)")
+        return images[slot.index]
+
+    def tensor(self, slot: ImageSlot, which: str) -> torch.Tensor:
+        rec = self.record(slot)
+        width, height = rec.get(f"{which}_width"), rec.get(f"{which}_height")
+        if not width or not height:
+            raise PackingError(f"sample {self.sample.sample_id}: {slot.role} image {slot.index} has no stored "
+                               f"{which}_width/{which}_height; re-run ingest for this dataset")
+        if slot not in self._decoded:
+            self._decoded[slot] = self._decode(rec)
+        return image_to_tensor(self._decoded[slot], int(width), int(height))
+
+    def _decode(self, rec: dict[str, Any]):
+        data = rec.get("bytes")
+        path = None
+        if rec.get("path"):
+            rel = str(rec["path"]).lstrip("/\\")  # upstream strips the leading separator before joining
+            path = Path(self.sample.data_dir) / rel if self.sample.data_dir else Path(rel)
+        if data is None and not self.sample.data_dir:
+            raise PackingError(f"sample {self.sample.sample_id}: image {rec.get('path')!r} has no stored bytes "
+                               f"and the sample has no data_dir to resolve it")
+        return load_image_rgb(data, path, rec.get("meta"))
+
+
+@dataclass
+class _Status:
+    """Upstream `sequence_status`: the growing lists of one pack."""
+
+    curr: int = 0
+    sample_lens: list[int] = field(default_factory=list)
+    packed_text_ids: list[int] = field(default_factory=list)
+    packed_text_indexes: list[int] = field(default_factory=list)
+    packed_position_ids: list[int] = field(default_factory=list)
+    split_lens: list[int] = field(default_factory=list)
+    attn_modes: list[str] = field(default_factory=list)
+    nested_attention_masks: list[torch.Tensor] = field(default_factory=list)
+    vit_tokens: list[torch.Tensor] = field(default_factory=list)
+    vit_token_seqlens: list[int] = field(default_factory=list)
+    vit_position_ids: list[torch.Tensor] = field(default_factory=list)
+    vit_token_indexes: list[int] = field(default_factory=list)
+    vae_images: list[torch.Tensor] = field(default_factory=list)
+    vae_latent_shapes: list[tuple[int, int]] = field(default_factory=list)
+    latent_position_ids: list[torch.Tensor] = field(default_factory=list)
+    vae_token_indexes: list[int] = field(default_factory=list)
+    timesteps: list[float] = field(default_factory=list)
+    mse_loss_indexes: list[int] = field(default_factory=list)
+    label_ids: list[int] = field(default_factory=list)
+    ce_loss_indexes: list[int] = field(default_factory=list)
+    ce_loss_weights: list[float] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=lambda: {"text": 0, "vit": 0, "vae": 0})
+
+
+def _check_grid(sample_id: str, what: str, h: int, w: int, limit: int, setting: str) -> None:
+    if h > limit or w > limit:
+        raise PackingError(
+            f"sample {sample_id}: {what} grid {h}x{w} exceeds {setting}={limit} (extrapolated position ids "
+            f"would leave the table); raise {setting} (64 for the released checkpoints) or shrink the transforms")
+
+
+def _pack_sample(sample: StreamSample, plan: SamplePlan, text_ids: list[list[int]], status: _Status,
+                 config: PackingConfig, tokenizer: TextTokenizer, seed: int) -> int:
+    """Append one sample to `status` exactly as upstream pack_sequence does; returns its length."""
+    special = tokenizer.special
+    cfg_rng = sample_generator(seed, sample.draw_key, CFG)
+    t_rng = sample_generator(seed, sample.draw_key, TIMESTEP)
+    images = _SampleImages(sample)
+    texts = iter(text_ids)
+    split_lens: list[int] = []
+    attn_modes: list[str] = []
+    curr = status.curr
+    rope = 0
+    sample_len = 0
+    split_len = 0
+    timestep = float("-inf")
+    downsample = config.latent_patch_size * (VAE_DOWNSAMPLE // 2)  # FLUX 8x times the latent patch
+
+    def cfg_drop(item: PlanItem, p: float) -> bool:
+        # one uniform per enable_cfg element, in plan order; never a draw (nor a drop) when enable_cfg=0
+        return item.enable_cfg == 1 and float(cfg_rng.random()) < p
+
+    for item in plan.items:
+        split_start = getattr(item, "split_start", True)
+        frame_delta = getattr(item, "frame_delta", None)
+        if split_start:
+            split_len = 0
+
+        if item.type == "text":
+            ids = next(texts)
+            if cfg_drop(item, config.text_cond_dropout_prob):
+                status.dropped["text"] += 1
+                continue
+            shifted = [special.bos, *ids]
+            status.packed_text_ids.extend(shifted)
+            status.packed_text_indexes.extend(range(curr, curr + len(shifted)))
+            if item.loss == 1:
+                status.ce_loss_indexes.extend(range(curr, curr + len(shifted)))
+                status.ce_loss_weights.extend([len2weight(len(shifted), config.len2weight_mode)] * len(shifted))
+                status.label_ids.extend([*ids, special.eos])
+            curr += len(shifted)
+            split_len += len(shifted)
+            status.packed_text_ids.append(special.eos)
+            status.packed_text_indexes.append(curr)
+            if item.special_token_loss == 1:
+                status.ce_loss_indexes.append(curr)
+                status.ce_loss_weights.append(1.0)
+                status.label_ids.append(item.special_token_label)
+            curr += 1
+            split_len += 1
+            attn_modes.append("causal")
+            status.packed_position_ids.extend(range(rope, rope + split_len))
+            rope += split_len
+
+        elif item.type == "vit_image":
+            if cfg_drop(item, config.vit_cond_dropout_prob):
+                status.dropped["vit"] += 1
+                rope += 1
+                continue
+            image = images.tensor(item.image, "vit")
+            status.packed_text_ids.append(special.start_of_image)
+            status.packed_text_indexes.append(curr)
+            curr += 1
+            split_len += 1
+            tokens = patchify(image, config.vit_patch_size)
+            n = tokens.shape[0]
+            status.vit_token_indexes.extend(range(curr, curr + n))
+            curr += n
+            split_len += n
+            status.vit_tokens.append(tokens)
+            status.vit_token_seqlens.append(n)
+            h, w = image.shape[1] // config.vit_patch_size, image.shape[2] // config.vit_patch_size
+            if not config.interpolate_pos:
+                _check_grid(sample.sample_id, "ViT patch", h, w, config.vit_max_num_patch_per_side,
+                            "vit_max_num_patch_per_side")
+            status.vit_position_ids.append(get_flattened_position_ids(
+                image.shape[1], image.shape[2], config.vit_patch_size, config.vit_max_num_patch_per_side,
+                interpolate=config.interpolate_pos))
+            status.packed_text_ids.append(special.end_of_image)
+            status.packed_text_indexes.append(curr)
+            if item.special_token_loss == 1:
+                status.ce_loss_indexes.append(curr)
+                status.ce_loss_weights.append(1.0)
+                status.label_ids.append(item.special_token_label)
+            curr += 1
+            split_len += 1
+            attn_modes.append("full")
+            status.packed_position_ids.extend([rope] * split_len)
+            rope += 1
+
+        elif item.type == "vae_image":
+            if cfg_drop(item, config.vae_cond_dropout_prob):
+                status.dropped["vae"] += 1
+                rope += 1
+                continue
+            image = images.tensor(item.image, "vae")
+            status.packed_text_ids.append(special.start_of_image)
+            status.packed_text_indexes.append(curr)
+            curr += 1
+            split_len += 1
+            status.vae_images.append(image)
+            h, w = image.shape[1] // downsample, image.shape[2] // downsample
+            if not config.interpolate_pos:
+                _check_grid(sample.sample_id, "VAE latent", h, w, config.max_latent_size, "max_latent_size")
+            status.latent_position_ids.append(get_flattened_position_ids(
+                image.shape[1], image.shape[2], downsample, config.max_latent_size,
+                interpolate=config.interpolate_pos))
+            status.vae_latent_shapes.append((h, w))
+            n = h * w
+            status.vae_token_indexes.extend(range(curr, curr + n))
+            if item.loss == 1:
+                status.mse_loss_indexes.extend(range(curr, curr + n))
+                if split_start:  # one draw per split: frames of a multi-frame split share it
+                    timestep = float(t_rng.standard_normal())
+            else:
+                timestep = float("-inf")
+            status.timesteps.extend([timestep] * n)
+            curr += n
+            split_len += n
+            status.packed_text_ids.append(special.end_of_image)
+            status.packed_text_indexes.append(curr)
+            if item.special_token_loss == 1:
+                status.ce_loss_indexes.append(curr)
+                status.ce_loss_weights.append(1.0)
+                status.label_ids.append(item.special_token_label)
+            curr += 1
+            split_len += 1
+            if split_start:
+                attn_modes.append("noise" if item.loss == 1 and frame_delta is None else "full")
+            status.packed_position_ids.extend([rope] * (n + 2))
+            if frame_delta is not None:
+                rope += frame_delta
+            elif item.loss == 0:
+                rope += 1
+        else:  # pragma: no cover - PlanItem.type is a closed set
+            raise PackingError(f"unknown plan item type {item.type!r}")
+
+        if getattr(item, "split_end", True):
+            split_lens.append(split_len)
+            sample_len += split_len
+
+    status.curr = curr
+    status.sample_lens.append(sample_len)
+    status.split_lens.extend(split_lens)
+    status.attn_modes.extend(attn_modes)
+    if not config.use_flex and config.build_nested_masks:
+        status.nested_attention_masks.append(prepare_attention_mask_per_sample(split_lens, attn_modes))
+    return sample_len
+
+
+def _long(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long)
+
+
+def build_packed_batch(samples: Sequence[StreamSample], config: PackingConfig, tokenizer: TextTokenizer,
+                       seed: int) -> PackedBatch:
+    """Materialise one pack: plans -> text ids, images, masks, position ids and targets (spec §2.4)."""
+    if not samples:
+        raise PackingError("cannot build a packed batch from zero samples")
+    plans = [sample_plan(s) for s in samples]
+    all_texts = [item.text or "" for plan in plans for item in plan.items if item.type == "text"]
+    encoded = iter(tokenizer.encode_batch(all_texts) if all_texts else [])
+    status = _Status()
+    tokens_per_group: dict[str, int] = defaultdict(int)
+    samples_per_group: dict[str, int] = defaultdict(int)
+    tokens_per_dataset: dict[str, int] = defaultdict(int)
+    for sample, plan in zip(samples, plans):
+        text_ids = [list(next(encoded)) for item in plan.items if item.type == "text"]
+        length = _pack_sample(sample, plan, text_ids, status, config, tokenizer, seed)
+        tokens_per_group[sample.group] += length
+        samples_per_group[sample.group] += 1
+        tokens_per_dataset[sample.dataset] += length
+
+    sequence_length = sum(status.sample_lens)
+    if sequence_length > config.max_num_tokens and config.use_flex:
+        raise PackingError(
+            f"pack of {len(samples)} samples has {sequence_length} tokens > max_num_tokens {config.max_num_tokens}: "
+            f"the stored num_tokens disagree with this tokenizer/transforms (stored total "
+            f"{sum(s.num_tokens for s in samples)}); re-ingest with the training tokenizer")
+    sample_lens = list(status.sample_lens)
+    split_lens = list(status.split_lens)
+    attn_modes = list(status.attn_modes)
+    if config.use_flex:
+        pad = config.max_num_tokens - sequence_length
+        split_lens.append(pad)
+        attn_modes.append("causal")
+        sample_lens.append(pad)
+
+    batch = PackedBatch(
+        sequence_length=sequence_length,
+        sample_lens=sample_lens,
+        packed_text_ids=_long(status.packed_text_ids),
+        packed_text_indexes=_long(status.packed_text_indexes),
+        packed_position_ids=_long(status.packed_position_ids),
+        split_lens=split_lens,
+        attn_modes=attn_modes,
+        nested_attention_masks=(status.nested_attention_masks
+                                if not config.use_flex and config.build_nested_masks else None),
+    )
+    if status.vae_images:
+        max_h = max(t.shape[1] for t in status.vae_images)
+        max_w = max(t.shape[2] for t in status.vae_images)
+        padded = torch.zeros((len(status.vae_images), 3, max_h, max_w), dtype=torch.float32)
+        for i, image in enumerate(status.vae_images):
+            padded[i, :, :image.shape[1], :image.shape[2]] = image
+        batch.padded_images = padded
+        batch.patchified_vae_latent_shapes = list(status.vae_latent_shapes)
+        batch.packed_latent_position_ids = torch.cat(status.latent_position_ids).long()
+        batch.packed_vae_token_indexes = _long(status.vae_token_indexes)
+    if status.vit_tokens:
+        batch.packed_vit_tokens = torch.cat(status.vit_tokens, dim=0)
+        batch.packed_vit_position_ids = torch.cat(status.vit_position_ids).long()
+        batch.packed_vit_token_indexes = _long(status.vit_token_indexes)
+        batch.vit_token_seqlens = _long(status.vit_token_seqlens)
+    if status.timesteps:
+        batch.packed_timesteps = torch.tensor(status.timesteps, dtype=torch.float32)
+        batch.mse_loss_indexes = _long(status.mse_loss_indexes)
+    if status.label_ids:
+        batch.packed_label_ids = _long(status.label_ids)
+        batch.ce_loss_indexes = _long(status.ce_loss_indexes)
+        batch.ce_loss_weights = torch.tensor(status.ce_loss_weights, dtype=torch.float32)
+
+    batch.batch_data_indexes = [
+        {"sample_id": s.sample_id, "dataset": s.dataset, "group": s.group, "draw_key": s.draw_key} for s in samples
+    ]
+    batch.metrics = {
+        "num_tokens": sequence_length,
+        "max_num_tokens": config.max_num_tokens,
+        "packing_efficiency": sequence_length / config.max_num_tokens,
+        "num_samples": len(samples),
+        "planned_tokens": int(sum(s.num_tokens for s in samples)),
+        "tokens_per_group": dict(tokens_per_group),
+        "samples_per_group": dict(samples_per_group),
+        "tokens_per_dataset": dict(tokens_per_dataset),
+        "ce_tokens": len(status.ce_loss_indexes),
+        "mse_tokens": len(status.mse_loss_indexes),
+        "text_tokens": len(status.packed_text_ids),
+        "vit_tokens": len(status.vit_token_indexes),
+        "vae_tokens": len(status.vae_token_indexes),
+        "cfg_dropped": dict(status.dropped),
+    }
+    return batch
