@@ -63,15 +63,24 @@ def _split_tags(value: str) -> list[str]:
 
 
 def _sft_turns(plan: SamplePlan, messages: Sequence[Message], vit_cfg: int, with_vae: bool,
-               recon_suffix: bool, global_image_counter: bool, strip_pieces: bool = True) -> None:
+               recon_suffix: bool, global_image_counter: bool, strip_pieces: bool = True,
+               n_images: int | None = None) -> None:
+    """Upstream `change_format` + element loop of the SFT classes.
+
+    Upstream details kept for data compatibility: a human turn without `<image>` is kept verbatim (not
+    stripped); pieces of a turn with tags are stripped and empty ones dropped; a tag becomes an image only
+    while its index within the turn is < the number of images (`idx < num_images`); texts that encode to
+    zero tokens (the empty string) are skipped.
+    """
     image_counter = 0
     for message in messages:
         if message.role == "gpt":
-            plan.text(message.value, loss=1, cfg=0)
+            if message.value:
+                plan.text(message.value, loss=1, cfg=0)
             continue
         parts = _split_tags(message.value)
-        pieces = [p.strip() if strip_pieces else p for p in parts]
         has_images = len(parts) > 1
+        pieces = [p.strip() if (strip_pieces and has_images) else p for p in parts]
         if recon_suffix:
             if not has_images:
                 pieces = [message.value + RECON_SUFFIX]
@@ -83,10 +92,14 @@ def _sft_turns(plan: SamplePlan, messages: Sequence[Message], vit_cfg: int, with
             if piece:
                 plan.text(piece, loss=0, cfg=0)
             if i < len(pieces) - 1:
+                if n_images is not None and i >= n_images:
+                    continue  # upstream: `(idx != last) and (idx < num_images)`
                 # Quirk (data compatibility): UMV classes index the image by the tag's position within
                 # its own turn; BAGEL's vlm_sft consumes images in order across turns.
                 slot = ImageSlot("input", image_counter if global_image_counter else i)
                 if global_image_counter:
+                    if n_images is not None and image_counter >= n_images:
+                        continue  # upstream would pop from an empty image list; never reference a missing image
                     image_counter += 1
                 if with_vae:
                     plan.vae(slot, loss=0, cfg=0)
@@ -105,20 +118,25 @@ def build_plan(kind: TaskKind, messages: Sequence[Message], n_input: int, n_outp
     plan = SamplePlan()
     name = kind.name
     if name == "sft":
-        _sft_turns(plan, messages, vit_cfg=1, with_vae=False, recon_suffix=False, global_image_counter=False)
+        _sft_turns(plan, messages, vit_cfg=1, with_vae=False, recon_suffix=False, global_image_counter=False,
+                   n_images=n_input)
     elif name == "vlm_sft":
-        _sft_turns(plan, messages, vit_cfg=0, with_vae=False, recon_suffix=False, global_image_counter=True)
+        _sft_turns(plan, messages, vit_cfg=0, with_vae=False, recon_suffix=False, global_image_counter=True,
+                   n_images=n_input)
     elif name == "text_only":
         for message in messages:
             text = re.sub(r"\s+", " ", message.value.replace(IMAGE_TAG, "")).strip()
-            plan.text(text, loss=1 if message.role == "gpt" else 0, cfg=0)
+            if text:  # upstream drops texts that are empty after cleaning
+                plan.text(text, loss=1 if message.role == "gpt" else 0, cfg=0)
     elif name in ("sft_recon_v1", "sft_recon_v2"):
         _sft_turns(plan, messages, vit_cfg=0, with_vae=(name == "sft_recon_v2"), recon_suffix=True,
-                   global_image_counter=False)
+                   global_image_counter=False, n_images=n_input)
         for i in range(n_input):
             plan.vae(ImageSlot("input", i), loss=1, cfg=0)
     elif name == "t2i":
         for message in messages:
+            if not message.value:
+                continue  # upstream skips texts that encode to zero tokens
             if message.role == "human":
                 plan.text(message.value, loss=0, cfg=1)
             else:
@@ -131,10 +149,10 @@ def build_plan(kind: TaskKind, messages: Sequence[Message], n_input: int, n_outp
         plan.vae(source, loss=0, cfg=0)
         plan.vit(source, loss=0, cfg=0)
         human, gpt = _last(messages, "human"), _last(messages, "gpt")
-        if human is not None:
-            plan.text(human, loss=0, cfg=0)  # raw: upstream does not parse <image> here
-        if gpt:
-            plan.text(gpt, loss=1, cfg=0)
+        if human is not None and human.strip():
+            plan.text(human.strip(), loss=0, cfg=0)  # stripped, but <image> is not parsed here (upstream)
+        if gpt and gpt.strip():
+            plan.text(gpt.strip(), loss=1, cfg=0)
         plan.vae(target, loss=1, cfg=0)
     elif name == "counterfactual":
         source, target = ImageSlot("input", 0), ImageSlot("output", 0)
@@ -145,8 +163,8 @@ def build_plan(kind: TaskKind, messages: Sequence[Message], n_input: int, n_outp
             if piece.strip():
                 plan.text(piece.strip(), loss=0, cfg=0)
         plan.vae(target, loss=1, cfg=0)
-        if gpt:
-            plan.text(gpt, loss=1, cfg=0)
+        if gpt and gpt.strip():
+            plan.text(gpt.strip(), loss=1, cfg=0)  # upstream strips the explanation
     else:  # pragma: no cover - TASK_KINDS and this function are kept in step by tests
         raise ValueError(f"no plan rule for task kind {name!r}")
     return plan

@@ -54,6 +54,11 @@ def register_decoder(decoder: ImageDecoder) -> None:
     _DECODERS.insert(0, decoder)
 
 
+def unregister_decoder(name: str) -> None:
+    """Remove a registered decoder (PIL, the fallback, cannot be removed)."""
+    _DECODERS[:] = [d for d in _DECODERS if d.name != name]
+
+
 def registered_decoders() -> list[ImageDecoder]:
     return [*_DECODERS, PIL_DECODER]
 

@@ -36,7 +36,7 @@ from .position_ids import (
 from .sample import StreamSample
 
 __all__ = [
-    "build_packed_batch", "sample_plan", "PackingError",
+    "build_packed_batch", "build_packed_batch_from_plans", "sample_plan", "PackingError",
     "prepare_attention_mask_per_sample", "allowed_pairs", "patchify", "len2weight",
     "get_flattened_position_ids", "get_flattened_position_ids_extrapolate",
     "get_flattened_position_ids_interpolate", "load_image_rgb", "image_to_tensor",
@@ -285,10 +285,20 @@ def _long(values: list[int]) -> torch.Tensor:
 
 def build_packed_batch(samples: Sequence[StreamSample], config: PackingConfig, tokenizer: TextTokenizer,
                        seed: int) -> PackedBatch:
-    """Materialise one pack: plans -> text ids, images, masks, position ids and targets (spec §2.4)."""
+    """Materialise one pack: plans -> text ids, images, masks, position ids and targets (spec §2.4).
+
+    `samples` come in pack order; every random decision depends only on (seed, sample.draw_key).
+    """
+    return build_packed_batch_from_plans(samples, [sample_plan(s) for s in samples], config, tokenizer, seed)
+
+
+def build_packed_batch_from_plans(samples: Sequence[StreamSample], plans: Sequence[SamplePlan],
+                                  config: PackingConfig, tokenizer: TextTokenizer, seed: int) -> PackedBatch:
+    """Like `build_packed_batch` with the plans given (custom plans: video splits, BAGEL-style cfg=1 images)."""
     if not samples:
         raise PackingError("cannot build a packed batch from zero samples")
-    plans = [sample_plan(s) for s in samples]
+    if len(plans) != len(samples):
+        raise PackingError(f"{len(samples)} samples but {len(plans)} plans")
     all_texts = [item.text or "" for plan in plans for item in plan.items if item.type == "text"]
     encoded = iter(tokenizer.encode_batch(all_texts) if all_texts else [])
     status = _Status()

@@ -1,0 +1,128 @@
+"""Each task kind's sequence plan equals the spec §4.6 table (and the upstream class code it describes).
+
+Plans are written out by hand as (type, loss, enable_cfg, text or image slot) tuples.
+"""
+from __future__ import annotations
+
+import pytest
+
+from datasets_catalog.plan import RECON_SUFFIX, ImageSlot, Message, build_plan
+from datasets_catalog.task_kinds import TASK_KINDS, resolve_task_kind
+
+IN0, IN1, OUT0, OUT1 = ImageSlot("input", 0), ImageSlot("input", 1), ImageSlot("output", 0), ImageSlot("output", 1)
+
+
+def T(text, loss, cfg):
+    return ("text", loss, cfg, text)
+
+
+def VIT(slot, loss, cfg):
+    return ("vit_image", loss, cfg, slot)
+
+
+def VAE(slot, loss, cfg):
+    return ("vae_image", loss, cfg, slot)
+
+
+def plan_of(kind, messages, n_input, n_output=0):
+    msgs = [Message(role, value) for role, value in messages]
+    plan = build_plan(resolve_task_kind(kind), msgs, n_input, n_output)
+    return [(i.type, i.loss, i.enable_cfg, i.text if i.type == "text" else i.image) for i in plan.items]
+
+
+SFT_MESSAGES = [
+    ("human", "<image>\n Compare <image> please "),
+    ("gpt", "Left lung opacity."),
+    ("human", "  And now?  "),
+    ("gpt", "Stable."),
+]
+
+
+def test_sft_ver1():
+    assert plan_of("SftJSONLIterableDataset_Ver1", SFT_MESSAGES, 2) == [
+        VIT(IN0, 0, 1), T("Compare", 0, 0), VIT(IN1, 0, 1), T("please", 0, 0),
+        T("Left lung opacity.", 1, 0),
+        T("  And now?  ", 0, 0),          # a turn without tags is kept verbatim
+        T("Stable.", 1, 0),
+    ]
+
+
+def test_sft_ver1_image_index_is_per_turn_and_bounded_by_image_count():
+    messages = [("human", "a <image> b <image>"), ("gpt", "x"), ("human", "<image> c"), ("gpt", "y")]
+    assert plan_of("sft", messages, 1) == [
+        T("a", 0, 0), VIT(IN0, 0, 1), T("b", 0, 0),  # the second tag (index 1) has no image: dropped
+        T("x", 1, 0), VIT(IN0, 0, 1), T("c", 0, 0), T("y", 1, 0),
+    ]
+
+
+def test_vlm_sft_consumes_images_across_turns_without_cfg():
+    messages = [("human", "<image> first"), ("gpt", "one"), ("human", "<image> second"), ("gpt", "two")]
+    assert plan_of("vlm_sft", messages, 2) == [
+        VIT(IN0, 0, 0), T("first", 0, 0), T("one", 1, 0), VIT(IN1, 0, 0), T("second", 0, 0), T("two", 1, 0),
+    ]
+
+
+def test_text_only_removes_tags_and_collapses_whitespace():
+    messages = [("human", "<image>  What   is\n this? "), ("gpt", " A  chest film. "), ("human", "<image>"), ("gpt", "ok")]
+    assert plan_of("text_only", messages, 0) == [
+        T("What is this?", 0, 0), T("A chest film.", 1, 0), T("ok", 1, 0),  # empty turn dropped
+    ]
+
+
+def test_recon_ver1_suffix_and_reconstruction_targets():
+    messages = [("human", "<image> Describe <image> both"), ("gpt", "Two views."), ("human", "More?"), ("gpt", "No.")]
+    assert plan_of("SftJSONLIterableDataset_with_VisualReconstruction_Ver1", messages, 2) == [
+        VIT(IN0, 0, 0), T("Describe", 0, 0), VIT(IN1, 0, 0), T("both " + RECON_SUFFIX, 0, 0),
+        T("Two views.", 1, 0),
+        T("More?" + RECON_SUFFIX, 0, 0),  # no space for a turn without images
+        T("No.", 1, 0),
+        VAE(IN0, 1, 0), VAE(IN1, 1, 0),
+    ]
+
+
+def test_recon_ver2_adds_vae_context_before_each_vit():
+    messages = [("human", "Look <image>"), ("gpt", "Done.")]
+    assert plan_of("sft_recon_v2", messages, 1) == [
+        T("Look " + RECON_SUFFIX, 0, 0), VAE(IN0, 0, 0), VIT(IN0, 0, 0), T("Done.", 1, 0), VAE(IN0, 1, 0),
+    ]
+
+
+def test_t2i_texts_then_one_target_per_image():
+    messages = [("human", "A chest X-ray"), ("gpt", "Here it is"), ("human", "")]
+    assert plan_of("T2IIterableDataset_Ver1", messages, 1, 2) == [
+        T("A chest X-ray", 0, 1), T("Here it is", 1, 0), VAE(OUT0, 1, 0), VAE(OUT1, 1, 0),
+    ]
+    # without output images the input images are the targets
+    assert plan_of("t2i", [("human", "cap")], 1, 0) == [T("cap", 0, 1), VAE(IN0, 1, 0)]
+
+
+def test_edit_uses_last_turns_and_no_cfg():
+    messages = [("human", "old"), ("gpt", "old answer"), ("human", " <image> Stain it H&E "), ("gpt", " Done. ")]
+    assert plan_of("MedicalImageEditingIterableDataset_ver1", messages, 1, 1) == [
+        VAE(IN0, 0, 0), VIT(IN0, 0, 0), T("<image> Stain it H&E", 0, 0), T("Done.", 1, 0), VAE(OUT0, 1, 0),
+    ]
+    # an empty answer is left out
+    assert plan_of("edit", [("human", "x"), ("gpt", " ")], 1, 1) == [
+        VAE(IN0, 0, 0), VIT(IN0, 0, 0), T("x", 0, 0), VAE(OUT0, 1, 0),
+    ]
+
+
+def test_counterfactual_explanation_follows_the_target_image():
+    messages = [("human", "<image>\nWhat if the nodule grew?"), ("gpt", " It would be larger. ")]
+    assert plan_of("CounterfactualMedicalIterableDataset_ver1", messages, 1, 1) == [
+        VAE(IN0, 0, 0), VIT(IN0, 0, 0), T("What if the nodule grew?", 0, 0), VAE(OUT0, 1, 0),
+        T("It would be larger.", 1, 0),
+    ]
+
+
+@pytest.mark.parametrize("kind", [k.name for k in TASK_KINDS])
+def test_every_kind_has_a_plan_with_a_loss(kind):
+    k = resolve_task_kind(kind)
+    messages = [Message("human", "<image> q"), Message("gpt", "a")]
+    n_in = max(1, k.min_input_images) if k.needs_images else 0
+    n_out = k.min_output_images
+    plan = build_plan(k, messages, n_in, n_out)
+    assert plan.has_loss
+    for item in plan.items:  # every image a plan references exists in the record
+        if item.image is not None:
+            assert item.image.index < (n_in if item.image.role == "input" else n_out)
