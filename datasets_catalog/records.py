@@ -1,0 +1,273 @@
+"""Record parsing and validation per task kind: one JSONL line in, a `ParsedRecord` or a `RecordError` out.
+
+Pure Python (no image I/O): ingest calls it on every line, tests call it directly. Every rejection carries a
+short stable reason code (`REASONS`) and a sentence a person can act on. Image files are checked later by
+`pipelines.image_io`, which raises the image_* codes listed here too.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .plan import IMAGE_TAG, COUNTERFACTUAL_MAX_TOKENS, Message, SamplePlan, build_plan
+from .task_kinds import TaskKind
+
+# Stable reason codes (they appear in `_rejects.parquet` and in summaries; never rename one).
+REASONS: dict[str, str] = {
+    "not_utf8": "the line is not valid UTF-8",
+    "json_invalid": "the line is not valid JSON",
+    "not_object": "the line is JSON but not an object",
+    "field_missing": "a field the task kind needs is missing",
+    "field_type": "a field has the wrong type",
+    "message_role": "a message's 'from' is not 'human' or 'gpt'",
+    "image_count": "the number of images does not fit the task kind",
+    "image_tag_mismatch": "<image> tags do not match the images given",
+    "no_loss_target": "the sample has nothing to learn from (no answer, no target image)",
+    "too_long": "the sample is longer than the task kind allows",
+    "path_escapes_data_dir": "an image path leaves data_dir",
+    "image_missing": "an image file does not exist",
+    "image_empty": "an image file or its pixel size is empty",
+    "image_corrupt": "an image file cannot be read as an image",
+    "image_truncated": "an image file ends early",
+    "image_too_large": "an image has more pixels than the cap (decompression-bomb guard)",
+    "image_unsupported": "an image file's format has no reader",
+    "size_mismatch": "declared width/height differ from the real image",
+    "frames_ambiguous": "more than one image of a record expands into frames",
+}
+
+UMV_FIELDS = ("input_img", "output_img", "message")
+VLM_FIELDS = ("image", "conversations")
+ROLES = ("human", "gpt")
+
+
+class RecordError(ValueError):
+    """A rejected record: `reason` is a code from REASONS, `detail` a sentence a person can act on."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        assert reason in REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image as the record declares it (path as written, optional declared size)."""
+
+    role: str                      # "input" or "output"
+    index: int
+    path: str
+    width: int | None = None
+    height: int | None = None
+
+
+@dataclass
+class ParsedRecord:
+    messages: list[Message]
+    input_images: list[ImageRef]
+    output_images: list[ImageRef]
+    extra: dict[str, Any] = field(default_factory=dict)   # unrecognised fields, kept verbatim
+    plan: SamplePlan = field(default_factory=SamplePlan)
+
+    @property
+    def plan_texts(self) -> list[str]:
+        return [item.text or "" for item in self.plan.items if item.type == "text"]
+
+    @property
+    def images(self) -> list[ImageRef]:
+        return [*self.input_images, *self.output_images]
+
+
+def vit_img_num(kind: TaskKind, n_images: int) -> int:
+    """The `img_num` the ViT transform is called with (bagel-compat §4.2): image count for vlm_sft, else 1."""
+    return max(1, n_images) if kind.vit_img_num_is_image_count else 1
+
+
+def decode_line(raw: bytes) -> dict[str, Any]:
+    """bytes -> JSON object, or RecordError(not_utf8 | json_invalid | not_object)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecordError("not_utf8", f"byte {exc.start} (0x{raw[exc.start]:02x}) is not valid UTF-8; "
+                                      f"re-encode the JSONL file as UTF-8") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RecordError("json_invalid", f"{exc.msg} at column {exc.colno}; fix the JSON on this line") from None
+    if not isinstance(obj, dict):
+        raise RecordError("not_object", f"expected a JSON object {{...}}, got {type(obj).__name__}")
+    return obj
+
+
+def _int_or_none(value: Any, where: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise RecordError("field_type", f"{where} must be a positive whole number, got {value!r}")
+    return value
+
+
+def _parse_image(entry: Any, role: str, index: int, where: str, leftovers: list) -> ImageRef:
+    if isinstance(entry, str):
+        leftovers.append({})
+        path = entry
+        return ImageRef(role, index, _check_path(path, where))
+    if not isinstance(entry, dict):
+        raise RecordError("field_type", f"{where} must be an object with 'path' (or a path string), "
+                                        f"got {type(entry).__name__}")
+    if "path" not in entry:
+        raise RecordError("field_missing", f"{where} has no 'path'; give the image path relative to data_dir")
+    path = _check_path(entry["path"], f"{where}.path")
+    width = _int_or_none(entry.get("width"), f"{where}.width")
+    height = _int_or_none(entry.get("height"), f"{where}.height")
+    leftovers.append({k: v for k, v in entry.items() if k not in ("path", "width", "height")})
+    return ImageRef(role, index, path, width, height)
+
+
+def _check_path(path: Any, where: str) -> str:
+    if not isinstance(path, str):
+        raise RecordError("field_type", f"{where} must be a string, got {type(path).__name__}")
+    if not path.strip():
+        raise RecordError("field_missing", f"{where} is empty; give the image path relative to data_dir")
+    return path
+
+
+def _parse_images(obj: dict, key: str, role: str, extra: dict) -> list[ImageRef]:
+    value = obj.get(key)
+    if value is None:
+        return []
+    if isinstance(value, (dict, str)):
+        value = [value]   # Ver1 accepts a single dict; a bare path string is accepted too
+    if not isinstance(value, list):
+        raise RecordError("field_type", f"'{key}' must be a list of images, got {type(value).__name__}")
+    leftovers: list[dict] = []
+    images = [_parse_image(entry, role, i, f"{key}[{i}]", leftovers) for i, entry in enumerate(value)]
+    if any(leftovers):
+        extra[f"_{key}_fields"] = leftovers
+    return images
+
+
+def _parse_messages(obj: dict, key: str, extra: dict) -> list[Message]:
+    if key not in obj:
+        raise RecordError("field_missing", f"no '{key}' field; give the conversation as a list of "
+                                           f"{{\"from\": \"human\"|\"gpt\", \"value\": ...}}")
+    value = obj[key]
+    if not isinstance(value, list):
+        raise RecordError("field_type", f"'{key}' must be a list of messages, got {type(value).__name__}")
+    messages: list[Message] = []
+    leftovers: list[dict] = []
+    for i, message in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(message, dict):
+            raise RecordError("field_type", f"{where} must be an object with 'from' and 'value', "
+                                            f"got {type(message).__name__}")
+        for name in ("from", "value"):
+            if name not in message:
+                raise RecordError("field_missing", f"{where} has no '{name}'")
+        role, text = message["from"], message["value"]
+        if not isinstance(role, str):
+            raise RecordError("field_type", f"{where}.from must be a string, got {type(role).__name__}")
+        if role not in ROLES:
+            raise RecordError("message_role", f"{where}.from is {role!r}; use 'human' for prompts and 'gpt' "
+                                              f"for answers")
+        if not isinstance(text, str):
+            raise RecordError("field_type", f"{where}.value must be a string, got {type(text).__name__}")
+        messages.append(Message(role, text))
+        leftovers.append({k: v for k, v in message.items() if k not in ("from", "value")})
+    if any(leftovers):
+        extra[f"_{key}_fields"] = leftovers
+    return messages
+
+
+def _count_check(kind: TaskKind, n: int, low: int, high: int | None, what: str, key: str) -> None:
+    if n < low or (high is not None and n > high):
+        want = f"exactly {low}" if low == high else (f"at least {low}" if high is None else f"{low} to {high}")
+        raise RecordError("image_count", f"task {kind.name!r} needs {want} {what} image(s) in '{key}', got {n}")
+
+
+def _tags(text: str) -> int:
+    return text.count(IMAGE_TAG)
+
+
+def _check_tags(kind: TaskKind, messages: list[Message], n_input: int) -> None:
+    name = kind.name
+    if name == "text_only":
+        return   # tags are removed by this kind
+    human = [m for m in messages if m.role == "human"]
+    if name in ("sft", "sft_recon_v1", "sft_recon_v2", "vlm_sft", "t2i"):
+        for i, m in enumerate(messages):
+            if m.role == "gpt" and _tags(m.value):
+                raise RecordError("image_tag_mismatch", f"answer (message {i}) contains {IMAGE_TAG}; answers "
+                                                        f"cannot show images in task {name!r}: remove the tag")
+    if name == "t2i":
+        tagged = [i for i, m in enumerate(messages) if _tags(m.value)]
+        if tagged:
+            raise RecordError("image_tag_mismatch", f"message {tagged[0]} contains {IMAGE_TAG}; text-to-image "
+                                                    f"prompts are plain text: remove the tag")
+        return
+    if name == "vlm_sft":
+        total = sum(_tags(m.value) for m in human)
+        if total != n_input:
+            raise RecordError("image_tag_mismatch", f"{total} {IMAGE_TAG} tag(s) across the prompts but "
+                                                    f"{n_input} image(s): add one tag per image, in order")
+        return
+    if name in ("sft", "sft_recon_v1", "sft_recon_v2"):
+        # Upstream indexes images by the tag's position within its own turn (bagel-compat §4.6).
+        most = max((_tags(m.value) for m in human), default=0)
+        if most != n_input:
+            raise RecordError("image_tag_mismatch", f"the prompt with the most {IMAGE_TAG} tags has {most} but "
+                                                    f"the record gives {n_input} input image(s); in this task the "
+                                                    f"k-th tag of a turn shows image k, so one turn must tag "
+                                                    f"every image")
+        return
+    if name in ("edit", "counterfactual"):
+        last = human[-1].value if human else ""
+        if _tags(last) > 1:
+            raise RecordError("image_tag_mismatch", f"the instruction has {_tags(last)} {IMAGE_TAG} tags; task "
+                                                    f"{name!r} shows exactly one source image: keep at most one tag")
+
+
+def parse_record(obj: dict[str, Any], kind: TaskKind) -> ParsedRecord:
+    """Validate one decoded JSONL object against its task kind and build its sequence plan."""
+    extra: dict[str, Any] = {}
+    if kind.record_style == "vlm_sft":
+        known = VLM_FIELDS
+        if "image" not in obj:
+            hint = " (video records are not supported yet)" if "video" in obj else ""
+            raise RecordError("field_missing", f"no 'image' field{hint}; give the image path (or a list)")
+        inputs = _parse_images(obj, "image", "input", extra)
+        outputs: list[ImageRef] = []
+        messages = _parse_messages(obj, "conversations", extra)
+    else:
+        known = ("message",) if kind.name == "text_only" else UMV_FIELDS
+        inputs = _parse_images(obj, "input_img", "input", extra) if kind.needs_images else []
+        outputs = _parse_images(obj, "output_img", "output", extra) if kind.needs_images else []
+        messages = _parse_messages(obj, "message", extra)
+    extra.update({k: v for k, v in obj.items() if k not in known})
+
+    if kind.name == "t2i":
+        if not inputs and not outputs:
+            raise RecordError("image_count", "task 't2i' needs at least one image in 'output_img' "
+                                             "(or 'input_img')")
+    elif kind.needs_images:
+        in_key = "image" if kind.record_style == "vlm_sft" else "input_img"
+        _count_check(kind, len(inputs), kind.min_input_images, kind.max_input_images, "input", in_key)
+        _count_check(kind, len(outputs), kind.min_output_images, kind.max_output_images, "output", "output_img")
+    if len(messages) < kind.min_messages:
+        raise RecordError("field_missing", f"task {kind.name!r} needs at least {kind.min_messages} message(s), "
+                                           f"got {len(messages)}")
+    _check_tags(kind, messages, len(inputs))
+    plan = build_plan(kind, messages, len(inputs), len(outputs))
+    if not plan.has_loss:
+        raise RecordError("no_loss_target", "no message from 'gpt' and no target image: add an answer so the "
+                                            "model has something to learn")
+    return ParsedRecord(messages, inputs, outputs, extra, plan)
+
+
+def check_length(kind: TaskKind, num_tokens: int, n_plan_items: int) -> None:
+    """Counterfactual samples over 18000 content tokens are skipped upstream; we reject them visibly."""
+    if kind.name == "counterfactual" and num_tokens - 2 * n_plan_items > COUNTERFACTUAL_MAX_TOKENS:
+        raise RecordError("too_long", f"{num_tokens - 2 * n_plan_items} tokens, over the "
+                                      f"{COUNTERFACTUAL_MAX_TOKENS} upstream allows for counterfactual samples; "
+                                      f"shorten the text or use smaller images")

@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""Ingest a dataset catalog into validated Parquet shards (Ray Data).
+
+    python jobs/ingest.py catalog/radiology.yaml [--out DIR] [--only NAME,...] [--force]
+                          [--reference-images] [--address ADDR] [--verify-images] [--json]
+
+Exit status: 0 when every dataset is built or up to date, 1 when a dataset has more rejected rows than its
+max_reject_fraction, 2 for a catalog or usage error (one message, no traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from datasets_catalog.catalog import CatalogError, load_catalog  # noqa: E402
+from pipelines.ingest import IngestError, format_summary, run_ingest  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="jobs/ingest.py",
+        description="Validate the datasets of a catalog and write them as Parquet shards: "
+                    "DIR/<dataset>/part-NNNNN.parquet, _rejects.parquet and _manifest.json. "
+                    "Unchanged datasets are skipped.",
+        epilog="Example: python jobs/ingest.py catalog/radiology.yaml --only chest_xray_vqa --force",
+    )
+    parser.add_argument("catalog", help="catalog YAML file (see docs/ingest.md)")
+    parser.add_argument("--out", metavar="DIR", help="output folder (default: the catalog's output_dir, "
+                                                     "else <project root>/shards)")
+    parser.add_argument("--only", metavar="NAME,...", help="comma-separated dataset names to ingest")
+    parser.add_argument("--force", action="store_true", help="rebuild even when inputs are unchanged")
+    parser.add_argument("--reference-images", action="store_true",
+                        help="store image paths only (bytes column null); readers resolve them via data_dir")
+    parser.add_argument("--address", metavar="ADDR",
+                        help="join a Ray cluster ('auto' or host:port; RAY_ADDRESS works too). "
+                             "Default: start a local Ray for this run")
+    parser.add_argument("--verify-images", action="store_true",
+                        help="also decode every image fully (slow) to catch corruption inside the pixel data")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    parser.add_argument("--quiet", action="store_true", help="no progress line")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        catalog = load_catalog(args.catalog)
+        only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
+        report = run_ingest(catalog, out=args.out, only=only, force=args.force,
+                            reference_images=args.reference_images, address=args.address,
+                            verify_images=args.verify_images, progress=not args.quiet)
+    except (CatalogError, IngestError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no partially built dataset was published", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps({"ok": report.ok, **asdict(report)}, indent=2))
+    else:
+        print(format_summary(report))
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

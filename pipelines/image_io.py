@@ -1,0 +1,208 @@
+"""Image I/O behind one function: `probe_image(path, max_pixels)` reads a file once, sniffs its format from the
+first bytes, reads the size from the header (never a full decode just to get the size) and returns the bytes
+to embed with their sha256.
+
+Formats are handlers in a small registry (`register_format`), so DICOM and NIfTI readers (issue 7) plug in
+without touching ingest. Every failure is an `ImageError` whose `reason` is a stable code from
+`datasets_catalog.records.REASONS`.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import struct
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from PIL import Image, UnidentifiedImageError
+
+from datasets_catalog.records import RecordError
+
+
+class ImageError(RecordError):
+    """An image that cannot be used; `reason` is one of the image_* / path_* codes of REASONS."""
+
+
+@dataclass(frozen=True)
+class ImageProbe:
+    width: int
+    height: int
+    format: str                       # PNG, JPEG, DICOM, NIFTI, ...
+    data: bytes                       # the bytes to embed in the shard (original file bytes for PIL formats)
+    sha256: str                       # hex digest of the source content (duplicate / leakage checks)
+    meta: dict[str, Any] | None = None
+    # A multi-frame source expanded by a catalog rule (e.g. DICOM `frame: all`): ingest writes one row per
+    # frame, with sample_id "<dataset>:<line>:<frame>". None for ordinary images.
+    frames: tuple["ImageProbe", ...] | None = None
+
+
+@dataclass(frozen=True)
+class ProbeContext:
+    max_pixels: int                   # decompression-bomb cap, compared with the header's width * height
+    options: dict[str, Any] = field(default_factory=dict)   # DatasetSpec.extra_options
+    verify: bool = False              # also decode every pixel (slow; catches corruption inside the data)
+
+
+@dataclass(frozen=True)
+class FormatHandler:
+    name: str
+    sniff: Callable[[bytes, Path], bool]                       # (first 512 bytes, path) -> is it mine?
+    probe: Callable[[bytes, Path, ProbeContext], ImageProbe]   # (whole file, path, context) -> probe
+
+
+HANDLERS: list[FormatHandler] = []
+
+
+def register_format(handler: FormatHandler, first: bool = True) -> None:
+    """Add a format handler; `first` puts it before the built-in PIL handler. Re-registering a name replaces it."""
+    HANDLERS[:] = [h for h in HANDLERS if h.name != handler.name]
+    if first:
+        HANDLERS.insert(0, handler)
+    else:
+        HANDLERS.append(handler)
+
+
+# -- paths --------------------------------------------------------------------------------------------
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def resolve_image_path(data_dir: Path, path: str) -> tuple[Path, str]:
+    """(file to read, path relative to data_dir) for an image path from a record, or ImageError.
+
+    Upstream strips a leading separator and joins to data_dir; we accept that, and absolute paths that lie
+    inside data_dir, but reject `..`, absolute paths elsewhere and symlinks that leave data_dir.
+    """
+    root = os.path.realpath(data_dir)
+    if os.path.isabs(path):
+        lexical = os.path.normpath(path)
+        if not _inside(lexical, root) and not _inside(lexical, os.path.normpath(str(data_dir))):
+            stripped = os.path.normpath(os.path.join(root, path.lstrip("/\\")))
+            if not os.path.exists(stripped):
+                raise ImageError("path_escapes_data_dir", f"absolute path {path!r} is outside data_dir {root}; "
+                                                          f"write image paths relative to data_dir")
+            lexical = stripped
+    else:
+        lexical = os.path.normpath(os.path.join(root, path))
+        if not _inside(lexical, root):
+            raise ImageError("path_escapes_data_dir", f"path {path!r} leaves data_dir {root} (via '..'); "
+                                                      f"keep images inside data_dir")
+    real = os.path.realpath(lexical)
+    if not _inside(real, root):
+        raise ImageError("path_escapes_data_dir", f"path {path!r} is a symlink to {real}, outside data_dir "
+                                                  f"{root}; copy the file into data_dir instead")
+    rel = os.path.relpath(lexical, root) if _inside(lexical, root) else os.path.relpath(real, root)
+    return Path(real), Path(rel).as_posix()
+
+
+# -- probing ------------------------------------------------------------------------------------------
+
+def _read(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ImageError("image_missing", f"image file {path} does not exist; check the path and data_dir") from None
+    except IsADirectoryError:
+        raise ImageError("image_missing", f"{path} is a folder, not an image file") from None
+    except PermissionError:
+        raise ImageError("image_missing", f"image file {path} cannot be read (permission denied)") from None
+
+
+def probe_image(path: Path, max_pixels: int, options: dict[str, Any] | None = None,
+                verify: bool = False) -> ImageProbe:
+    """Read `path` once and return its size, format, bytes and sha256; ImageError with a reason otherwise."""
+    data = _read(path)
+    if not data:
+        raise ImageError("image_empty", f"image file {path} is empty (0 bytes)")
+    context = ProbeContext(max_pixels=max_pixels, options=dict(options or {}), verify=verify)
+    head = data[:512]
+    for handler in HANDLERS:
+        if handler.sniff(head, path):
+            return handler.probe(data, path, context)
+    raise ImageError("image_unsupported", f"{path} is not an image format MedLoom reads (first bytes "
+                                          f"{head[:8]!r}); convert it to PNG or JPEG")
+
+
+def check_pixels(path: Path, width: int, height: int, max_pixels: int) -> None:
+    """Shared size checks for every handler: empty sizes and the decompression-bomb cap."""
+    if width <= 0 or height <= 0:
+        raise ImageError("image_empty", f"{path} declares a {width}x{height} image; it has no pixels")
+    if width * height > max_pixels:
+        raise ImageError("image_too_large", f"{path} is {width}x{height} = {width * height:,} pixels, over the "
+                                            f"cap of {max_pixels:,} (max_image_pixels in the catalog); "
+                                            f"downscale it or raise the cap if you trust the file")
+
+
+# -- built-in PIL formats -----------------------------------------------------------------------------
+
+_PIL_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def _pil_sniff(head: bytes, path: Path) -> bool:
+    return head.startswith(_PIL_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
+def _png_complete(data: bytes) -> bool:
+    """Walk the PNG chunk list: every chunk length fits and the file reaches IEND."""
+    pos, end = 8, len(data)
+    while pos + 8 <= end:
+        (length,) = struct.unpack_from(">I", data, pos)
+        kind = data[pos + 4:pos + 8]
+        pos += 12 + length
+        if pos > end:
+            return False
+        if kind == b"IEND":
+            return True
+    return False
+
+
+def _jpeg_complete(data: bytes) -> bool:
+    return data.rfind(b"\xff\xd9", max(0, len(data) - 256)) >= 0
+
+
+def _pil_probe(data: bytes, path: Path, context: ProbeContext) -> ImageProbe:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))   # lazy: reads the header only
+            width, height = image.size
+            fmt = image.format or "UNKNOWN"
+        except Image.DecompressionBombError:
+            raise ImageError("image_too_large", f"{path} has more pixels than PIL allows to open "
+                                                f"(decompression bomb)") from None
+        except (UnidentifiedImageError, SyntaxError, OSError, ValueError, struct.error) as exc:
+            raise ImageError("image_corrupt", f"{path} cannot be read as an image ({exc}); re-export the "
+                                              f"file") from None
+    check_pixels(path, width, height, context.max_pixels)
+    if (fmt == "PNG" and not _png_complete(data)) or (fmt == "JPEG" and not _jpeg_complete(data)):
+        raise ImageError("image_truncated", f"{path} ends early ({len(data):,} bytes, no end marker); the file "
+                                            f"was cut off: copy it again")
+    if context.verify:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                Image.open(io.BytesIO(data)).load()
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a corrupt file
+            raise ImageError("image_corrupt", f"{path} fails to decode ({exc}); re-export the file") from None
+    return ImageProbe(width, height, fmt, data, hashlib.sha256(data).hexdigest())
+
+
+register_format(FormatHandler("pil", _pil_sniff, _pil_probe), first=False)
+
+
+# -- decoding for readers -----------------------------------------------------------------------------
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Decode embedded bytes to RGB the way upstream's pil_img2rgb does (transparency over white)."""
+    image = Image.open(io.BytesIO(data))
+    if image.mode == "RGBA" or (image.mode in ("P", "LA", "L") and "transparency" in image.info):
+        image = image.convert("RGBA")
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        white.alpha_composite(image)
+        return white.convert("RGB")
+    return image.convert("RGB")

@@ -1,0 +1,299 @@
+"""One unit of ingest work: a byte range of one JSONL file -> one Parquet shard + its rejects.
+
+Pure Python + pyarrow, no Ray: the Ray Data driver (`pipelines.ingest`) maps this over chunks in parallel,
+and tests call it directly. A chunk streams its lines (bounded memory: one row group of image bytes at a
+time), validates each record (`datasets_catalog.records`), probes its images (`pipelines.image_io`),
+computes the resize targets and token counts with the shared rules, and writes the shard itself, so image
+bytes never travel through Ray's object store.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from datasets_catalog.plan import ImageSlot, ImageTokens, packed_length
+from datasets_catalog.records import ImageRef, ParsedRecord, RecordError, check_length, decode_line, \
+    parse_record, vit_img_num
+from datasets_catalog.task_kinds import resolve_task_kind
+from datasets_catalog.tokenizer import TextTokenizer
+from datasets_catalog.transforms import ImageTransformArgs, resize_target, vae_tokens, vit_tokens
+
+from .image_io import ImageError, ImageProbe, probe_image, resolve_image_path
+from .shard_schema import REJECTS_SCHEMA, SHARD_SCHEMA
+
+ROW_GROUP_ROWS = 256
+ROW_GROUP_BYTES = 64 * 1024 * 1024
+_IMAGE_COLUMNS = [f"{side}_images.list.element.{name}" for side in ("input", "output")
+                  for name in ("bytes",)]
+
+
+@dataclass(frozen=True)
+class ChunkTask:
+    """Everything a worker needs for one chunk (plain data: it is shipped to Ray workers as a dict)."""
+
+    dataset: str
+    task: str
+    jsonl_path: str
+    data_dir: str | None
+    offset: int
+    length: int
+    first_line: int                  # 1-based line number of the first line in the range
+    chunk_index: int
+    staging_dir: str
+    image_transform_args: dict[str, int]
+    vit_image_transform_args: dict[str, int]
+    max_image_pixels: int
+    tokenizer: str | None = None
+    reference_images: bool = False
+    verify_images: bool = False
+    extra_options: dict[str, Any] = field(default_factory=dict)
+    row_group_rows: int = ROW_GROUP_ROWS
+    row_group_bytes: int = ROW_GROUP_BYTES
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ChunkResult:
+    dataset: str
+    chunk_index: int
+    rows_read: int = 0
+    rows_written: int = 0
+    samples_written: int = 0
+    rows_rejected: int = 0
+    blank_lines: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    images: int = 0
+    image_bytes: int = 0
+    text_tokens: int = 0
+    num_tokens: int = 0
+    shard_file: str | None = None
+    shard_bytes: int = 0
+    rejects_file: str | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_TOKENIZERS: dict[str | None, TextTokenizer] = {}
+
+
+def get_tokenizer(spec: str | None) -> TextTokenizer:
+    """One tokenizer per worker process (loading a Qwen2 tokenizer costs ~0.5 s)."""
+    if spec not in _TOKENIZERS:
+        _TOKENIZERS[spec] = TextTokenizer.load(spec)
+    return _TOKENIZERS[spec]
+
+
+def iter_lines(path: str, offset: int, length: int):
+    """Yield the raw lines (without the newline) of `length` bytes starting at `offset`."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(length)
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    for line in lines:
+        yield line[:-1] if line.endswith(b"\r") else line
+
+
+class _Probed:
+    """A validated record with its probed images, waiting for its token counts."""
+
+    __slots__ = ("line_number", "raw", "record", "inputs", "outputs", "frame")
+
+    def __init__(self, line_number: int, raw: bytes, record: ParsedRecord, inputs: list[dict],
+                 outputs: list[dict], frame: int | None) -> None:
+        self.line_number, self.raw, self.record, self.inputs, self.outputs, self.frame = \
+            line_number, raw, record, inputs, outputs, frame
+
+
+class ChunkProcessor:
+    """Turns lines into shard rows; stateless across chunks apart from the cached tokenizer."""
+
+    def __init__(self, task: ChunkTask) -> None:
+        self.task = task
+        self.kind = resolve_task_kind(task.task)
+        self.vae_args = ImageTransformArgs(**task.image_transform_args)
+        self.vit_args = ImageTransformArgs(**task.vit_image_transform_args)
+        self.data_dir = Path(task.data_dir) if task.data_dir else None
+        self.tokenizer = get_tokenizer(task.tokenizer)
+
+    # -- one record ----------------------------------------------------------------------------
+    def _image_struct(self, ref: ImageRef, rel: str, probe: ImageProbe, vit_num: int) -> dict[str, Any]:
+        if ref.width is not None and ref.width != probe.width or ref.height is not None and ref.height != probe.height:
+            raise ImageError("size_mismatch", f"{ref.role}_img[{ref.index}] {rel!r} declares "
+                                              f"{ref.width}x{ref.height} but the file is "
+                                              f"{probe.width}x{probe.height}; fix or drop width/height")
+        vae_w, vae_h = resize_target(probe.width, probe.height, self.vae_args, 1)
+        vit_w, vit_h = resize_target(probe.width, probe.height, self.vit_args, vit_num)
+        return {
+            "path": rel, "width": probe.width, "height": probe.height, "format": probe.format,
+            "vae_width": vae_w, "vae_height": vae_h, "vae_tokens": vae_tokens(vae_w, vae_h),
+            "vit_width": vit_w, "vit_height": vit_h, "vit_tokens": vit_tokens(vit_w, vit_h),
+            "sha256": probe.sha256,
+            "bytes": None if self.task.reference_images else probe.data,
+            "meta": json.dumps(probe.meta, sort_keys=True) if probe.meta else None,
+        }
+
+    def probe_record(self, line_number: int, raw: bytes) -> list[_Probed]:
+        """Validate and probe one line; one entry per output row (several when frames are expanded)."""
+        record = parse_record(decode_line(raw), self.kind)
+        refs = record.images
+        if not refs:
+            return [_Probed(line_number, raw, record, [], [], None)]
+        if self.data_dir is None:
+            raise RecordError("field_type", "this record names images but the dataset has no data_dir; add "
+                                            "data_dir to the catalog entry")
+        vit_num = vit_img_num(self.kind, len(record.input_images))
+        probes: list[tuple[ImageRef, str, ImageProbe]] = []
+        for ref in refs:
+            real, rel = resolve_image_path(self.data_dir, ref.path)
+            probe = probe_image(real, self.task.max_image_pixels, self.task.extra_options,
+                                verify=self.task.verify_images)
+            probes.append((ref, rel, probe))
+        framed = [i for i, (_, _, p) in enumerate(probes) if p.frames]
+        if len(framed) > 1:
+            raise RecordError("frames_ambiguous", "more than one image of this record expands into frames; "
+                                                  "expand at most one image per record")
+        variants: list[tuple[int | None, list[tuple[ImageRef, str, ImageProbe]]]] = [(None, probes)]
+        if framed:
+            at = framed[0]
+            variants = [(f, [*probes[:at], (probes[at][0], probes[at][1], frame), *probes[at + 1:]])
+                        for f, frame in enumerate(probes[at][2].frames or ())]
+        out = []
+        for frame, items in variants:
+            structs = [(ref, self._image_struct(ref, rel, probe, vit_num)) for ref, rel, probe in items]
+            out.append(_Probed(line_number, raw, record,
+                               [s for r, s in structs if r.role == "input"],
+                               [s for r, s in structs if r.role == "output"], frame))
+        return out
+
+    def finish(self, items: list[_Probed], rejects: list[dict], result: ChunkResult) -> list[dict[str, Any]]:
+        """Count text tokens for a group of records in one batch call and build their shard rows."""
+        texts: list[str] = []
+        for item in items:
+            texts.extend(item.record.plan_texts)
+        counts = [len(ids) for ids in self.tokenizer.encode_batch(texts)] if texts else []
+        rows, pos = [], 0
+        rejected_lines: set[int] = set()
+        for item in items:
+            n = len(item.record.plan_texts)
+            text_counts = counts[pos:pos + n]
+            pos += n
+            if item.line_number in rejected_lines:
+                continue
+            tokens = {}
+            for i, struct in enumerate(item.inputs):
+                tokens[ImageSlot("input", i)] = ImageTokens(struct["vae_tokens"], struct["vit_tokens"])
+            for i, struct in enumerate(item.outputs):
+                tokens[ImageSlot("output", i)] = ImageTokens(struct["vae_tokens"], struct["vit_tokens"])
+            num = packed_length(item.record.plan, text_counts, tokens)
+            try:
+                check_length(self.kind, num, len(item.record.plan.items))
+            except RecordError as exc:
+                rejected_lines.add(item.line_number)
+                rows = [r for r in rows if r["line_number"] != item.line_number]
+                rejects.append(_reject(item.line_number, exc, item.raw))
+                result.reasons[exc.reason] = result.reasons.get(exc.reason, 0) + 1
+                continue
+            suffix = "" if item.frame is None else f":{item.frame}"
+            rows.append({
+                "sample_id": f"{self.task.dataset}:{item.line_number}{suffix}",
+                "dataset": self.task.dataset, "task": self.kind.name, "line_number": item.line_number,
+                "messages": [{"from": m.role, "value": m.value} for m in item.record.messages],
+                "input_images": item.inputs, "output_images": item.outputs,
+                "text_tokens": sum(text_counts), "num_tokens": num,
+                "extra": json.dumps(item.record.extra, ensure_ascii=False, sort_keys=True)
+                if item.record.extra else None,
+            })
+        return rows
+
+
+def _reject(line_number: int, exc: RecordError, raw: bytes) -> dict[str, Any]:
+    return {"line_number": line_number, "reason": exc.reason, "detail": exc.detail,
+            "raw": raw.decode("utf-8", errors="replace")}
+
+
+def _writer(path: Path) -> pq.ParquetWriter:
+    # Image bytes are already compressed (PNG/JPEG): store them as they are; compress the text columns.
+    compression = {name: "NONE" for name in _IMAGE_COLUMNS}
+    return pq.ParquetWriter(
+        str(path), SHARD_SCHEMA, compression=compression, use_dictionary=["dataset", "task"],
+        write_statistics=["sample_id", "line_number", "num_tokens", "text_tokens"],
+    )
+
+
+def process_chunk(task: ChunkTask) -> ChunkResult:
+    """Process one chunk: write `staging/chunk-NNNNN.parquet` and `staging/_rejects-NNNNN.parquet`."""
+    started = time.perf_counter()
+    processor = ChunkProcessor(task)
+    staging = Path(task.staging_dir)
+    result = ChunkResult(task.dataset, task.chunk_index)
+    shard_path = staging / f"chunk-{task.chunk_index:05d}.parquet"
+    writer: pq.ParquetWriter | None = None
+    rejects: list[dict[str, Any]] = []
+    pending: list[_Probed] = []
+    pending_bytes = 0
+
+    def flush() -> None:
+        nonlocal writer, pending, pending_bytes
+        if not pending:
+            return
+        before = len(rejects)
+        rows = processor.finish(pending, rejects, result)
+        result.rows_rejected += len(rejects) - before
+        if rows:
+            if writer is None:
+                writer = _writer(shard_path)
+            writer.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), row_group_size=len(rows))
+            result.samples_written += len(rows)
+            result.rows_written += len({r["line_number"] for r in rows})
+            for row in rows:
+                result.text_tokens += row["text_tokens"]
+                result.num_tokens += row["num_tokens"]
+                for struct in (*row["input_images"], *row["output_images"]):
+                    result.images += 1
+                    result.image_bytes += len(struct["bytes"] or b"")
+        pending, pending_bytes = [], 0
+
+    line_number = task.first_line - 1
+    try:
+        for raw in iter_lines(task.jsonl_path, task.offset, task.length):
+            line_number += 1
+            if not raw.strip():
+                result.blank_lines += 1
+                continue
+            result.rows_read += 1
+            try:
+                probed = processor.probe_record(line_number, raw)
+            except RecordError as exc:
+                rejects.append(_reject(line_number, exc, raw))
+                result.rows_rejected += 1
+                result.reasons[exc.reason] = result.reasons.get(exc.reason, 0) + 1
+                continue
+            pending.extend(probed)
+            pending_bytes += sum(len(s["bytes"] or b"") for p in probed for s in (*p.inputs, *p.outputs))
+            if len(pending) >= task.row_group_rows or pending_bytes >= task.row_group_bytes:
+                flush()
+        flush()
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is not None:
+        result.shard_file = shard_path.name
+        result.shard_bytes = shard_path.stat().st_size
+    if rejects:
+        rejects_path = staging / f"_rejects-{task.chunk_index:05d}.parquet"
+        pq.write_table(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), str(rejects_path))
+        result.rejects_file = rejects_path.name
+    result.seconds = time.perf_counter() - started
+    return result
