@@ -1,0 +1,44 @@
+"""Recompute resize targets and `num_tokens` of a shard row for transforms other than the shards' own.
+
+Uses the stored header sizes (width, height), the shared resize rule and the shared plan, so no image is
+decoded and the numbers are exactly what ingest would have written with these transforms.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from datasets_catalog.plan import ImageSlot, ImageTokens, Message, build_plan, packed_length
+from datasets_catalog.task_kinds import TaskKind
+from datasets_catalog.tokenizer import TextTokenizer
+from datasets_catalog.transforms import ImageTransformArgs, vae_tokens, vit_tokens
+
+# Columns the metadata path needs to recompute (image bytes are never read for this).
+RECOMPUTE_COLUMNS = (
+    "messages",
+    *(f"{role}.list.element.{f}" for role in ("input_images", "output_images") for f in ("width", "height")),
+)
+
+
+def recompute_row(row: dict[str, Any], kind: TaskKind, vae: ImageTransformArgs, vit: ImageTransformArgs,
+                  tokenizer: TextTokenizer) -> dict[str, Any]:
+    """The row with vae_/vit_ sizes, token counts and num_tokens for these transforms (a new dict)."""
+    row = dict(row)
+    inputs = [dict(im) for im in row.get("input_images") or []]
+    outputs = [dict(im) for im in row.get("output_images") or []]
+    img_num = len(inputs) if kind.vit_img_num_is_image_count else 1
+    for im in (*inputs, *outputs):
+        w, h = int(im["width"]), int(im["height"])
+        im["vae_width"], im["vae_height"] = vae.target_size(w, h)
+        im["vae_tokens"] = vae_tokens(im["vae_width"], im["vae_height"])
+        im["vit_width"], im["vit_height"] = vit.target_size(w, h, img_num)
+        im["vit_tokens"] = vit_tokens(im["vit_width"], im["vit_height"])
+    messages = [Message(m["from"], m["value"]) for m in row.get("messages") or []]
+    plan = build_plan(kind, messages, len(inputs), len(outputs))
+    texts = [len(tokenizer.encode(item.text)) for item in plan.items if item.type == "text"]
+    images = {ImageSlot("input", j): ImageTokens(im["vae_tokens"], im["vit_tokens"]) for j, im in enumerate(inputs)}
+    images.update({ImageSlot("output", j): ImageTokens(im["vae_tokens"], im["vit_tokens"])
+                   for j, im in enumerate(outputs)})
+    row["input_images"], row["output_images"] = inputs, outputs
+    row["text_tokens"] = sum(texts)
+    row["num_tokens"] = packed_length(plan, texts, images)
+    return row

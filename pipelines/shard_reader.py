@@ -1,0 +1,94 @@
+"""Random access to shard rows by (file, row group, offset), one row group at a time, with bounded caches.
+
+Footers are read once (row-group sizes only); row groups are read with pyarrow on demand and kept in a
+small LRU cache bounded in bytes, so memory does not grow with the dataset.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+@dataclass
+class ShardLayout:
+    """Row-group layout of one dataset's shard files (from footers; O(row groups) memory)."""
+
+    files: list[Path]
+    rg_file: np.ndarray      # per row group: file index
+    rg_index: np.ndarray     # per row group: index inside its file
+    rg_start: np.ndarray     # per row group: first dataset row
+    rg_rows: np.ndarray      # per row group: number of rows
+
+    @property
+    def rows(self) -> int:
+        return int(self.rg_rows.sum())
+
+    @classmethod
+    def scan(cls, files: list[Path]) -> "ShardLayout":
+        rg_file, rg_index, rg_rows = [], [], []
+        for fi, path in enumerate(files):
+            meta = pq.ParquetFile(path).metadata
+            for ri in range(meta.num_row_groups):
+                rg_file.append(fi)
+                rg_index.append(ri)
+                rg_rows.append(meta.row_group(ri).num_rows)
+        rows = np.asarray(rg_rows, dtype=np.int64)
+        return cls(list(files), np.asarray(rg_file, dtype=np.int64), np.asarray(rg_index, dtype=np.int64),
+                   np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64) if len(rows) else rows, rows)
+
+    def find(self, row: int) -> tuple[int, int]:
+        """(global row-group number, offset) of a dataset row."""
+        g = int(np.searchsorted(self.rg_start, row, side="right")) - 1
+        return g, int(row - self.rg_start[g])
+
+
+class RowGroupCache:
+    """LRU of decoded row groups (Arrow tables) per column set, bounded by bytes and count."""
+
+    def __init__(self, max_bytes: int = 256 << 20, max_items: int = 16) -> None:
+        self.max_bytes, self.max_items = max_bytes, max_items
+        self._items: OrderedDict[tuple, tuple[pa.Table, int]] = OrderedDict()
+        self._bytes = 0
+        self._files: OrderedDict[Path, pq.ParquetFile] = OrderedDict()
+        self.reads = 0
+
+    def _file(self, path: Path) -> pq.ParquetFile:
+        f = self._files.get(path)
+        if f is None:
+            f = pq.ParquetFile(path)
+            self._files[path] = f
+            if len(self._files) > 32:
+                self._files.popitem(last=False)
+        else:
+            self._files.move_to_end(path)
+        return f
+
+    def table(self, path: Path, rg: int, columns: tuple[str, ...] | None) -> pa.Table:
+        k = (path, rg, columns)
+        hit = self._items.get(k)
+        if hit is not None:
+            self._items.move_to_end(k)
+            return hit[0]
+        table = self._file(path).read_row_group(rg, columns=list(columns) if columns else None)
+        self.reads += 1
+        size = table.nbytes
+        self._items[k] = (table, size)
+        self._bytes += size
+        while len(self._items) > 1 and (self._bytes > self.max_bytes or len(self._items) > self.max_items):
+            _, (_, old) = self._items.popitem(last=False)
+            self._bytes -= old
+        return table
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+
+def table_row(table: pa.Table, offset: int) -> dict[str, Any]:
+    return table.slice(offset, 1).to_pylist()[0]
