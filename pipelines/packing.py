@@ -47,15 +47,21 @@ class PackingError(ValueError):
     """A sample that cannot be packed (missing image, size beyond the position tables, ...)."""
 
 
+def _column(row: dict[str, Any], name: str) -> list[Any]:
+    """A list column of a shard row; None (and array-likes from pandas) become plain lists."""
+    value = row.get(name)
+    return [] if value is None else list(value)
+
+
 def _messages(row: dict[str, Any]) -> list[Message]:
-    return [Message(m["from"], m["value"] if m["value"] is not None else "") for m in (row.get("messages") or [])]
+    return [Message(m["from"], m["value"] if m["value"] is not None else "") for m in _column(row, "messages")]
 
 
 def sample_plan(sample: StreamSample) -> SamplePlan:
     """The spec §4.6 plan of a drawn sample (built by datasets_catalog.plan, never re-derived here)."""
     row = sample.row
     kind = resolve_task_kind(sample.task)
-    return build_plan(kind, _messages(row), len(row.get("input_images") or []), len(row.get("output_images") or []))
+    return build_plan(kind, _messages(row), len(_column(row, "input_images")), len(_column(row, "output_images")))
 
 
 class _SampleImages:
@@ -66,7 +72,7 @@ class _SampleImages:
         self._decoded: dict[ImageSlot, Any] = {}
 
     def record(self, slot: ImageSlot) -> dict[str, Any]:
-        images = self.sample.row.get(f"{slot.role}_images") or []
+        images = _column(self.sample.row, f"{slot.role}_images")
         if slot.index >= len(images):
             raise PackingError(
                 f"sample {self.sample.sample_id}: the plan needs {slot.role} image {slot.index} but the row has "

@@ -356,3 +356,19 @@ def test_text_only_pack_has_no_image_fields_and_empty_pack_is_refused():
     assert not b.has_vae and not b.has_vit
     with pytest.raises(PackingError):
         build_packed_batch([], CONFIG, TOK, 0)
+
+
+def test_rows_read_back_from_real_parquet_pack_identically(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.shard_schema import SHARD_SCHEMA
+
+    samples = [edit_sample(draw_key=1),
+               sample("sft_recon_v1", [("human", "<image> see"), ("gpt", "ok")], [image(seed=3)], draw_key=2)]
+    rows = [{**s.row, "text_tokens": 0, "num_tokens": s.num_tokens} for s in samples]
+    pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), tmp_path / "part-0.parquet")
+    table = pq.read_table(tmp_path / "part-0.parquet")
+    for read_rows in (table.to_pylist(), table.to_pandas().to_dict("records")):   # lists, or numpy arrays
+        again = [replace(s, row=r) for s, r in zip(samples, read_rows)]
+        _assert_same(build_packed_batch(samples, CONFIG, TOK, 5), build_packed_batch(again, CONFIG, TOK, 5))
