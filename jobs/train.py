@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Train a BAGEL/UniMedVL-compatible model on Ray Train from the mixture's shards.
+
+    python jobs/train.py --config configs/radiology_sft.yaml --model tiny --total_steps 30
+    ray job submit --working-dir . -- python jobs/train.py --config configs/radiology_sft.yaml
+
+Arguments keep the upstream names (see --help and docs/training.md).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trainer.checkpointing import ResumeError, plan_resume
+    from trainer.config import ConfigError, help_text, load_config, validate
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or "-h" in argv or "--help" in argv:
+        print(__doc__.strip() + "\n\n" + help_text())
+        return 0 if argv else 2
+    as_json = "--json" in argv
+    argv = [a for a in argv if a != "--json"]
+    try:
+        from pipelines.mixture_config import MixtureConfigError
+    except ImportError:  # pragma: no cover
+        MixtureConfigError = ConfigError  # type: ignore
+    try:
+        cfg = load_config(argv)
+        from trainer.data import generation_groups
+
+        gen = generation_groups(cfg.mixture_path) if cfg.mixture_path else None
+        validate(cfg, gen)
+        plan = plan_resume(checkpoint_dir=cfg.checkpoint_dir, auto_resume=cfg.train.auto_resume,
+                           resume_from=cfg.train.resume_from, model_path=cfg.model.model_path,
+                           finetune_from_ema=cfg.train.finetune_from_ema,
+                           resume_model_only=cfg.train.resume_model_only,
+                           resume_model_optimizer=cfg.train.resume_model_optimizer)
+    except (ConfigError, MixtureConfigError, ResumeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"[train] run {cfg.run_name}: {cfg.run.num_workers} worker(s), "
+          f"{'GPU' if cfg.run.use_gpu else 'CPU'}, {cfg.train.total_steps} steps; start: {plan.reason}")
+    from trainer.launch import launch
+
+    summary = launch(cfg)
+    if as_json:
+        print(json.dumps(summary, default=str))
+    else:
+        m = summary["metrics"]
+        print(f"[train] finished: step {m.get('step')}, ce {m.get('ce')}, mse {m.get('mse')}")
+        print(f"[train] run dir {summary['results_dir']}; last checkpoint {summary['last_checkpoint']}")
+        if summary["error"]:
+            print(f"[train] error: {summary['error']}", file=sys.stderr)
+    return 1 if summary["error"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,423 @@
+"""Training configuration: the upstream argument names and defaults (bagel-compat §1.1), plus run options.
+
+Values come from three layers, later ones winning: dataclass defaults, the `train:` section of the mixture
+YAML given with `--config`, then `--name value` flags. Booleans accept `--flag True/False` (as upstream's
+HF parser) and a bare `--flag`. Every user mistake raises `ConfigError` with one clear message; the job
+prints it and exits non-zero.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, get_type_hints
+
+import yaml
+
+VALID_LAYER_MODULES = ("Qwen2DecoderLayer", "Qwen2MoEDecoderLayer", "Qwen2MoTDecoderLayer")
+VALID_SCHEDULERS = ("constant", "cosine")
+VALID_SHARDING = ("FULL_SHARD", "HYBRID_SHARD", "NO_SHARD")
+MODEL_PRESETS = ("tiny", "7b")
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; the message says what to change."""
+
+
+def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelArguments:
+    model: Optional[str] = _f(None, "architecture preset (tiny | 7b), random init unless weights are given")
+    model_path: Optional[str] = _f(None, "checkpoint directory: architecture (llm/vit configs), tokenizer and weights")
+    llm_path: Optional[str] = _f(None, "upstream: Qwen2 weights when not fine-tuning from HF (not supported: use model_path)")
+    vit_path: Optional[str] = _f(None, "upstream: SigLIP weights (not supported: use model_path)")
+    vae_path: Optional[str] = _f(None, "FLUX VAE weights (default: model_path/ae.safetensors)")
+    llm_qk_norm: bool = _f(True, "per-head RMSNorm on q and k")
+    tie_word_embeddings: bool = _f(False, "tie lm_head to embed_tokens")
+    layer_module: str = _f("Qwen2MoTDecoderLayer", "decoder layer class (UMV's default name is invalid; not repeated)")
+    max_latent_size: Optional[int] = _f(None, "latent grid side (default: from the preset / checkpoint; 64 for released)")
+    latent_patch_size: Optional[int] = _f(None, "latent patch size p (default: from the preset / checkpoint)")
+    vit_patch_size: Optional[int] = _f(None, "ViT patch size (default: from the preset / checkpoint)")
+    vit_max_num_patch_per_side: Optional[int] = _f(None, "ViT patches per side (default: from preset / checkpoint)")
+    connector_act: str = _f("gelu_pytorch_tanh", "connector activation")
+    interpolate_pos: bool = _f(False, "interpolate instead of extrapolate position ids")
+    vit_select_layer: int = _f(-2, "ViT keeps n_layers + 1 + vit_select_layer layers")
+    vit_rope: bool = _f(False, "RoPE in the ViT")
+    text_cond_dropout_prob: float = _f(0.1, "CFG dropout of text elements with enable_cfg")
+    vae_cond_dropout_prob: float = _f(0.3, "CFG dropout of conditioning VAE images")
+    vit_cond_dropout_prob: float = _f(0.3, "CFG dropout of ViT images (applied even when visual_gen is off: "
+                                           "upstream silently used 0.4 then)")
+
+
+@dataclass
+class DataArguments:
+    dataset_config_file: Optional[str] = _f(None, "mixture YAML (default: the --config file)")
+    prefetch_factor: int = _f(2, "packed batches loaded ahead of compute")
+    dataloader_workers: int = _f(1, "background loader processes per Ray worker (0 = a thread); "
+                                     "upstream's DataArguments.num_workers")
+    max_num_tokens_per_sample: int = _f(16384, "longer samples are skipped")
+    max_num_tokens: int = _f(36864, "hard cap for one packed batch")
+    expected_num_tokens: int = _f(32768, "a pack is yielded once it holds this many tokens")
+    prefer_buffer_before: int = _f(16384, "take from the overflow buffer while the pack is shorter than this")
+    max_buffer_size: int = _f(50, "overflow buffer capacity")
+    data_seed: int = _f(42, "seed of the data stream")
+
+
+@dataclass
+class TrainingArguments:
+    visual_gen: bool = _f(True, "train image generation (needs a generation dataset in the mixture)")
+    visual_und: bool = _f(True, "train image understanding (ViT path)")
+    results_dir: Optional[str] = _f(None, "run directory (default: storage_path/name)")
+    checkpoint_dir: Optional[str] = _f(None, "checkpoint directory (default: results_dir/checkpoints)")
+    enable_tensorboard: bool = _f(True, "write TensorBoard events to results_dir/tensorboard")
+    max_checkpoints: int = _f(5, "keep only the newest N checkpoints")
+    global_seed: int = _f(4396, "rank r is seeded with global_seed * world_size + r")
+    auto_resume: bool = _f(True, "continue from the newest complete checkpoint in checkpoint_dir")
+    resume_from: Optional[str] = _f(None, "checkpoint directory to resume or fine-tune from")
+    resume_model_only: bool = _f(False, "load only weights from resume_from (fresh optimizer, step 0, stream)")
+    resume_model_optimizer: bool = _f(True, "also load optimizer and scheduler when resuming")
+    finetune_from_ema: bool = _f(False, "initialise from ema.safetensors (a fine-tune: train state not loaded)")
+    finetune_from_hf: bool = _f(False, "model_path is an HF-style checkpoint to fine-tune (weights are loaded "
+                                        "from it; upstream left the model at random init)")
+    from_scratch: bool = _f(False, "explicitly train from random init (required when no weights are given)")
+    log_every: int = _f(10, "metrics every N steps")
+    save_every: int = _f(2000, "checkpoint every N steps (and always at the end)")
+    total_steps: int = _f(500_000, "optimizer steps")
+    stop_at_step: Optional[int] = _f(None, "save and stop after this step (preemption drill; schedule unchanged)")
+    warmup_steps: int = _f(2000, "linear LR warm-up steps (must not exceed total_steps)")
+    lr_scheduler: str = _f("constant", "constant | cosine")
+    lr: float = _f(1e-4, "peak learning rate")
+    min_lr: float = _f(1e-7, "final LR of the cosine schedule")
+    llm_lr: Optional[float] = _f(None, "LR of language_model (default: lr)")
+    vit_lr: Optional[float] = _f(None, "LR of vit_model (default: lr)")
+    vae_lr: Optional[float] = _f(None, "LR of vae_model (default: lr)")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    eps: float = _f(1e-15, "AdamW eps")
+    ema: float = _f(0.9999, "EMA decay")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm")
+    timestep_shift: float = _f(1.0, "training noise-schedule shift")
+    mse_weight: float = _f(1.0, "weight of the flow-matching MSE")
+    ce_weight: float = _f(1.0, "weight of the text CE")
+    ce_loss_reweighting: bool = _f(False, "weight CE tokens by ce_loss_weights (len2weight)")
+    gradient_accumulation_steps: int = _f(1, "packed batches per optimizer step")
+    peak_device_tflops: float = _f(0.0, "peak bf16 TFLOPs per device for MFU (0 = from the GPU name)")
+    num_replicate: int = _f(1, "HYBRID_SHARD replicas")
+    num_shard: Optional[int] = _f(None, "HYBRID_SHARD shard group size (default: world_size / num_replicate)")
+    sharding_strategy: str = _f("HYBRID_SHARD", "FULL_SHARD | HYBRID_SHARD | NO_SHARD (GPU only)")
+    backward_prefetch: str = _f("BACKWARD_PRE", "FSDP backward prefetch")
+    cpu_offload: bool = _f(False, "FSDP CPU offload of parameters")
+    activation_checkpointing: bool = _f(True, "checkpoint decoder/ViT layers on GPU")
+    freeze_llm: bool = _f(False, "freeze language_model")
+    freeze_vit: bool = _f(False, "freeze vit_model")
+    freeze_vae: bool = _f(True, "freeze the VAE (encode without grad)")
+    freeze_und: bool = _f(False, "detach und-token activations (no requires_grad change)")
+    copy_init_moe: bool = _f(True, "copy und weights into *_moe_gen twins at init")
+    use_flex: bool = _f(False, "flex attention packing (pad to max_num_tokens)")
+    deterministic: bool = _f(False, "deterministic torch algorithms (exact-resume drills)")
+
+
+@dataclass
+class RunArguments:
+    config: Optional[str] = _f(None, "mixture YAML with an optional train: section")
+    num_workers: int = _f(1, "Ray Train workers (data-parallel ranks)")
+    use_gpu: bool = _f(False, "one GPU per worker (NCCL + FSDP); CPU: gloo + DDP")
+    cpus_per_worker: Optional[float] = _f(None, "CPUs reserved per worker (default: 0.5 on CPU, 4 on GPU)")
+    storage_path: str = _f("runs", "Ray Train storage path; the run directory is storage_path/name")
+    name: Optional[str] = _f(None, "run name (default: the config file's stem)")
+    address: Optional[str] = _f(None, "Ray cluster address (auto = join the running cluster; default: "
+                                      "RAY_ADDRESS, else an embedded local Ray)")
+    num_cpus: Optional[int] = _f(None, "logical CPUs of the embedded local Ray (default: max(4, cores))")
+    max_failures: int = _f(2, "worker-group restarts Ray Train may do (from the last checkpoint)")
+    torch_threads: Optional[int] = _f(None, "torch intra-op threads per worker (default: 1 on CPU)")
+    inject_failure_at_step: Optional[int] = _f(None, "testing: rank inject_failure_rank raises once after this step")
+    inject_failure_rank: int = _f(1, "testing: which rank fails")
+
+
+GROUPS = (("model", ModelArguments), ("data", DataArguments), ("train", TrainingArguments), ("run", RunArguments))
+
+
+@dataclass
+class TrainConfig:
+    model: ModelArguments = field(default_factory=ModelArguments)
+    data: DataArguments = field(default_factory=DataArguments)
+    train: TrainingArguments = field(default_factory=TrainingArguments)
+    run: RunArguments = field(default_factory=RunArguments)
+    explicit: list[str] = field(default_factory=list)   # names the user set (config or flags)
+
+    # ---- plumbing ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        return cls(**{name: klass(**d.get(name, {})) for name, klass in GROUPS}, explicit=list(d.get("explicit", [])))
+
+    def flat(self) -> dict[str, Any]:
+        """All arguments under their upstream names (what training_args.json stores)."""
+        out: dict[str, Any] = {}
+        for name, _ in GROUPS:
+            out.update(dataclasses.asdict(getattr(self, name)))
+        return out
+
+    def get(self, name: str) -> Any:
+        return getattr(getattr(self, _OWNER[name]), name)
+
+    def set(self, name: str, value: Any) -> None:
+        setattr(getattr(self, _OWNER[name]), name, value)
+
+    @property
+    def mixture_path(self) -> Optional[str]:
+        return self.data.dataset_config_file or self.run.config
+
+    @property
+    def run_name(self) -> str:
+        if self.run.name:
+            return self.run.name
+        return Path(self.mixture_path).stem if self.mixture_path else "run"
+
+    @property
+    def results_dir(self) -> Path:
+        if self.train.results_dir:
+            return Path(self.train.results_dir).resolve()
+        return (Path(self.run.storage_path) / self.run_name).resolve()
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        if self.train.checkpoint_dir:
+            return Path(self.train.checkpoint_dir).resolve()
+        return self.results_dir / "checkpoints"
+
+
+_OWNER: dict[str, str] = {}
+_TYPES: dict[str, Any] = {}
+_HELP: dict[str, str] = {}
+_DEFAULTS: dict[str, Any] = {}
+for _group, _klass in GROUPS:
+    _hints = get_type_hints(_klass)
+    for _fld in fields(_klass):
+        _OWNER[_fld.name] = _group
+        _TYPES[_fld.name] = _hints[_fld.name]
+        _HELP[_fld.name] = _fld.metadata.get("help", "")
+        _DEFAULTS[_fld.name] = _fld.default
+# upstream's DataArguments.num_workers means DataLoader workers; ours means Ray Train workers (see docs)
+ARG_NAMES = tuple(_OWNER)
+
+_TRUE = {"true", "1", "yes", "y", "on"}
+_FALSE = {"false", "0", "no", "n", "off"}
+
+
+def _base_type(tp: Any) -> Any:
+    args = getattr(tp, "__args__", None)
+    if args and type(None) in args:  # Optional[X]
+        return next(a for a in args if a is not type(None))
+    return tp
+
+
+def _is_optional(tp: Any) -> bool:
+    return type(None) in (getattr(tp, "__args__", None) or ())
+
+
+def coerce(name: str, value: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the field's type, or raise a ConfigError naming `where`."""
+    tp = _TYPES[name]
+    base = _base_type(tp)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and _is_optional(tp)):
+        if _is_optional(tp):
+            return None
+        raise ConfigError(f"{where}: {name} cannot be empty (expected {base.__name__})")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in _TRUE:
+                return True
+            if s in _FALSE:
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        kind = "True or False" if base is bool else f"a{'n' if base is int else ''} {base.__name__}"
+        raise ConfigError(f"{where}: {name} must be {kind}, got {value!r}") from None
+
+
+def _unknown(name: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(name, ARG_NAMES, n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join('--' + c for c in close)}?" if close else " See --help for the list."
+    return ConfigError(f"{where}: unknown argument {name!r}.{hint}")
+
+
+def read_train_section(path: str | Path) -> dict[str, tuple[Any, str]]:
+    """`train:` of a mixture YAML as {name: (value, 'file:line')}; other top-level keys are the mixture."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if not isinstance(data, dict) or "train" not in data:
+        return {}
+    section = data["train"]
+    if section is None:
+        return {}
+    lines: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        if key_node.value == "train" and hasattr(value_node, "value") and isinstance(value_node.value, list):
+            for k, _ in value_node.value:
+                lines[k.value] = k.start_mark.line + 1
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: the train: section must be a mapping of argument: value")
+    return {str(k): (v, f"{path}:{lines.get(str(k), '?')}") for k, v in section.items()}
+
+
+def parse_cli(argv: list[str]) -> dict[str, tuple[Any, str]]:
+    """`--name value`, `--name=value`, bare boolean `--flag`; returns {name: (raw value, 'flag --name')}."""
+    out: dict[str, tuple[Any, str]] = {}
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("--") or tok == "--":
+            raise ConfigError(f"unexpected argument {tok!r}: arguments are --name value")
+        name, eq, inline = tok[2:].partition("=")
+        name = name.replace("-", "_")
+        where = f"flag --{name}"
+        if name not in _OWNER:
+            raise _unknown(name, where)
+        if eq:
+            value: Any = inline
+            i += 1
+        elif _base_type(_TYPES[name]) is bool:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is not None and nxt.lower() in _TRUE | _FALSE:
+                value, i = nxt, i + 2
+            else:
+                value, i = True, i + 1
+        else:
+            if i + 1 >= len(argv) or (argv[i + 1].startswith("--") and len(argv[i + 1]) > 2):
+                raise ConfigError(f"{where}: needs a value")
+            value, i = argv[i + 1], i + 2
+        out[name] = (value, where)
+    return out
+
+
+def load_config(argv: list[str]) -> TrainConfig:
+    """Defaults < `train:` section of --config < flags. Does not validate (see `validate`)."""
+    cli = parse_cli(argv)
+    cfg = TrainConfig()
+    explicit: list[str] = []
+    config_path = cli.get("config", (None, ""))[0]
+    layers = []
+    if config_path:
+        layers.append(read_train_section(config_path))
+    layers.append(cli)
+    for layer in layers:
+        for name, (raw, where) in layer.items():
+            if name not in _OWNER:
+                raise _unknown(name, where)
+            cfg.set(name, coerce(name, raw, where))
+            if name not in explicit:
+                explicit.append(name)
+    cfg.explicit = explicit
+    return cfg
+
+
+def help_text() -> str:
+    lines = ["usage: python jobs/train.py --config CONFIG.yaml [--name value ...]", "",
+             "Arguments keep the upstream BAGEL/UniMedVL names; booleans take True/False or a bare --flag.",
+             "The config's train: section takes the same names; flags override it.", ""]
+    for group, klass in GROUPS:
+        lines.append(f"{group} arguments:")
+        for fld in fields(klass):
+            default = _DEFAULTS[fld.name]
+            lines.append(f"  --{fld.name:<30} {_HELP[fld.name]} (default: {default})")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---- validation ----------------------------------------------------------------------------------
+def validate(cfg: TrainConfig, generation_groups: Optional[list[str]] = None) -> None:
+    """Refuse unsafe or contradictory settings. `generation_groups`: mixture groups with noised VAE targets
+    (None = the mixture was not inspected)."""
+    t, m, d, r = cfg.train, cfg.model, cfg.data, cfg.run
+    if not cfg.mixture_path:
+        raise ConfigError("no dataset mixture: pass --config CONFIG.yaml (or --dataset_config_file)")
+    if t.total_steps < 1:
+        raise ConfigError(f"total_steps must be >= 1, got {t.total_steps}")
+    if t.warmup_steps < 0 or t.warmup_steps > t.total_steps:
+        raise ConfigError(
+            f"warmup_steps ({t.warmup_steps}) is longer than training (total_steps {t.total_steps}): the LR would "
+            f"never reach lr={t.lr} (upstream's train_example.sh only reached {t.lr * t.total_steps / max(t.warmup_steps, 1):.3g}). "
+            f"Set --warmup_steps to at most {t.total_steps}, e.g. {max(1, t.total_steps // 10)}")
+    for name in ("log_every", "save_every", "max_checkpoints", "gradient_accumulation_steps", "num_workers",
+                 "prefetch_factor", "num_replicate"):
+        if cfg.get(name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {cfg.get(name)}")
+    if d.dataloader_workers < 0:
+        raise ConfigError(f"dataloader_workers must be >= 0, got {d.dataloader_workers}")
+    if t.stop_at_step is not None and not 1 <= t.stop_at_step <= t.total_steps:
+        raise ConfigError(f"stop_at_step must be in [1, total_steps={t.total_steps}], got {t.stop_at_step}")
+    if not 0.0 <= t.ema <= 1.0:
+        raise ConfigError(f"ema (decay) must be in [0, 1], got {t.ema}")
+    if t.lr_scheduler not in VALID_SCHEDULERS:
+        raise ConfigError(f"lr_scheduler must be one of {', '.join(VALID_SCHEDULERS)}, got {t.lr_scheduler!r}")
+    if t.lr_scheduler == "cosine" and t.min_lr > t.lr:
+        raise ConfigError(f"min_lr ({t.min_lr}) must not exceed lr ({t.lr})")
+    if m.layer_module not in VALID_LAYER_MODULES:
+        raise ConfigError(f"layer_module must be one of {', '.join(VALID_LAYER_MODULES)}, got {m.layer_module!r} "
+                          f"(UniMedVL's default 'Qwen2MoTDecoderLayer_with_hidden_outputs' is not a valid key)")
+    if t.sharding_strategy not in VALID_SHARDING:
+        raise ConfigError(f"sharding_strategy must be one of {', '.join(VALID_SHARDING)}, got {t.sharding_strategy!r}")
+    if m.model is not None and m.model not in MODEL_PRESETS:
+        raise ConfigError(f"--model must be one of {', '.join(MODEL_PRESETS)}, got {m.model!r}")
+    if m.model is None and m.model_path is None:
+        raise ConfigError("no model: pass --model tiny|7b (architecture preset) or --model_path CHECKPOINT_DIR")
+    if m.model is not None and m.model_path is not None:
+        raise ConfigError("pass either --model (a preset) or --model_path (a checkpoint), not both")
+    if m.llm_path or m.vit_path:
+        raise ConfigError("llm_path / vit_path (loading raw Qwen2 / SigLIP weights) are not supported: convert them "
+                          "into a checkpoint directory and pass --model_path")
+    if not t.visual_und and not t.visual_gen:
+        raise ConfigError("visual_und and visual_gen are both False: nothing to train on images; enable one")
+    if t.finetune_from_hf and not m.model_path:
+        raise ConfigError("finetune_from_hf needs --model_path (the HF checkpoint directory to fine-tune)")
+    has_weights = bool(m.model_path) or bool(t.resume_from)
+    if not has_weights and not t.from_scratch:
+        raise ConfigError(
+            "no weights to fine-tune from: pass --model_path CHECKPOINT_DIR or --resume_from CHECKPOINT_DIR, "
+            "or --from_scratch True to train from random init on purpose (upstream silently did the latter)")
+    if t.from_scratch and has_weights:
+        raise ConfigError("--from_scratch contradicts --model_path/--resume_from (weights would be loaded)")
+    if t.visual_gen and generation_groups is not None and not generation_groups:
+        raise ConfigError(
+            "visual_gen is True but the mixture has no generation dataset (t2i, edit, counterfactual, "
+            "sft_recon_*): every batch would lack MSE targets and ranks would skip collectives. Add one, "
+            "or pass --visual_gen False")
+    if r.use_gpu and t.sharding_strategy == "HYBRID_SHARD":
+        shard = t.num_shard or max(1, r.num_workers // t.num_replicate)
+        if t.num_replicate * shard != r.num_workers:
+            raise ConfigError(f"HYBRID_SHARD needs num_replicate ({t.num_replicate}) x num_shard ({shard}) == "
+                              f"num_workers ({r.num_workers})")
+
+
+def training_args_json(cfg: TrainConfig) -> str:
+    """What a checkpoint's training_args.json holds: the flat upstream names (freeze_vae included)."""
+    return json.dumps(cfg.flat(), indent=2, sort_keys=True, default=str)

@@ -1,0 +1,100 @@
+"""Ray Train launch: TorchTrainer + ScalingConfig / RunConfig / FailureConfig / CheckpointConfig.
+
+Ray: joins a cluster when `--address` or RAY_ADDRESS is given (`ray job submit` sets it), else starts an
+embedded local Ray with enough logical CPUs that train workers (fractional CPUs on CPU) never starve
+the other Ray work. CPU workers use gloo + DDP; GPU workers NCCL + FSDP2 (trainer.parallel).
+Checkpoints are written by the loop straight into the run directory and reported to Ray Train without a
+copy (NO_UPLOAD), so a restarted worker group resumes from exactly the files the loop wrote.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from trainer.config import TrainConfig
+
+
+class RayReporter:
+    """ray.train.report at every log/save step on every rank (Ray requires equal call counts)."""
+
+    def report(self, metrics: dict, checkpoint_dir: Optional[Path]) -> None:
+        import ray.train
+
+        clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+        if checkpoint_dir is not None:
+            ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
+            ray.train.report(clean, checkpoint=ckpt, checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+        else:
+            ray.train.report(clean)
+
+
+def train_func(config: dict) -> None:
+    """Runs in every Ray Train worker (the process group is already set up by TorchTrainer)."""
+    import ray.train
+
+    from trainer.loop import train_loop
+
+    if config.get("_repo_root"):
+        import sys
+
+        if config["_repo_root"] not in sys.path:
+            sys.path.insert(0, config["_repo_root"])
+    ray_ckpt = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        ray_ckpt = Path(ckpt.path)
+    train_loop(config["cfg"], reporter=RayReporter(), ray_checkpoint=ray_ckpt)
+
+
+def init_ray(cfg: TrainConfig) -> str:
+    """Connect to a cluster (address flag or RAY_ADDRESS) or start an embedded one. Returns a description."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():
+        return "existing Ray session"
+    address = cfg.run.address or os.environ.get("RAY_ADDRESS")
+    repo = str(Path(__file__).resolve().parent.parent)
+    runtime_env: dict[str, Any] = {"env_vars": {"PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                                                "RAY_AUTH_MODE": "disabled"}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return f"Ray cluster at {address}"
+    num_cpus = cfg.run.num_cpus or max(4, os.cpu_count() or 1)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
+             object_store_memory=512 * 1024 * 1024)
+    return f"embedded local Ray ({num_cpus} logical CPUs)"
+
+
+def build_trainer(cfg: TrainConfig):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    r = cfg.run
+    cpus = r.cpus_per_worker if r.cpus_per_worker is not None else (4.0 if r.use_gpu else 0.5)
+    scaling = ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker={"CPU": cpus})
+    run_config = RunConfig(
+        name=cfg.run_name,
+        storage_path=str(Path(r.storage_path).resolve()),
+        failure_config=FailureConfig(max_failures=r.max_failures),
+        # rotation is the loop's job (max_checkpoints, complete checkpoints only)
+        checkpoint_config=CheckpointConfig(num_to_keep=None),
+    )
+    payload = {"cfg": cfg.to_dict(), "_repo_root": str(Path(__file__).resolve().parent.parent)}
+    return TorchTrainer(train_func, train_loop_config=payload, scaling_config=scaling, run_config=run_config,
+                        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"))
+
+
+def launch(cfg: TrainConfig) -> dict[str, Any]:
+    """Fit and return a summary (final metrics, checkpoint path, run dir)."""
+    if cfg.train.results_dir is None:
+        # the run dir must be the Ray experiment dir so checkpoints are reported without a copy
+        cfg.train.results_dir = str((Path(cfg.run.storage_path) / cfg.run_name).resolve())
+    where = init_ray(cfg)
+    trainer = build_trainer(cfg)
+    result = trainer.fit()
+    ckpt = result.checkpoint
+    return {"ray": where, "results_dir": str(cfg.results_dir), "checkpoint_dir": str(cfg.checkpoint_dir),
+            "last_checkpoint": ckpt.path if ckpt is not None else None,
+            "metrics": dict(result.metrics or {}), "error": repr(result.error) if result.error else None}

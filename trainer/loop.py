@@ -1,0 +1,365 @@
+"""The per-worker training loop (bagel-compat §1.2, §1.5): runs inside each Ray Train worker, or directly
+in-process (world size 1, no process group) for tests and debugging.
+
+Steps are counted as *completed* optimizer steps: checkpoint `0000030/` holds the state after 30 steps,
+and a run resumed from it starts its 31st step (upstream names a directory after the 0-based index of its
+last step instead).
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Protocol
+
+import numpy as np
+import torch
+
+from trainer import checkpointing as ck
+from trainer.config import TrainConfig, training_args_json
+from trainer.ema import ema_update, make_ema
+from trainer.loss import all_reduce_sum, compute_loss, global_denominators
+from trainer.metrics import MetricsSink, Window, peak_tflops_from_name, summarise
+from trainer.optim import build_optimizer
+from trainer.parallel import (Parallel, barrier, clip_grad_norm, full_state_dict, load_full_state_dict,
+                              load_optimizer_state, optimizer_state_for_save, rank_and_world, wrap_ddp,
+                              wrap_ema_fsdp, wrap_fsdp)
+from trainer.prefetch import Prefetcher
+from trainer.schedule import WarmupScheduler
+
+
+class Reporter(Protocol):
+    def report(self, metrics: dict, checkpoint_dir: Optional[Path]) -> None: ...
+
+
+class InjectedFailure(RuntimeError):
+    """Raised once by --inject_failure_at_step to exercise Ray Train's restart path."""
+
+
+@dataclass
+class LoopResult:
+    start_step: int
+    final_step: int
+    history: list[dict] = field(default_factory=list)     # per step: step, ce, mse, loss (global means)
+    checkpoints: list[str] = field(default_factory=list)
+    resumed_from: Optional[str] = None
+    data_wait_fraction: float = 0.0
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def step_seed(global_seed: int, rank: int, step: int, micro: int, salt: str) -> int:
+    """Noise seeds are a pure function of (seed, rank, step, micro-step), so a resumed run draws exactly what
+    the uninterrupted run drew, with no RNG state to save."""
+    return zlib.crc32(f"{salt}:{global_seed}:{rank}:{step}:{micro}".encode()) & 0x7FFFFFFF
+
+
+def _noise(batch, channels: int, seed: int, device: torch.device) -> Optional[torch.Tensor]:
+    idx = batch.packed_vae_token_indexes
+    if idx is None or idx.numel() == 0:
+        return None
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(idx.numel(), channels, generator=g, device=device)
+
+
+def _maybe_fail(cfg: TrainConfig, rank: int, step: int) -> None:
+    r = cfg.run
+    if r.inject_failure_at_step is None or step != r.inject_failure_at_step or rank != r.inject_failure_rank:
+        return
+    marker = cfg.results_dir / f".injected_failure_step{step}_rank{rank}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("1")
+    raise InjectedFailure(f"injected failure on rank {rank} after step {step} (--inject_failure_at_step)")
+
+
+def train_loop(cfg: TrainConfig | dict, *, reporter: Optional[Reporter] = None,
+               ray_checkpoint: Optional[Path] = None,
+               batch_factory: Optional[Callable[[Optional[dict], int, int], Callable[[], Iterator]]] = None,
+               model_builder: Optional[Callable[[TrainConfig], Any]] = None,
+               groups: Optional[list[str]] = None, print_fn: Callable[[str], None] = print) -> LoopResult:
+    """Train until total_steps (or stop_at_step). `batch_factory(state, rank, world)` and `model_builder(cfg)`
+    replace the mixture stream and the model in unit tests; by default they come from the config."""
+    if isinstance(cfg, dict):
+        cfg = TrainConfig.from_dict(cfg)
+    t, r = cfg.train, cfg.run
+    rank, world = rank_and_world()
+    is_main = rank == 0
+    log = (lambda msg: print_fn(f"[train] {msg}")) if is_main else (lambda msg: None)
+
+    # -- devices, seeds, determinism (§1.2 step 1) --------------------------------------------------
+    use_cuda = r.use_gpu and torch.cuda.is_available()
+    if r.use_gpu and not use_cuda:
+        raise RuntimeError("--use_gpu True but this worker sees no CUDA device")
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    if not use_cuda:
+        torch.set_num_threads(r.torch_threads or 1)
+    elif r.torch_threads:
+        torch.set_num_threads(r.torch_threads)
+    _seed_all(t.global_seed * world + rank)
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+    # -- model, EMA, weights (§1.2 steps 2-9, §1.3) --------------------------------------------------
+    if model_builder is None:
+        from trainer.model_setup import build_model
+
+        built = build_model(cfg)
+        model, mc, tokenizer = built.model, built.config, built.tokenizer
+    else:
+        model, mc, tokenizer = model_builder(cfg)
+    from trainer.model_setup import apply_freeze_flags, load_weights_into, packing_config
+
+    plan = ck.plan_resume(checkpoint_dir=cfg.checkpoint_dir, auto_resume=t.auto_resume, resume_from=t.resume_from,
+                          model_path=cfg.model.model_path, finetune_from_ema=t.finetune_from_ema,
+                          resume_model_only=t.resume_model_only, resume_model_optimizer=t.resume_model_optimizer,
+                          ray_checkpoint=ray_checkpoint)
+    log(f"start: {plan.reason}")
+    for note in plan.notes:
+        log(f"note: {note}")
+    ema = None
+    if plan.source is not None:
+        missing, unexpected = load_weights_into(model, plan.source, plan.weights_file)
+        if unexpected:
+            log(f"warning: {len(unexpected)} unexpected keys in {plan.weights_file}, e.g. {unexpected[:3]}")
+        if missing:
+            log(f"note: {len(missing)} parameters not in {plan.weights_file} keep their init, e.g. {missing[:3]}")
+    apply_freeze_flags(model, cfg)
+    ema = make_ema(model)
+    if plan.source is not None:
+        ema_file = plan.ema_file if (plan.source / plan.ema_file).is_file() else plan.weights_file
+        if plan.load_train_state or ema_file == plan.weights_file:
+            load_weights_into(ema, plan.source, ema_file)
+        # fine-tuning from model.safetensors with an ema file present: the EMA starts from the EMA weights
+        elif (plan.source / ema_file).is_file():
+            load_weights_into(ema, plan.source, ema_file)
+    model.to(device)
+    ema.to(device)
+    model.train()
+    ema.train()  # upstream keeps the EMA in train mode (its layers dispatch on .training)
+
+    if use_cuda:
+        par: Parallel = wrap_fsdp(model, freeze_vae=t.freeze_vae, sharding_strategy=t.sharding_strategy,
+                                  num_replicate=t.num_replicate, num_shard=t.num_shard, cpu_offload=t.cpu_offload,
+                                  activation_checkpointing=t.activation_checkpointing,
+                                  reshard_after_forward=t.sharding_strategy != "NO_SHARD")
+        wrap_ema_fsdp(ema, par.mesh)
+    else:
+        par = wrap_ddp(model, freeze_vae=t.freeze_vae)
+
+    optimizer = build_optimizer(model, lr=t.lr, beta1=t.beta1, beta2=t.beta2, eps=t.eps, llm_lr=t.llm_lr,
+                                vit_lr=t.vit_lr, vae_lr=t.vae_lr)
+    scheduler = WarmupScheduler(optimizer, kind=t.lr_scheduler, warmup_steps=t.warmup_steps,
+                                total_steps=t.total_steps, lr=t.lr, min_lr=t.min_lr)
+
+    # -- train state (§1.2 step 12) --------------------------------------------------------------------
+    start_step, stream_state = 0, None
+    if plan.load_train_state and plan.source is not None:
+        start_step = int(ck.read_train_state(plan.source).get("step", 0))
+        if plan.load_optimizer:
+            idx, count = par.optimizer_load_shard
+            f = plan.source / ck.optimizer_file(idx, count)
+            if f.is_file():
+                load_optimizer_state(optimizer, torch.load(f, map_location="cpu", weights_only=False))
+                sched_file = plan.source / ck.SCHEDULER_FILE
+                if sched_file.is_file():
+                    scheduler.load_state_dict(torch.load(sched_file, map_location="cpu", weights_only=False))
+            else:
+                raise ck.ResumeError(f"{plan.source} has no {f.name} for this rank (saved with another "
+                                     f"world size or sharding); resume with the same --num_workers")
+        else:
+            scheduler.last_step = start_step
+            scheduler.load_state_dict({"last_step": start_step})
+        stream_state = ck.load_stream_state(plan.source, rank, world)
+        log(f"resumed train state at step {start_step}")
+
+    # -- data ---------------------------------------------------------------------------------------
+    mixture_groups = groups
+    if batch_factory is None:
+        from trainer.data import StreamFactory, group_names
+        from trainer.model_setup import tokenizer_spec
+
+        mixture_groups = mixture_groups or group_names(cfg.mixture_path)
+        factory: Callable[[], Iterator] = StreamFactory(
+            mixture_path=str(cfg.mixture_path), packing=packing_config(cfg, mc), tokenizer_spec=tokenizer_spec(cfg),
+            rank=rank, world_size=world, seed=cfg.data.data_seed, state=stream_state)
+    else:
+        factory = batch_factory(stream_state, rank, world)
+    mixture_groups = mixture_groups or []
+    mode = "process" if cfg.data.dataloader_workers > 0 else "thread"
+    prefetch = Prefetcher(factory, depth=cfg.data.prefetch_factor * max(1, t.gradient_accumulation_steps),
+                          mode=mode, pin_memory=use_cuda)
+
+    # -- outputs ------------------------------------------------------------------------------------
+    if is_main:
+        cfg.results_dir.mkdir(parents=True, exist_ok=True)
+        cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.results_dir / "training_args.json").write_text(training_args_json(cfg))
+    sink = MetricsSink(cfg.results_dir, tensorboard=t.enable_tensorboard, enabled=is_main, print_fn=print_fn)
+    peak = t.peak_device_tflops or (peak_tflops_from_name(torch.cuda.get_device_name(device)) if use_cuda else 0.0)
+    channels = getattr(mc, "latent_channels", 64)
+    window = Window(groups=mixture_groups)
+    result = LoopResult(start_step=start_step, final_step=start_step,
+                        resumed_from=str(plan.source) if plan.load_train_state else None)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    total_wait = total_time = 0.0
+    window_start = time.perf_counter()
+    last_state = stream_state
+    end_step = min(t.total_steps, t.stop_at_step or t.total_steps)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else None
+
+    def save(step_done: int) -> Path:
+        return _save_checkpoint(cfg, par, ema, optimizer, scheduler, mc, tokenizer, step_done, last_state,
+                                rank, world, is_main)
+
+    try:
+        step = start_step
+        if start_step >= end_step:
+            log(f"nothing to do: checkpoint is at step {start_step}, total_steps {t.total_steps}")
+        while step < end_step:
+            t_step = time.perf_counter()
+            batches, wait = [], 0.0
+            for _ in range(t.gradient_accumulation_steps):
+                b, w = next(prefetch)
+                batches.append(b)
+                wait += w
+            denom = global_denominators(batches, t.ce_loss_reweighting)
+            ce_sum = mse_sum = 0.0
+            for micro, batch in enumerate(batches):
+                window.add_batch(batch)
+                batch = batch.to(device, non_blocking=use_cuda)
+                noise = _noise(batch, channels, step_seed(t.global_seed, rank, step, micro, "eps"), device)
+                vae_gen = torch.Generator(device=device).manual_seed(
+                    step_seed(t.global_seed, rank, step, micro, "vae"))
+                last = micro == len(batches) - 1
+                with (par.no_sync() if not last else _null()):
+                    with (amp if amp is not None else _null()):
+                        out = par.step_module(batch, noise, vae_gen)
+                    parts = compute_loss(out.ce, out.mse, batch, denom, ce_weight=t.ce_weight,
+                                         mse_weight=t.mse_weight, reweighting=t.ce_loss_reweighting,
+                                         visual_gen=t.visual_gen, world=world)
+                    parts.loss.backward()
+                ce_sum += parts.ce_sum
+                mse_sum += parts.mse_sum
+            grad_norm = clip_grad_norm(trainable, t.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            ema_update(ema, model, t.ema)
+            optimizer.zero_grad(set_to_none=True)
+            last_state = batches[-1].stream_state
+            step += 1
+            if use_cuda:
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t_step
+            total_wait += wait
+            total_time += dt
+
+            sums = torch.tensor([ce_sum, mse_sum], dtype=torch.float64)
+            all_reduce_sum(sums)
+            ce = float(sums[0]) / denom.ce if denom.ce > 0 else None
+            mse = float(sums[1]) / denom.mse if denom.mse > 0 else None
+            loss = (t.ce_weight * (ce or 0.0)) + (t.mse_weight * (mse or 0.0) if t.visual_gen else 0.0)
+            result.history.append({"step": step, "ce": ce, "mse": mse, "loss": loss,
+                                   "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]})
+            window.steps += 1
+            window.step_time += dt
+            window.data_wait += wait
+            window.ce_sum += ce_sum
+            window.mse_sum += mse_sum
+            window.grad_norm_sum += float(grad_norm)
+            # the window's denominators are global already: count them once (on rank 0) for the reduction
+            if is_main:
+                window.ce_denom += denom.ce
+                window.mse_denom += denom.mse
+            result.final_step = step
+
+            _maybe_fail(cfg, rank, step)
+            do_log = step % t.log_every == 0 or step == end_step
+            do_save = step % t.save_every == 0 or step == end_step
+            rec: dict[str, Any] = {}
+            if do_log:
+                red = window.reduce()
+                lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
+                rec = summarise(red, world=world, step=step, lr=scheduler.get_last_lr()[0], lrs=lrs,
+                                wall=time.perf_counter() - window_start, device=device,
+                                llm_config=getattr(mc, "llm", None), peak_tflops=peak)
+                sink.log(rec)
+                window = Window(groups=mixture_groups)
+                window_start = time.perf_counter()
+            ckpt_path = save(step) if do_save else None
+            if ckpt_path is not None:
+                result.checkpoints.append(str(ckpt_path))
+                log(f"saved checkpoint {ckpt_path}")
+            if reporter is not None and (do_log or do_save):
+                reporter.report({"step": step, **{k: v for k, v in rec.items() if v is not None}},
+                                ckpt_path if is_main else None)
+    finally:
+        prefetch.close()
+        sink.close()
+    result.data_wait_fraction = total_wait / total_time if total_time > 0 else 0.0
+    log(f"done at step {result.final_step}; data wait {100 * result.data_wait_fraction:.1f}% of step time")
+    return result
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _save_checkpoint(cfg: TrainConfig, par: Parallel, ema, optimizer, scheduler, mc, tokenizer, step: int,
+                     stream_state: Optional[dict], rank: int, world: int, is_main: bool) -> Optional[Path]:
+    """Every rank writes its own files into the temp dir; rank 0 the full weights; then rank 0 marks the
+    directory complete and renames it into place (checkpointing.finalize)."""
+    from trainer.checkpointing import save_safetensors
+    from trainer.model_setup import VAE_FILE, save_weights_file, split_vae, write_inference
+
+    root = cfg.checkpoint_dir
+    if is_main:
+        ck.prepare_temp(root, step)
+    barrier()
+    tmp = ck.temp_dir(root, step)
+    model_state = full_state_dict(par.model, par.kind)   # collectives under FSDP: every rank calls
+    ema_state = full_state_dict(ema, par.kind)
+    if par.optimizer_shard is not None:
+        idx, count = par.optimizer_shard
+        ck.save_state_file(optimizer_state_for_save(optimizer), tmp / ck.optimizer_file(idx, count))
+    ck.write_json(tmp / ck.stream_state_file(rank, world), stream_state)
+    files = [ck.stream_state_file(i, world) for i in range(world)]
+    if par.kind == "fsdp":
+        shard_count = par.optimizer_shard[1] if par.optimizer_shard else par.optimizer_load_shard[1]
+        files += [ck.optimizer_file(i, shard_count) for i in range(shard_count)]
+    else:
+        files.append(ck.optimizer_file(0, 1))
+    if is_main:
+        import json
+
+        model_main, vae_state = split_vae(model_state, cfg.train.freeze_vae)
+        ema_main, _ = split_vae(ema_state, cfg.train.freeze_vae)
+        save_weights_file(model_main, tmp / ck.MODEL_FILE)
+        save_weights_file(ema_main, tmp / ck.EMA_FILE)
+        if vae_state is not None:  # frozen VAE: ae.safetensors (FLUX names), as checkpoints are loaded
+            save_safetensors(vae_state, tmp / VAE_FILE)
+            files.append(VAE_FILE)
+        ck.save_state_file(scheduler.state_dict(), tmp / ck.SCHEDULER_FILE)
+        ck.write_json(tmp / ck.TRAIN_STATE_FILE, {"step": step, "world_size": world, "train_steps": step})
+        write_inference(tmp, mc, tokenizer, json.loads(training_args_json(cfg)))
+        files += [ck.MODEL_FILE, ck.EMA_FILE, ck.SCHEDULER_FILE, ck.TRAIN_STATE_FILE, ck.TRAINING_ARGS_FILE]
+    barrier()
+    final = None
+    if is_main:
+        final = ck.finalize(root, step, files, {"world_size": world})
+        ck.rotate(root, cfg.train.max_checkpoints)
+    barrier()
+    return final if is_main else (root / ck.step_dir_name(step))

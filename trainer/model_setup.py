@@ -1,0 +1,147 @@
+"""Model, tokenizer and packing settings from the training arguments (bagel-compat §1.2), and weight I/O.
+
+Weight files go through `model.checkpoint` (the model issue's loader/saver), so a training checkpoint is
+exactly what inference and fine-tuning load.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from pipelines.packing_config import PackingConfig
+from trainer.config import TrainConfig
+
+
+
+def tokenizer_spec(cfg: TrainConfig) -> Optional[str]:
+    """Where the tokenizer comes from: the checkpoint being fine-tuned/resumed, else the builtin one."""
+    for d in (cfg.model.model_path, cfg.train.resume_from):
+        if d and any((Path(d) / f).exists() for f in ("tokenizer.json", "vocab.json", "medloom_tokenizer.json")):
+            return str(d)
+    return None
+
+
+def model_overrides(cfg: TrainConfig) -> dict[str, Any]:
+    m, t = cfg.model, cfg.train
+    out: dict[str, Any] = {
+        "layer_module": m.layer_module, "qk_norm": m.llm_qk_norm, "tie_word_embeddings": m.tie_word_embeddings,
+        "freeze_und": t.freeze_und, "visual_gen": t.visual_gen, "visual_und": t.visual_und,
+        "timestep_shift": t.timestep_shift, "connector_act": m.connector_act, "interpolate_pos": m.interpolate_pos,
+        "vit_select_layer": m.vit_select_layer, "vit_rope": m.vit_rope,
+    }
+    for name in ("max_latent_size", "latent_patch_size", "vit_max_num_patch_per_side"):
+        if getattr(m, name) is not None:
+            out[name] = getattr(m, name)
+    return out
+
+
+def build_model_config(cfg: TrainConfig, vocab_size: int):
+    from model.config import ModelConfig
+
+    over = model_overrides(cfg)
+    if cfg.model.model_path:
+        mc = ModelConfig.from_checkpoint_dir(cfg.model.model_path, **over)
+    elif cfg.model.model == "7b":
+        mc = ModelConfig.unimedvl_7b(**over)
+    else:
+        mc = ModelConfig.tiny(vocab_size=vocab_size, **over)
+    if cfg.model.vit_patch_size is not None:
+        mc.vit.patch_size = cfg.model.vit_patch_size
+    if cfg.run.use_gpu:
+        mc.attn_backend = "auto"
+    return mc
+
+
+def packing_config(cfg: TrainConfig, mc) -> PackingConfig:
+    """Packing follows the model's geometry. The three CFG dropouts always come from the arguments:
+    upstream copied them only when visual_gen was on, silently using vit 0.4 otherwise (spec pitfall)."""
+    d, m = cfg.data, cfg.model
+    return PackingConfig(
+        expected_num_tokens=d.expected_num_tokens, max_num_tokens=d.max_num_tokens,
+        max_num_tokens_per_sample=d.max_num_tokens_per_sample, prefer_buffer_before=d.prefer_buffer_before,
+        max_buffer_size=d.max_buffer_size, text_cond_dropout_prob=m.text_cond_dropout_prob,
+        vit_cond_dropout_prob=m.vit_cond_dropout_prob, vae_cond_dropout_prob=m.vae_cond_dropout_prob,
+        use_flex=cfg.train.use_flex, interpolate_pos=mc.interpolate_pos, vit_patch_size=mc.vit.patch_size,
+        vit_max_num_patch_per_side=mc.vit_max_num_patch_per_side, latent_patch_size=mc.latent_patch_size,
+        max_latent_size=mc.max_latent_size, build_nested_masks=not cfg.run.use_gpu,
+    )
+
+
+def apply_freeze_flags(model: nn.Module, cfg: TrainConfig) -> None:
+    t = cfg.train
+    from model.freeze import apply_freeze
+
+    apply_freeze(model, freeze_llm=t.freeze_llm, freeze_vit=t.freeze_vit, freeze_vae=t.freeze_vae,
+                 freeze_und=t.freeze_und)
+
+
+@dataclass
+class Built:
+    model: nn.Module
+    config: Any          # ModelConfig
+    tokenizer: Any       # TextTokenizer
+
+
+def build_model(cfg: TrainConfig) -> Built:
+    """Construct (random init), adapt to the tokenizer, copy_init_moe. Weights are loaded separately."""
+    from datasets_catalog.tokenizer import TextTokenizer
+    from model.unified import UnifiedModel
+
+    tok = TextTokenizer.load(tokenizer_spec(cfg))
+    mc = build_model_config(cfg, tok.vocab_size)
+    model = UnifiedModel(mc)
+    model.adapt_to_tokenizer(tok)
+    if cfg.train.copy_init_moe:
+        model.init_moe()
+    return Built(model, mc, tok)
+
+
+# ---- weight files ------------------------------------------------------------------------------------
+def load_weights_into(model: nn.Module, directory: Path, filename: str) -> tuple[list[str], list[str]]:
+    """Non-strict load of directory/filename through model.checkpoint (pos-embed tables dropped, DDP prefixes
+    stripped). A VAE kept outside the weights file (frozen) comes from the directory's ae.safetensors or
+    vae_model.safetensors, as UniMedVL loads it."""
+    from model.checkpoint import load_vae_weights, load_weights, read_weights
+
+    directory = Path(directory)
+    state = read_weights(directory / filename)
+    report = load_weights(model, state, strict=False)
+    vae = getattr(model, "vae_model", None)
+    if vae is not None and not any(k.startswith("vae_model.") for k in state):
+        for name in (VAE_FILE, "vae_model.safetensors"):
+            if (directory / name).is_file():
+                load_vae_weights(vae, directory / name, strict=False)
+                break
+    return list(report.missing) + list(report.mismatched), list(report.unexpected)
+
+
+VAE_FILE = "ae.safetensors"
+
+
+def split_vae(state: dict[str, torch.Tensor], freeze_vae: bool) -> tuple[dict, Optional[dict]]:
+    """(weights for model/ema.safetensors, FLUX-named VAE weights for ae.safetensors or None).
+    A frozen VAE lives in ae.safetensors only (UniMedVL layout); a trained one stays in the weights file."""
+    if not freeze_vae:
+        return state, None
+    main = {k: v for k, v in state.items() if not k.startswith("vae_model.")}
+    vae = {k[len("vae_model."):]: v for k, v in state.items() if k.startswith("vae_model.")}
+    return main, (vae or None)
+
+
+def save_weights_file(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Write one weight file (model.safetensors / ema.safetensors) in the upstream key layout, atomically."""
+    from model.checkpoint import save_weights
+
+    save_weights(state, path)
+
+
+def write_inference(directory: Path, mc, tokenizer, training_args: dict) -> list[str]:
+    """llm_config.json, vit_config.json, config.json, generation_config.json, tokenizer, training_args.json."""
+    from model.checkpoint import write_inference_files
+
+    write_inference_files(Path(directory), mc, tokenizer, training_args=training_args)
+    return ["llm_config.json", "vit_config.json", "training_args.json"]
