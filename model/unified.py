@@ -95,6 +95,14 @@ class UnifiedModel(nn.Module):
             if isinstance(module, PositionEmbedding):
                 module.reset_table()
 
+    def reset_buffers(self) -> None:
+        """Recompute what checkpoints do not hold: RoPE inv_freq and the sin-cos tables (after `to_empty`)."""
+        rotary = self.language_model.model.rotary_emb
+        rotary.inv_freq = rotary._inv_freq(rotary.inv_freq.device)
+        for module in self.modules():
+            if isinstance(module, PositionEmbedding):
+                module.reset_table()
+
     def init_moe(self) -> int:
         """copy_init_moe (spec §1.2): generation twins start as copies of their understanding weights."""
         return self.language_model.init_moe()
