@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""Dry-run a mixture config from shard metadata only (no image decoding).
+
+    python jobs/plan.py CONFIG [--steps N] [--world-size W] [--num-workers K] [--seed S] [--json]
+
+Prints, per group and per dataset, the realised share in samples and in tokens, the passes over each
+dataset in N steps, the mean packing efficiency and the samples that can never fit. Exit status 2 for a
+config, catalog or usage error (one message, no traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from datasets_catalog.catalog import CatalogError  # noqa: E402
+from pipelines.mixture_config import MixtureConfig, MixtureConfigError  # noqa: E402
+from pipelines.mixture_plan import packing_from_config, plan_mixture  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="jobs/plan.py",
+        description="Simulate N training steps of a dataset mixture on every rank from shard metadata "
+                    "(num_tokens) only, and report realised shares, passes, packing efficiency and samples "
+                    "that can never fit. Packing settings come from the config's train: section unless given.",
+        epilog="Example: python jobs/plan.py configs/radiology_sft.yaml --steps 200 --world-size 2 --json")
+    p.add_argument("config", help="mixture config YAML (upstream dataset YAML, see docs/mixture.md)")
+    p.add_argument("--steps", type=int, default=100, help="packs per rank to simulate (default 100)")
+    p.add_argument("--world-size", type=int, default=1, help="number of ranks (default 1)")
+    p.add_argument("--num-workers", type=int, default=1, help="loader workers per rank (default 1)")
+    p.add_argument("--seed", type=int, default=42, help="data seed when the config has no seed: (default 42)")
+    p.add_argument("--epoch", type=int, default=0)
+    p.add_argument("--expected-num-tokens", type=int)
+    p.add_argument("--max-num-tokens", type=int)
+    p.add_argument("--max-num-tokens-per-sample", type=int)
+    p.add_argument("--json", action="store_true", help="print one JSON object (stable keys, for scripts)")
+    return p.parse_args(argv)
+
+
+def format_report(r: dict) -> str:
+    lines = [f"mixture {r['config']}  ({r['steps']} steps x {r['world_size']} rank(s) x {r['num_workers']} "
+             f"worker(s) = {r['packs']} packs, seed {r['seed']}, weights in {r['weight_unit']})",
+             f"packing: expected {r['packing']['expected_num_tokens']}, max {r['packing']['max_num_tokens']}, "
+             f"per sample {r['packing']['max_num_tokens_per_sample']} tokens", "",
+             f"{'group':<58} {'weight':>7} {'samples':>8} {'tokens':>8}  mandatory"]
+    for name, g in r["groups"].items():
+        lines.append(f"{name:<58} {g['weight']:>7.1%} {g['sample_share']:>8.1%} {g['token_share']:>8.1%}  "
+                     f"{'yes' if g['mandatory'] else ''}")
+    lines += ["", f"{'dataset':<40} {'rows':>9} {'trained':>9} {'passes':>8}"]
+    for name, d in r["datasets"].items():
+        lines.append(f"{name:<40} {d['rows']:>9} {d['samples']:>9} {d['passes']:>8.2f}")
+    nf = r["never_fit"]
+    lines += ["", f"mean packing efficiency: {r['packing_efficiency']:.1%} "
+                  f"({r['mean_tokens_per_pack']:.0f} tokens per pack)",
+              f"samples that can never fit (> {r['packing']['max_num_tokens_per_sample']} tokens): {nf['count']}"
+              + (f" {nf['by_dataset']}" if nf["count"] else "")
+              + (f", e.g. {', '.join(nf['sample_ids'][:5])}" if nf["sample_ids"] else "")]
+    lines += [f"note: {n}" for n in r["notes"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.steps < 1 or args.world_size < 1 or args.num_workers < 1:
+        print("error: --steps, --world-size and --num-workers must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        cfg = MixtureConfig.from_yaml(args.config)
+        packing = packing_from_config(cfg, expected_num_tokens=args.expected_num_tokens,
+                                      max_num_tokens=args.max_num_tokens,
+                                      max_num_tokens_per_sample=args.max_num_tokens_per_sample)
+        report = plan_mixture(cfg, packing, args.steps, args.world_size, args.num_workers, args.seed, args.epoch)
+    except (MixtureConfigError, CatalogError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, sort_keys=False) if args.json else format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    import logging
+    logging.basicConfig(level=logging.ERROR)   # notes are part of the report
+    sys.exit(main())
