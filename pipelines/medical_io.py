@@ -1,0 +1,339 @@
+"""Medical image sources (DICOM, NIfTI) turned into what a shard stores: lossless PNG + safe metadata.
+
+The public entry points are `is_medical()` (sniff), `decode_medical()` (bytes -> one or more
+`DecodedImage`), `MedicalOptions.from_mapping()` (the catalog options, validated) and
+`MedicalImageError` (a stable `reason` code plus a sentence a person can act on).
+
+No patient or institution identifier ever reaches `DecodedImage.meta`: the metadata is built from a
+fixed list of technical attributes (`SAFE_DICOM_FIELDS`), plus only the tags a user allow-lists
+explicitly with `keep_dicom_tags`.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+from dataclasses import dataclass, field
+from pathlib import PurePath
+from typing import Any, Iterable
+
+from pipelines.pixel_modes import WindowSpec
+
+# Stable reason codes (they land in _rejects.parquet `reason`).
+DICOM_INVALID = "dicom_invalid"
+DICOM_NO_PIXELS = "dicom_no_pixels"
+DICOM_UNSUPPORTED_SYNTAX = "dicom_unsupported_syntax"
+DICOM_DECODER_MISSING = "dicom_decoder_missing"
+DICOM_DECODE_FAILED = "dicom_decode_failed"
+DICOM_BURNED_IN = "dicom_burned_in_annotation"
+DICOM_UNSUPPORTED_PIXELS = "dicom_unsupported_pixels"
+NIFTI_INVALID = "nifti_invalid"
+NIFTI_UNSUPPORTED = "nifti_unsupported"
+IMAGE_TOO_LARGE = "image_too_large"
+BAD_FRAME_RULE = "frame_out_of_range"
+
+REASON_CODES = (
+    DICOM_INVALID, DICOM_NO_PIXELS, DICOM_UNSUPPORTED_SYNTAX, DICOM_DECODER_MISSING, DICOM_DECODE_FAILED,
+    DICOM_BURNED_IN, DICOM_UNSUPPORTED_PIXELS, NIFTI_INVALID, NIFTI_UNSUPPORTED, IMAGE_TOO_LARGE,
+    BAD_FRAME_RULE,
+)
+
+# DICOM keywords that identify a person, an institution or a device: never copied unless allow-listed
+# (and even then the docs warn). Only documentation + a guard for the allow-list: the metadata is built
+# from an allow-list, not by deleting these.
+IDENTIFYING_KEYWORDS = frozenset({
+    "PatientName", "PatientID", "PatientBirthDate", "PatientBirthTime", "PatientSex", "PatientAge",
+    "PatientAddress", "PatientTelephoneNumbers", "OtherPatientIDs", "OtherPatientNames",
+    "PatientMotherBirthName", "MilitaryRank", "EthnicGroup", "PatientComments",
+    "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "ReferringPhysicianName",
+    "PerformingPhysicianName", "OperatorsName", "NameOfPhysiciansReadingStudy", "PhysiciansOfRecord",
+    "AccessionNumber", "StudyID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+    "FrameOfReferenceUID", "StationName", "DeviceSerialNumber", "StudyDate", "SeriesDate",
+    "AcquisitionDate", "ContentDate", "StudyTime", "SeriesTime", "AcquisitionTime", "ContentTime",
+    "RequestingPhysician", "ScheduledPerformingPhysicianName", "IssuerOfPatientID",
+})
+
+_EXPANDING = ("all", "every", "indices")
+
+
+def _as_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{what} must be an integer, got {value!r}")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{what} must be an integer, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class IndexRule:
+    """Which frames (DICOM) or slices (NIfTI) to keep: middle | first | last | all | every N | indices.
+
+    `all`, `every N` and `indices` expand one record into one record per kept frame/slice.
+    """
+
+    kind: str = "middle"
+    step: int = 1
+    indices: tuple[int, ...] = ()
+
+    @classmethod
+    def parse(cls, value: Any, what: str = "frame") -> "IndexRule":
+        if value is None:
+            return cls()
+        if isinstance(value, IndexRule):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return cls(kind="indices", indices=(value,))
+        if isinstance(value, (list, tuple)):
+            if not value:
+                raise ValueError(f"{what}: the list of indices is empty")
+            return cls(kind="indices", indices=tuple(_as_int(v, f"{what} index") for v in value))
+        if isinstance(value, dict):
+            if set(value) == {"every"}:
+                return cls._every(value["every"], what)
+            if set(value) == {"indices"}:
+                return cls.parse(list(value["indices"]) if isinstance(value["indices"], (list, tuple))
+                                 else value["indices"], what)
+            raise ValueError(f"{what}: a mapping must be {{every: N}} or {{indices: [...]}}, got {sorted(value)}")
+        if not isinstance(value, str):
+            raise ValueError(f"{what} must be middle, first, last, all, 'every N', 'indices:1,2' or a list")
+        text = value.strip().lower()
+        if text in ("middle", "first", "last", "all"):
+            return cls(kind=text)
+        if text.startswith("every"):
+            return cls._every(text[len("every"):].strip(" :="), what)
+        if text.startswith("indices"):
+            rest = text[len("indices"):].strip(" :=")
+            parts = [p for p in rest.replace(" ", ",").split(",") if p]
+            if not parts:
+                raise ValueError(f"{what}: write indices:1,5,9")
+            return cls(kind="indices", indices=tuple(_as_int(p, f"{what} index") for p in parts))
+        try:
+            return cls(kind="indices", indices=(int(text),))
+        except ValueError:
+            pass
+        raise ValueError(
+            f"unknown {what} rule {value!r}; use middle, first, last, all, 'every N', 'indices:1,2,3' or a list"
+        )
+
+    @classmethod
+    def _every(cls, step: Any, what: str) -> "IndexRule":
+        n = _as_int(step, f"{what} 'every' step")
+        if n < 1:
+            raise ValueError(f"{what}: 'every N' needs N >= 1, got {n}")
+        return cls(kind="every", step=n)
+
+    @property
+    def expands(self) -> bool:
+        """True when the rule may yield several images per source (each gets an id suffix)."""
+        return self.kind in _EXPANDING
+
+    def select(self, n: int) -> list[int]:
+        """Indices kept out of n; negative indices count from the end. Raises IndexError when out of range."""
+        if n <= 0:
+            return []
+        if self.kind == "middle":
+            return [n // 2]
+        if self.kind == "first":
+            return [0]
+        if self.kind == "last":
+            return [n - 1]
+        if self.kind == "all":
+            return list(range(n))
+        if self.kind == "every":
+            return list(range(0, n, self.step))
+        out = []
+        for i in self.indices:
+            j = i + n if i < 0 else i
+            if not 0 <= j < n:
+                raise IndexError(f"index {i} is out of range for {n} frames/slices")
+            out.append(j)
+        return out
+
+    def describe(self) -> str:
+        if self.kind == "every":
+            return f"every {self.step}"
+        if self.kind == "indices":
+            return "indices:" + ",".join(str(i) for i in self.indices)
+        return self.kind
+
+
+_AXES = {"sagittal": 0, "coronal": 1, "axial": 2, "x": 0, "y": 1, "z": 2}
+AXIS_NAMES = ("sagittal", "coronal", "axial")
+
+
+def parse_axis(value: Any) -> int:
+    if value is None:
+        return 2
+    if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1, 2):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _AXES:
+        return _AXES[value.strip().lower()]
+    if isinstance(value, str) and value.strip() in ("0", "1", "2"):
+        return int(value)
+    raise ValueError(f"axis must be axial, coronal, sagittal or 0/1/2 (RAS axes), got {value!r}")
+
+
+def validate_dicom_keywords(keywords: Iterable[str]) -> tuple[str, ...]:
+    """Check an allow-list of DICOM keywords (e.g. ["SeriesDescription"]); sequences are refused because
+    they can carry nested identifiers."""
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    out: list[str] = []
+    for kw in keywords:
+        if not isinstance(kw, str) or tag_for_keyword(kw) is None:
+            raise ValueError(f"keep_dicom_tags: {kw!r} is not a DICOM keyword (write e.g. SeriesDescription)")
+        if dictionary_VR(tag_for_keyword(kw)) == "SQ":
+            raise ValueError(f"keep_dicom_tags: {kw} is a sequence; only plain attributes can be kept")
+        if kw not in out:
+            out.append(kw)
+    return tuple(out)
+
+
+OPTION_KEYS = ("window", "frame", "slices", "axis", "volume", "keep_16bit", "allow_burned_in", "keep_dicom_tags")
+
+
+@dataclass(frozen=True)
+class MedicalOptions:
+    """Per-dataset options for medical sources (catalog keys of the same names)."""
+
+    window: WindowSpec = field(default_factory=WindowSpec)
+    frame: IndexRule = field(default_factory=IndexRule)
+    slices: IndexRule = field(default_factory=IndexRule)
+    axis: int = 2
+    volume: int = 0
+    keep_16bit: bool = False
+    allow_burned_in: bool = False
+    keep_dicom_tags: tuple[str, ...] = ()
+    max_pixels: int | None = None
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any] | None, max_pixels: int | None = None) -> "MedicalOptions":
+        """Validate catalog options; unknown keys and bad values raise ValueError naming the key."""
+        data = dict(data or {})
+        unknown = set(data) - set(OPTION_KEYS)
+        if unknown:
+            raise ValueError(f"unknown medical option(s) {sorted(unknown)}; allowed: {', '.join(OPTION_KEYS)}")
+
+        def flag(key: str) -> bool:
+            v = data.get(key, False)
+            if not isinstance(v, bool):
+                raise ValueError(f"{key} must be true or false, got {v!r}")
+            return v
+
+        def wrap(key: str, fn):
+            try:
+                return fn()
+            except ValueError as exc:
+                msg = str(exc)
+                raise ValueError(msg if msg.startswith(key) else f"{key}: {msg}") from None
+
+        tags = data.get("keep_dicom_tags", ())
+        if isinstance(tags, str):
+            tags = [t for t in tags.replace(" ", ",").split(",") if t]
+        if not isinstance(tags, (list, tuple)):
+            raise ValueError(f"keep_dicom_tags must be a list of DICOM keywords, got {tags!r}")
+        volume = wrap("volume", lambda: _as_int(data.get("volume", 0), "volume"))
+        if volume < 0:
+            raise ValueError(f"volume must be >= 0, got {volume}")
+        return cls(
+            window=wrap("window", lambda: WindowSpec.parse(data.get("window"))),
+            frame=wrap("frame", lambda: IndexRule.parse(data.get("frame"), "frame")),
+            slices=wrap("slices", lambda: IndexRule.parse(data.get("slices"), "slices")),
+            axis=wrap("axis", lambda: parse_axis(data.get("axis"))),
+            volume=volume,
+            keep_16bit=flag("keep_16bit"),
+            allow_burned_in=flag("allow_burned_in"),
+            keep_dicom_tags=validate_dicom_keywords(tags),
+            max_pixels=max_pixels,
+        )
+
+    def with_extra_tags(self, keywords: Iterable[str]) -> "MedicalOptions":
+        """Add command-line `--keep-dicom-tags` to the catalog's allow-list."""
+        from dataclasses import replace
+
+        merged = validate_dicom_keywords(list(self.keep_dicom_tags) + list(keywords))
+        return replace(self, keep_dicom_tags=merged)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """JSON-able form (for manifests and rebuild-on-change)."""
+        return {
+            "window": self.window.describe(), "frame": self.frame.describe(), "slices": self.slices.describe(),
+            "axis": AXIS_NAMES[self.axis], "volume": self.volume, "keep_16bit": self.keep_16bit,
+            "allow_burned_in": self.allow_burned_in, "keep_dicom_tags": list(self.keep_dicom_tags),
+        }
+
+
+class MedicalImageError(Exception):
+    """A medical source that cannot become a shard image; `reason` is a stable code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """One displayable image out of a medical source (one DICOM frame, one NIfTI slice)."""
+
+    png: bytes            # lossless PNG of the display pixels (L, RGB or I;16)
+    width: int
+    height: int
+    mode: str
+    format: str           # "DICOM" or "NIFTI": the source format
+    sha256: str           # hash of the decoded source pixels (not of the PNG): duplicates across exports
+    meta: dict[str, Any]  # technical metadata only: no identifiers
+    index: int | None = None   # frame or slice index when the source holds several
+    suffix: str | None = None  # sample-id suffix when the rule expands ("f3", "s12"), else None
+
+
+def looks_like_dicom(head: bytes, path: str | PurePath | None = None) -> bool:
+    """The 'DICM' magic after the 128-byte preamble, or a .dcm/.dicom name (files without preamble)."""
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return True
+    name = str(path or "").lower()
+    return name.endswith((".dcm", ".dicom"))
+
+
+def looks_like_nifti(head: bytes, path: str | PurePath | None = None) -> bool:
+    """NIfTI-1/2 magic (n+1 / n+2, also inside a gzip stream), or a .nii/.nii.gz name."""
+    name = str(path or "").lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return True
+    if head[:2] == b"\x1f\x8b":
+        try:
+            head = gzip.GzipFile(fileobj=io.BytesIO(head)).read(352)
+        except (OSError, EOFError):
+            return False
+    return (len(head) >= 348 and head[344:348] in (b"n+1\x00", b"ni1\x00")) or head[4:8] == b"n+2\x00"
+
+
+def medical_format(head: bytes, path: str | PurePath | None = None) -> str | None:
+    if looks_like_dicom(head, path):
+        return "DICOM"
+    if looks_like_nifti(head, path):
+        return "NIFTI"
+    return None
+
+
+def is_medical(head: bytes, path: str | PurePath | None = None) -> bool:
+    return medical_format(head, path) is not None
+
+
+def decode_medical(data: bytes, path: str | PurePath | None = None,
+                   options: MedicalOptions | None = None) -> list[DecodedImage]:
+    """Decode a DICOM or NIfTI file's bytes into display images by the options' rules.
+
+    Raises MedicalImageError (reason + detail) for anything that cannot be ingested.
+    """
+    options = options or MedicalOptions()
+    fmt = medical_format(data[:512], path)
+    if fmt == "DICOM":
+        from pipelines.dicom_io import decode_dicom
+
+        return decode_dicom(data, options)
+    if fmt == "NIFTI":
+        from pipelines.nifti_io import decode_nifti
+
+        return decode_nifti(data, options)
+    raise MedicalImageError(DICOM_INVALID, f"{path or 'data'} is neither DICOM nor NIfTI")
