@@ -251,8 +251,15 @@ def plan_dataset(spec: DatasetSpec, out_dir: Path, tokenizer_name: str, referenc
 def run_ingest(catalog: Catalog, out: str | Path | None = None, only: list[str] | None = None,
                force: bool = False, reference_images: bool = False, address: str | None = None,
                verify_images: bool = False, progress: bool = True, stream: TextIO | None = None,
-               log: Callable[[str], None] | None = None) -> IngestReport:
-    """Ingest the selected datasets of `catalog` into `out` (default: the catalog's output_dir)."""
+               log: Callable[[str], None] | None = None, executor: str = "ray") -> IngestReport:
+    """Ingest the selected datasets of `catalog` into `out` (default: the catalog's output_dir).
+
+    `executor="ray"` maps the chunks with Ray Data (a running Ray is reused; else `address`/RAY_ADDRESS is
+    joined or a local Ray started); `executor="local"` runs them one by one in this process (debugging,
+    unit tests). Both call the same `process_chunk`.
+    """
+    if executor not in ("ray", "local"):
+        raise ValueError(f"executor must be 'ray' or 'local', got {executor!r}")
     started = time.perf_counter()
     say = log or (lambda message: print(message, file=stream or sys.stderr, flush=True))
     out_dir = Path(out).resolve() if out is not None else catalog.output_dir
@@ -307,7 +314,11 @@ def run_ingest(catalog: Catalog, out: str | Path | None = None, only: list[str] 
             bar.update(result)
 
         try:
-            _run_chunks(tasks, on_result, address)
+            if executor == "ray":
+                _run_chunks(tasks, on_result, address)
+            else:
+                for task in tasks:
+                    on_result(process_chunk(task).to_dict())
         finally:
             bar.close()
             if any(len(p.results) != p.expected_chunks for p in plans):

@@ -1,0 +1,82 @@
+"""The upstream resize rule (bagel-compat §4.2) against sizes computed by hand, quirks included."""
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from datasets_catalog.records import vit_img_num
+from datasets_catalog.task_kinds import resolve_task_kind
+from datasets_catalog.transforms import (DEFAULT_VAE_ARGS, DEFAULT_VIT_ARGS, ImageTransformArgs, resize_target,
+                                         vae_tokens, vit_tokens)
+
+
+@pytest.mark.parametrize("size, args, img_num, expected", [
+    # 2000x1000, VAE 1024/512/16: s = max(min(1024/2000, 1), 512/1000) = 0.512 -> 1024x512, under the budget.
+    ((2000, 1000), DEFAULT_VAE_ARGS, 1, (1024, 512)),
+    # 100x50 is upscaled: s = max(1, 512/50) = 10.24 -> 1024x512.
+    ((100, 50), DEFAULT_VAE_ARGS, 1, (1024, 512)),
+    # 980x980, ViT 980/378/14, max_pixels 2,007,040: 960,400 px fits one image's budget...
+    ((980, 980), DEFAULT_VIT_ARGS, 1, (980, 980)),
+    # ...and half of it (img_num=2: 1,003,520)...
+    ((980, 980), DEFAULT_VIT_ARGS, 2, (980, 980)),
+    # ...but not a third (668,906.67): the AREA ratio 0.69649 is applied per side (the quirk):
+    # 980 * 0.69649 = 682.56 -> 683 -> 683/14 = 48.79 -> 49 * 14 = 686. (sqrt would give 812.)
+    ((980, 980), DEFAULT_VIT_ARGS, 3, (686, 686)),
+    # 1500x1500, ViT, img_num=4: 980x980 after step 1; budget 501,760; ratio 0.52245 -> 512.0 -> 36.57 -> 37 -> 518.
+    ((1500, 1500), DEFAULT_VIT_ARGS, 4, (518, 518)),
+    # 1600x1600 with max 2048 (VAE, default max_pixels 1,806,336): 2,560,000 px > budget; ratio 0.7056:
+    # 1600 * 0.7056 = 1128.96 -> 1129 -> 70.56 -> 71 * 16 = 1136. (sqrt would give 1344.)
+    ((1600, 1600), ImageTransformArgs(max_image_size=2048, min_image_size=512, image_stride=16), 1, (1136, 1136)),
+    # 4000x100, VAE: step 1 gives s = 5.12 -> 20480x512 (10,485,760 px); ratio 0.172265625 ->
+    # 3528.0 / 16 = 220.5 -> banker's round 220 -> 3520; 88.2 -> 88 / 16 = 5.5 -> 6 -> 96;
+    # step 3: long side 3520 > 1024 -> 1024 and 96 * 0.2909 = 27.93 -> 28 / 16 = 1.75 -> 2 -> 32.
+    ((4000, 100), DEFAULT_VAE_ARGS, 1, (1024, 32)),
+    # Tiny image, ViT: 10x10 -> s = 37.8 -> 378x378 (27 * 14), under the budget.
+    ((10, 10), DEFAULT_VIT_ARGS, 1, (378, 378)),
+])
+def test_resize_rule_hand_computed(size, args, img_num, expected):
+    assert resize_target(*size, args, img_num) == expected
+
+
+def test_quirk_shrinks_more_than_a_square_root_would():
+    budget = DEFAULT_VIT_ARGS.max_pixels / 3
+    w, h = resize_target(980, 980, DEFAULT_VIT_ARGS, 3)
+    assert w * h < budget * 0.75          # area ratio per side: ~0.49 of the budget, not ~1.0
+    sqrt_side = round(980 * math.sqrt(budget / 980 ** 2) / 14) * 14
+    assert w < sqrt_side
+
+
+def test_img_num_only_for_vlm_sft():
+    assert vit_img_num(resolve_task_kind("vlm_sft"), 3) == 3
+    assert vit_img_num(resolve_task_kind("SftJSONLIterableDataset"), 2) == 2
+    for name in ("sft", "sft_recon_v1", "sft_recon_v2", "t2i", "edit", "counterfactual", "text_only"):
+        assert vit_img_num(resolve_task_kind(name), 3) == 1
+
+
+def test_token_counts():
+    assert vae_tokens(1024, 512) == 64 * 32
+    assert vit_tokens(980, 980) == 70 * 70
+    assert vit_tokens(686, 686) == 49 * 49
+
+
+def test_transform_args_from_mapping():
+    args = ImageTransformArgs.from_mapping({"max_image_size": 512}, DEFAULT_VAE_ARGS)
+    assert args == ImageTransformArgs(512, 512, 16, DEFAULT_VAE_ARGS.max_pixels)
+    with pytest.raises(ValueError, match="unknown transform arg"):
+        ImageTransformArgs.from_mapping({"max_size": 512}, DEFAULT_VAE_ARGS)
+    with pytest.raises(ValueError, match="larger than"):
+        ImageTransformArgs.from_mapping({"min_image_size": 2048}, DEFAULT_VAE_ARGS)
+    with pytest.raises(ValueError, match="positive integer"):
+        ImageTransformArgs.from_mapping({"image_stride": 0}, DEFAULT_VAE_ARGS)
+
+
+@settings(max_examples=200, deadline=None)
+@given(w=st.integers(1, 8000), h=st.integers(1, 8000), img_num=st.integers(1, 6),
+       which=st.sampled_from([DEFAULT_VAE_ARGS, DEFAULT_VIT_ARGS]))
+def test_resize_invariants(w, h, img_num, which):
+    new_w, new_h = resize_target(w, h, which, img_num)
+    assert new_w % which.image_stride == 0 and new_h % which.image_stride == 0
+    assert new_w >= which.image_stride and new_h >= which.image_stride
+    assert max(new_w, new_h) <= which.max_image_size + which.image_stride  # step 3 snaps to the nearest stride
