@@ -9,9 +9,9 @@ materialises them. Randomness (CFG dropout, timesteps) is a pure function of (se
 """
 from __future__ import annotations
 
-import math
+import logging
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,7 +22,7 @@ from datasets_catalog.task_kinds import resolve_task_kind
 from datasets_catalog.tokenizer import TextTokenizer
 from datasets_catalog.transforms import VAE_DOWNSAMPLE
 
-from .image_decode import image_to_tensor, load_image_rgb
+from .image_decode import ImageDecodeError, image_to_tensor, load_image_rgb
 from .masks import allowed_pairs, prepare_attention_mask_per_sample
 from .packed_batch import PackedBatch
 from .packing_config import PackingConfig
@@ -41,6 +41,10 @@ __all__ = [
     "get_flattened_position_ids", "get_flattened_position_ids_extrapolate",
     "get_flattened_position_ids_interpolate", "load_image_rgb", "image_to_tensor",
 ]
+
+
+log = logging.getLogger(__name__)
+ON_IMAGE_ERROR = ("skip", "raise")
 
 
 class PackingError(ValueError):
@@ -127,6 +131,19 @@ class _Status:
     ce_loss_indexes: list[int] = field(default_factory=list)
     ce_loss_weights: list[float] = field(default_factory=list)
     dropped: dict[str, int] = field(default_factory=lambda: {"text": 0, "vit": 0, "vae": 0})
+
+    def mark(self) -> dict[str, Any]:
+        """Enough to undo a partly packed sample: list lengths, the cursor and the drop counts."""
+        return {f.name: (len(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
+                for f in fields(self) for v in [getattr(self, f.name)]}
+
+    def rollback(self, mark: dict[str, Any]) -> None:
+        for name, value in mark.items():
+            current = getattr(self, name)
+            if isinstance(current, list):
+                del current[value:]
+            else:
+                setattr(self, name, value)
 
 
 def _check_grid(sample_id: str, what: str, h: int, w: int, limit: int, setting: str) -> None:
@@ -290,34 +307,56 @@ def _long(values: list[int]) -> torch.Tensor:
 
 
 def build_packed_batch(samples: Sequence[StreamSample], config: PackingConfig, tokenizer: TextTokenizer,
-                       seed: int) -> PackedBatch:
+                       seed: int, *, on_image_error: str = "skip") -> PackedBatch:
     """Materialise one pack: plans -> text ids, images, masks, position ids and targets (spec §2.4).
 
     `samples` come in pack order; every random decision depends only on (seed, sample.draw_key).
+    An image that cannot be read or decoded (a referenced file deleted since ingest, corrupt bytes) drops
+    that one sample, as upstream skips such rows, but never silently: it is listed in
+    `metrics["skipped_samples"]` and logged. `on_image_error="raise"` raises instead.
     """
-    return build_packed_batch_from_plans(samples, [sample_plan(s) for s in samples], config, tokenizer, seed)
+    return build_packed_batch_from_plans(samples, [sample_plan(s) for s in samples], config, tokenizer, seed,
+                                         on_image_error=on_image_error)
 
 
 def build_packed_batch_from_plans(samples: Sequence[StreamSample], plans: Sequence[SamplePlan],
-                                  config: PackingConfig, tokenizer: TextTokenizer, seed: int) -> PackedBatch:
+                                  config: PackingConfig, tokenizer: TextTokenizer, seed: int, *,
+                                  on_image_error: str = "skip") -> PackedBatch:
     """Like `build_packed_batch` with the plans given (custom plans: video splits, BAGEL-style cfg=1 images)."""
     if not samples:
         raise PackingError("cannot build a packed batch from zero samples")
     if len(plans) != len(samples):
         raise PackingError(f"{len(samples)} samples but {len(plans)} plans")
+    if on_image_error not in ON_IMAGE_ERROR:
+        raise ValueError(f"on_image_error must be one of {ON_IMAGE_ERROR}, got {on_image_error!r}")
     all_texts = [item.text or "" for plan in plans for item in plan.items if item.type == "text"]
     encoded = iter(tokenizer.encode_batch(all_texts) if all_texts else [])
     status = _Status()
     tokens_per_group: dict[str, int] = defaultdict(int)
     samples_per_group: dict[str, int] = defaultdict(int)
     tokens_per_dataset: dict[str, int] = defaultdict(int)
+    packed: list[StreamSample] = []
+    skipped: list[dict[str, str]] = []
     for sample, plan in zip(samples, plans):
         text_ids = [list(next(encoded)) for item in plan.items if item.type == "text"]
-        length = _pack_sample(sample, plan, text_ids, status, config, tokenizer, seed)
+        mark = status.mark()
+        try:
+            length = _pack_sample(sample, plan, text_ids, status, config, tokenizer, seed)
+        except ImageDecodeError as exc:
+            if on_image_error == "raise":
+                raise PackingError(f"sample {sample.sample_id} (dataset {sample.dataset}): {exc}") from exc
+            status.rollback(mark)
+            skipped.append({"sample_id": sample.sample_id, "dataset": sample.dataset, "reason": str(exc)})
+            log.warning("skipping sample %s of dataset %s: %s", sample.sample_id, sample.dataset, exc)
+            continue
+        packed.append(sample)
         tokens_per_group[sample.group] += length
         samples_per_group[sample.group] += 1
         tokens_per_dataset[sample.dataset] += length
 
+    if not packed:
+        raise PackingError(f"no sample of this pack could be decoded: {skipped}")
+    samples = packed
     sequence_length = sum(status.sample_lens)
     if sequence_length > config.max_num_tokens and config.use_flex:
         raise PackingError(
@@ -385,5 +424,6 @@ def build_packed_batch_from_plans(samples: Sequence[StreamSample], plans: Sequen
         "vit_tokens": len(status.vit_token_indexes),
         "vae_tokens": len(status.vae_token_indexes),
         "cfg_dropped": dict(status.dropped),
+        "skipped_samples": skipped,
     }
     return batch

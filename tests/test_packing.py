@@ -372,3 +372,20 @@ def test_rows_read_back_from_real_parquet_pack_identically(tmp_path):
     for read_rows in (table.to_pylist(), table.to_pandas().to_dict("records")):   # lists, or numpy arrays
         again = [replace(s, row=r) for s, r in zip(samples, read_rows)]
         _assert_same(build_packed_batch(samples, CONFIG, TOK, 5), build_packed_batch(again, CONFIG, TOK, 5))
+
+
+def test_an_undecodable_image_skips_that_sample_visibly(tmp_path):
+    broken = image(seed=1)
+    broken["bytes"] = b"\x89PNG\r\n\x1a\n truncated"
+    # the target image is decoded last: four items of the sample are already packed when it fails
+    bad = sample("edit", [("human", "x"), ("gpt", "y")], [image(seed=2)], [broken], draw_key=2)
+    good = [edit_sample(draw_key=1), edit_sample(draw_key=3)]
+    b = build_packed_batch([good[0], bad, good[1]], CONFIG, TOK, seed=4)
+    assert [d["sample_id"] for d in b.batch_data_indexes] == [good[0].sample_id, good[1].sample_id]
+    assert [s["sample_id"] for s in b.metrics["skipped_samples"]] == [bad.sample_id]
+    assert b.metrics["num_samples"] == 2
+    _assert_same(b, build_packed_batch(good, CONFIG, TOK, seed=4))   # nothing of the bad sample is left
+    with pytest.raises(PackingError, match=bad.sample_id):
+        build_packed_batch([good[0], bad], CONFIG, TOK, seed=4, on_image_error="raise")
+    with pytest.raises(PackingError, match="no sample"):
+        build_packed_batch([bad], CONFIG, TOK, seed=4)
