@@ -227,7 +227,7 @@ def convert_pil_image(img: Image.Image, keep_16bit: bool = False) -> tuple[Image
     """Bring any PIL mode to L, RGB (or I;16 when keep_16bit); returns (image, description or None).
 
     Rules (predictable, recorded): 1 -> L; 16/32-bit grey and float -> min-max window to L (or I;16);
-    LA / RGBA / PA / P-with-transparency -> alpha composited over black; CMYK/YCbCr/LAB/HSV -> RGB
+    LA / RGBA / PA / P-with-transparency -> alpha composited over white; CMYK/YCbCr/LAB/HSV -> RGB
     (CMYK without ICC profile, i.e. PIL's naive formula).
     """
     mode = img.mode
@@ -246,10 +246,10 @@ def convert_pil_image(img: Image.Image, keep_16bit: bool = False) -> tuple[Image
         return Image.fromarray(out), f"{mode}->L (min-max {lo:g}..{hi:g} stretched to 0..255)"
     if mode in ("LA", "La"):
         rgba = img.convert("RGBA")
-        return _over_black(rgba).convert("L"), f"{mode}->L (alpha composited over black)"
+        return _over_white(rgba).convert("L"), f"{mode}->L (alpha composited over white)"
     if mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
-        return _over_black(rgba), f"{mode}{' with transparency' if mode == 'P' else ''}->RGB (alpha composited over black)"
+        return _over_white(rgba), f"{mode}{' with transparency' if mode == 'P' else ''}->RGB (alpha composited over white)"
     if mode == "P":
         return img.convert("RGB"), "P->RGB (palette expanded)"
     if mode == "CMYK":
@@ -262,8 +262,9 @@ def convert_pil_image(img: Image.Image, keep_16bit: bool = False) -> tuple[Image
         raise ValueError(f"cannot convert PIL mode {mode!r}: {exc}") from exc
 
 
-def _over_black(rgba: Image.Image) -> Image.Image:
-    background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+def _over_white(rgba: Image.Image) -> Image.Image:
+    """Transparent pixels over white, as upstream's pil_img2rgb (and image_decode) does at train time."""
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 

@@ -44,13 +44,16 @@ def test_16bit_png_minmax_to_8bit_and_kept_16bit():
     assert kept.mode == "I;16" and np.asarray(_open(kept.png)).max() == 65535
 
 
-def test_la_composited_over_black():
+def test_la_composited_over_white_like_the_trainer():
     la = Image.new("LA", (2, 1))
     la.putpixel((0, 0), (200, 255))
     la.putpixel((1, 0), (200, 0))  # fully transparent
     conv = convert_unusual(_encode(la))
-    assert conv.mode == "L" and "over black" in conv.meta["conversion"]
-    assert list(np.asarray(_open(conv.png)).ravel()) == [200, 0]
+    assert conv.mode == "L" and "over white" in conv.meta["conversion"]
+    assert list(np.asarray(_open(conv.png)).ravel()) == [200, 255]
+    from pipelines.image_decode import load_image_rgb  # what the trainer makes of the original bytes
+
+    assert np.array_equal(np.asarray(load_image_rgb(_encode(la), None))[..., 0], np.asarray(_open(conv.png)))
 
 
 def test_palette_with_transparency():
@@ -61,7 +64,7 @@ def test_palette_with_transparency():
     data = _encode(p, transparency=1)
     conv = convert_unusual(data)
     assert conv.mode == "RGB" and "with transparency" in conv.meta["conversion"]
-    assert np.asarray(_open(conv.png)).tolist() == [[[255, 0, 0], [0, 0, 0]]]
+    assert np.asarray(_open(conv.png)).tolist() == [[[255, 0, 0], [255, 255, 255]]]
 
 
 def test_cmyk_tiff_and_multipage():
