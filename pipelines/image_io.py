@@ -166,6 +166,10 @@ def _jpeg_complete(data: bytes) -> bool:
 
 
 def _pil_probe(data: bytes, path: Path, context: ProbeContext) -> ImageProbe:
+    if data.startswith(b"\x89PNG") and len(data) >= 24 and data[12:16] == b"IHDR":
+        # PIL refuses a 0-pixel PNG as "cannot identify"; say what is really wrong.
+        width, height = struct.unpack_from(">II", data, 16)
+        check_pixels(path, width, height, context.max_pixels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:

@@ -56,6 +56,8 @@ def broken(tmp_path):
     (data / "truncated.jpg").write_bytes(good_jpeg[: len(good_jpeg) - 300])
     (data / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
     (data / "empty.png").write_bytes(b"")
+    ihdr = b"IHDR" + (0).to_bytes(4, "big") + (10).to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    (data / "zero.png").write_bytes(b"\x89PNG\r\n\x1a\n" + (13).to_bytes(4, "big") + ihdr + b"\0" * 4)
     (data / "big.png").write_bytes(png(300, 300))
     (data / "notes.txt").write_text("not an image")
     outside = tmp_path / "outside.png"
@@ -83,6 +85,7 @@ def broken(tmp_path):
         (sft("truncated.jpg"), "image_truncated"),
         (sft("corrupt.png"), "image_corrupt"),
         (sft("empty.png"), "image_empty"),
+        (sft("zero.png"), "image_empty"),
         (sft("big.png"), "image_too_large"),
         (sft("notes.txt"), "image_unsupported"),
         (sft("good.png", width=65, height=48), "size_mismatch"),

@@ -1,0 +1,43 @@
+"""The tokenizer wrapper: builtin byte-level counts, special ids, save/load round trip."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from datasets_catalog.tokenizer import BUILTIN_NAME, SPECIAL_TOKENS, TextTokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return TextTokenizer.builtin()
+
+
+def test_builtin_counts_utf8_bytes(tok):
+    assert len(tok.encode("abc")) == 3
+    assert len(tok.encode("é")) == 2              # two UTF-8 bytes
+    assert len(tok.encode("胸部")) == 6
+    assert tok.encode_batch(["ab", "", "xyz"]) == [tok.encode("ab"), [], tok.encode("xyz")]
+
+
+def test_special_ids_are_distinct_and_outside_bytes(tok):
+    ids = [tok.special.bos, tok.special.eos, tok.special.start_of_image, tok.special.end_of_image]
+    assert len(set(ids)) == 4 and min(ids) >= 256
+    assert tok.vocab_size == 256 + 1 + len(SPECIAL_TOKENS)
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.text(max_size=80))
+def test_round_trip_and_count(tok, text):
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    if not any(s in text for s in SPECIAL_TOKENS):
+        assert len(ids) == len(text.encode("utf-8"))
+
+
+def test_save_and_load(tmp_path, tok):
+    tok.save(tmp_path)
+    again = TextTokenizer.from_dir(tmp_path)
+    assert again.name == BUILTIN_NAME and again.encode("chest x-ray") == tok.encode("chest x-ray")
+    assert TextTokenizer.load(None).name == BUILTIN_NAME and TextTokenizer.load("builtin").name == BUILTIN_NAME
+    with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+        TextTokenizer.from_dir(tmp_path / "empty")
