@@ -108,6 +108,6 @@ def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor
         image = pil_img2rgb(image)
     if image.size != (width, height):
         image = image.resize((int(width), int(height)), Image.Resampling.BICUBIC)
-    array = np.asarray(image, dtype=np.uint8)
-    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
+    array = np.array(image, dtype=np.uint8)  # one writable copy
+    tensor = torch.from_numpy(array).permute(2, 0, 1).float().div_(255)
     return tensor.sub_(0.5).div_(0.5)

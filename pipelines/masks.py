@@ -25,7 +25,11 @@ def _check(split_lens: Sequence[int], attn_modes: Sequence[str]) -> None:
 
 
 def attention_allowed_per_sample(split_lens: Sequence[int], attn_modes: Sequence[str]) -> torch.Tensor:
-    """Boolean [S, S] mask (True = query row may attend to key column), two passes as upstream."""
+    """Boolean [S, S] mask (True = query row may attend to key column), two passes as upstream.
+
+    (Block writes per split are faster here than the vectorised rule of `allowed_pairs`, which keeps
+    several [S, S] temporaries; the tests check that both agree.)
+    """
     _check(split_lens, attn_modes)
     size = int(sum(split_lens))
     allowed = torch.zeros((size, size), dtype=torch.bool)
@@ -50,13 +54,28 @@ def attention_allowed_per_sample(split_lens: Sequence[int], attn_modes: Sequence
     return allowed
 
 
+def _allowed(split_lens: list[int], attn_modes: list[str], sample_lens: list[int]) -> torch.Tensor:
+    total = int(sum(split_lens))
+    lens = torch.tensor(split_lens, dtype=torch.long)
+    split_id = torch.repeat_interleave(torch.arange(len(split_lens)), lens)
+    is_noise = torch.tensor([m == "noise" for m in attn_modes], dtype=torch.bool)[split_id]
+    is_bidir = torch.tensor([m != "causal" for m in attn_modes], dtype=torch.bool)[split_id]
+    pos = torch.arange(total)
+    same_split = split_id[:, None] == split_id[None, :]
+    allowed = pos[:, None] >= pos[None, :]
+    allowed |= same_split & is_bidir[None, :]
+    allowed &= ~(is_noise[None, :] & ~same_split)
+    sample_id = torch.repeat_interleave(torch.arange(len(sample_lens)), torch.tensor(sample_lens, dtype=torch.long))
+    allowed &= sample_id[:, None] == sample_id[None, :]
+    return allowed
+
+
 def prepare_attention_mask_per_sample(split_lens: Sequence[int], attn_modes: Sequence[str],
                                       device: torch.device | str = "cpu") -> torch.Tensor:
     """Float [S, S] mask of one sample: 0 where attention is allowed, -inf where it is blocked."""
     allowed = attention_allowed_per_sample(split_lens, attn_modes)
-    mask = torch.zeros(allowed.shape, dtype=torch.float32)
-    mask.masked_fill_(~allowed, float("-inf"))
-    return mask.to(device)
+    mask = torch.zeros(allowed.shape, dtype=torch.float32, device=device)
+    return mask.masked_fill_(~allowed.to(device), float("-inf"))
 
 
 def allowed_pairs(sample_lens: Sequence[int], split_lens: Sequence[int],
@@ -70,14 +89,4 @@ def allowed_pairs(sample_lens: Sequence[int], split_lens: Sequence[int],
     total = int(sum(sample_lens))
     if int(sum(split_lens)) != total:
         raise ValueError(f"split_lens sum to {sum(split_lens)} but sample_lens sum to {total}")
-    sample_id = torch.repeat_interleave(torch.arange(len(sample_lens)), torch.tensor(list(sample_lens), dtype=torch.long))
-    split_id = torch.repeat_interleave(torch.arange(len(split_lens)), torch.tensor(list(split_lens), dtype=torch.long))
-    is_noise = torch.tensor([m == "noise" for m in attn_modes], dtype=torch.bool)[split_id] if total else torch.zeros(0, dtype=torch.bool)
-    is_bidir = torch.tensor([m != "causal" for m in attn_modes], dtype=torch.bool)[split_id] if total else torch.zeros(0, dtype=torch.bool)
-    pos = torch.arange(total)
-    same_split = split_id[:, None] == split_id[None, :]
-    causal = pos[:, None] >= pos[None, :]
-    allowed = causal | (same_split & is_bidir[None, :])
-    allowed &= ~(is_noise[None, :] & ~same_split)
-    allowed &= sample_id[:, None] == sample_id[None, :]
-    return allowed
+    return _allowed(list(split_lens), list(attn_modes), list(sample_lens))

@@ -359,10 +359,13 @@ def build_packed_batch_from_plans(samples: Sequence[StreamSample], plans: Sequen
     samples = packed
     sequence_length = sum(status.sample_lens)
     if sequence_length > config.max_num_tokens and config.use_flex:
-        raise PackingError(
-            f"pack of {len(samples)} samples has {sequence_length} tokens > max_num_tokens {config.max_num_tokens}: "
-            f"the stored num_tokens disagree with this tokenizer/transforms (stored total "
-            f"{sum(s.num_tokens for s in samples)}); re-ingest with the training tokenizer")
+        planned = sum(s.num_tokens for s in samples)
+        why = ("the samples' stored num_tokens already add up to more: the caller packed too many samples"
+               if planned > config.max_num_tokens else
+               f"their stored num_tokens add up to {planned}, so they disagree with this tokenizer or these "
+               f"transforms; re-ingest with the training tokenizer")
+        raise PackingError(f"pack of {len(samples)} samples has {sequence_length} tokens > max_num_tokens "
+                           f"{config.max_num_tokens}, which flex mode cannot pad: {why}")
     sample_lens = list(status.sample_lens)
     split_lens = list(status.split_lens)
     attn_modes = list(status.attn_modes)
