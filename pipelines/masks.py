@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 
 ATTN_MODES = ("causal", "full", "noise")
+NEG_INF = float("-inf")
 
 
 def _check(split_lens: Sequence[int], attn_modes: Sequence[str]) -> None:
@@ -22,36 +23,6 @@ def _check(split_lens: Sequence[int], attn_modes: Sequence[str]) -> None:
     for length in split_lens:
         if length < 0:
             raise ValueError(f"split length must be >= 0, got {length}")
-
-
-def attention_allowed_per_sample(split_lens: Sequence[int], attn_modes: Sequence[str]) -> torch.Tensor:
-    """Boolean [S, S] mask (True = query row may attend to key column), two passes as upstream.
-
-    (Block writes per split are faster here than the vectorised rule of `allowed_pairs`, which keeps
-    several [S, S] temporaries; the tests check that both agree.)
-    """
-    _check(split_lens, attn_modes)
-    size = int(sum(split_lens))
-    allowed = torch.zeros((size, size), dtype=torch.bool)
-    start = 0
-    # pass 1: causal or full inside the split, plus every earlier column of the sample
-    for length, mode in zip(split_lens, attn_modes):
-        end = start + length
-        if mode == "causal":
-            allowed[start:end, start:end] = torch.ones((length, length), dtype=torch.bool).tril()
-        else:
-            allowed[start:end, start:end] = True
-        allowed[start:end, :start] = True
-        start = end
-    # pass 2: a noise split is invisible to every other row (later ones included) but sees itself fully
-    start = 0
-    for length, mode in zip(split_lens, attn_modes):
-        end = start + length
-        if mode == "noise":
-            allowed[:, start:end] = False
-            allowed[start:end, start:end] = True
-        start = end
-    return allowed
 
 
 def _allowed(split_lens: list[int], attn_modes: list[str], sample_lens: list[int]) -> torch.Tensor:
@@ -72,10 +43,37 @@ def _allowed(split_lens: list[int], attn_modes: list[str], sample_lens: list[int
 
 def prepare_attention_mask_per_sample(split_lens: Sequence[int], attn_modes: Sequence[str],
                                       device: torch.device | str = "cpu") -> torch.Tensor:
-    """Float [S, S] mask of one sample: 0 where attention is allowed, -inf where it is blocked."""
-    allowed = attention_allowed_per_sample(split_lens, attn_modes)
-    mask = torch.zeros(allowed.shape, dtype=torch.float32, device=device)
-    return mask.masked_fill_(~allowed.to(device), float("-inf"))
+    """Float [S, S] mask of one sample: 0 where attention is allowed, -inf where it is blocked.
+
+    Upstream's two passes, written straight into the float mask (no [S, S] bool intermediate):
+    1. causal or full inside each split, plus every earlier column of the sample;
+    2. a noise split's columns are blanked for every other row, later ones included; its own block stays open.
+    """
+    _check(split_lens, attn_modes)
+    size = int(sum(split_lens))
+    mask = torch.full((size, size), NEG_INF, dtype=torch.float32, device=device)
+    start = 0
+    for length, mode in zip(split_lens, attn_modes):
+        end = start + length
+        mask[start:end, :start] = 0
+        if mode == "causal":
+            mask[start:end, start:end] = torch.full((length, length), NEG_INF, device=device).triu_(1)
+        else:
+            mask[start:end, start:end] = 0
+        start = end
+    start = 0
+    for length, mode in zip(split_lens, attn_modes):
+        end = start + length
+        if mode == "noise":
+            mask[:, start:end] = NEG_INF
+            mask[start:end, start:end] = 0
+        start = end
+    return mask
+
+
+def attention_allowed_per_sample(split_lens: Sequence[int], attn_modes: Sequence[str]) -> torch.Tensor:
+    """Boolean [S, S] form of `prepare_attention_mask_per_sample` (True = query row may attend to key column)."""
+    return prepare_attention_mask_per_sample(split_lens, attn_modes) == 0
 
 
 def allowed_pairs(sample_lens: Sequence[int], split_lens: Sequence[int],
