@@ -8,6 +8,7 @@ without touching ingest. Every failure is an `ImageError` whose `reason` is a st
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -71,13 +72,18 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
+@functools.lru_cache(maxsize=64)
+def _real_root(data_dir: str) -> str:
+    return os.path.realpath(data_dir)
+
+
 def resolve_image_path(data_dir: Path, path: str) -> tuple[Path, str]:
     """(file to read, path relative to data_dir) for an image path from a record, or ImageError.
 
     Upstream strips a leading separator and joins to data_dir; we accept that, and absolute paths that lie
     inside data_dir, but reject `..`, absolute paths elsewhere and symlinks that leave data_dir.
     """
-    root = os.path.realpath(data_dir)
+    root = _real_root(str(data_dir))
     if os.path.isabs(path):
         lexical = os.path.normpath(path)
         if not _inside(lexical, root) and not _inside(lexical, os.path.normpath(str(data_dir))):

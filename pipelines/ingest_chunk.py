@@ -29,8 +29,21 @@ from .shard_schema import REJECTS_SCHEMA, SHARD_SCHEMA
 
 ROW_GROUP_ROWS = 256
 ROW_GROUP_BYTES = 64 * 1024 * 1024
-_IMAGE_COLUMNS = [f"{side}_images.list.element.{name}" for side in ("input", "output")
-                  for name in ("bytes",)]
+
+
+def _leaf_paths(schema: pa.Schema) -> list[str]:
+    """Parquet column paths of the schema's leaves (lists of structs become `name.list.element.field`)."""
+    paths = []
+    for f in schema:
+        if pa.types.is_list(f.type) and pa.types.is_struct(f.type.value_type):
+            paths.extend(f"{f.name}.list.element.{sub.name}" for sub in f.type.value_type)
+        else:
+            paths.append(f.name)
+    return paths
+
+
+# Image bytes are already compressed (PNG/JPEG): store them as they are; compress everything else.
+_COMPRESSION = {path: ("NONE" if path.endswith(".bytes") else "ZSTD") for path in _leaf_paths(SHARD_SCHEMA)}
 
 
 @dataclass(frozen=True)
@@ -224,10 +237,8 @@ def _reject(line_number: int, exc: RecordError, raw: bytes) -> dict[str, Any]:
 
 
 def _writer(path: Path) -> pq.ParquetWriter:
-    # Image bytes are already compressed (PNG/JPEG): store them as they are; compress the text columns.
-    compression = {name: "NONE" for name in _IMAGE_COLUMNS}
     return pq.ParquetWriter(
-        str(path), SHARD_SCHEMA, compression=compression, use_dictionary=["dataset", "task"],
+        str(path), SHARD_SCHEMA, compression=_COMPRESSION, use_dictionary=["dataset", "task"],
         write_statistics=["sample_id", "line_number", "num_tokens", "text_tokens"],
     )
 

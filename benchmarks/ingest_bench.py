@@ -1,0 +1,199 @@
+#!/usr/bin/env python
+"""Ingest throughput: jobs/ingest.py vs a plain loop vs the read-every-byte limit, on one synthetic catalog.
+
+    python benchmarks/ingest_bench.py                 # 20,000 records (the issue's default)
+    python benchmarks/ingest_bench.py --records 2000  # a quick run
+
+Generates (once, cached under --workdir) a catalog of `--records` SFT records over a pool of `--pool` distinct
+images, 256-2,048 px per side, PNG and JPEG mixed (smooth gradients, so files stay small), then reports
+records/s and MB/s for:
+  (a) `python jobs/ingest.py` as a subprocess (what a user runs: includes starting Ray), and the same
+      ingest in-process after `ray.init`, twice: (a1) cold Ray workers, (a2) warm workers (the pipeline alone);
+  (b) a plain single-process loop doing the same JSON parse, header probe, sha256 and byte copy;
+  (c) the read-every-byte limit: reading the JSONL and every referenced image file once (warm cache).
+MB counts the JSONL plus the image bytes each record references (what ingest must read and embed).
+Every random choice flows from --seed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _image(rng: np.random.Generator, width: int, height: int, gray: bool) -> Image.Image:
+    """A smooth two-direction gradient (compresses well, still a real multi-KB file)."""
+    x = np.linspace(0.0, 1.0, width, dtype=np.float32)
+    y = np.linspace(0.0, 1.0, height, dtype=np.float32)
+    a, b = rng.uniform(40, 200, size=2)
+    base = (np.add.outer(y * a, x * b)).astype(np.uint8)
+    if gray:
+        return Image.fromarray(base, "L")
+    other = (np.add.outer(y * b, (1 - x) * a)).astype(np.uint8)
+    return Image.fromarray(np.stack([base, other, base // 2 + 60], axis=-1), "RGB")
+
+
+def generate(workdir: Path, records: int, pool: int, seed: int) -> dict:
+    """Write images, JSONL and catalog under workdir (reused when the same parameters are asked again)."""
+    meta_path = workdir / "bench.json"
+    wanted = {"records": records, "pool": pool, "seed": seed, "version": 1}
+    if meta_path.exists() and json.loads(meta_path.read_text()).get("params") == wanted:
+        return json.loads(meta_path.read_text())
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    images = workdir / "images"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    files = []
+    started = time.perf_counter()
+    for i in range(pool):
+        width, height = (int(v) for v in rng.integers(256, 2049, size=2))
+        jpeg = bool(rng.integers(0, 2))
+        image = _image(rng, width, height, gray=bool(rng.integers(0, 2)) and not jpeg)
+        name = f"{i // 100:03d}/img{i:05d}.{'jpg' if jpeg else 'png'}"
+        (images / name).parent.mkdir(exist_ok=True)
+        if jpeg:
+            image.save(images / name, "JPEG", quality=85)
+        else:
+            image.save(images / name, "PNG", compress_level=6)
+        files.append((name, width, height))
+    paths = []
+    with open(workdir / "records.jsonl", "w") as f:
+        for i in range(records):
+            name, width, height = files[int(rng.integers(0, pool))]
+            paths.append(name)
+            f.write(json.dumps({"id": i, "input_img": [{"path": name, "width": width, "height": height}],
+                                "message": [{"from": "human", "value": f"<image>\nDescribe finding {i}."},
+                                            {"from": "gpt", "value": "A smooth synthetic gradient. " * 3}]}) + "\n")
+    (workdir / "catalog.yaml").write_text(
+        "output_dir: shards\nmax_reject_fraction: 0.01\ndatasets:\n"
+        "  - {name: bench, task: sft, jsonl_path: records.jsonl, data_dir: images}\n")
+    meta = {"params": wanted, "paths": paths, "generate_seconds": round(time.perf_counter() - started, 1),
+            "pool_bytes": sum((images / n).stat().st_size for n, _, _ in files)}
+    meta_path.write_text(json.dumps(meta))
+    return meta
+
+
+def read_every_byte(workdir: Path, paths: list[str]) -> tuple[float, int]:
+    started = time.perf_counter()
+    total = len((workdir / "records.jsonl").read_bytes())
+    root = workdir / "images"
+    for name in paths:
+        with open(root / name, "rb") as f:
+            total += len(f.read())
+    return time.perf_counter() - started, total
+
+
+def plain_loop(workdir: Path) -> float:
+    """Single process: parse each line, resolve + probe the image header, sha256, copy the bytes out."""
+    from pipelines.image_io import probe_image, resolve_image_path
+
+    root = (workdir / "images").resolve()
+    started = time.perf_counter()
+    with open(workdir / "records.jsonl", "rb") as src, tempfile.TemporaryFile(dir=workdir) as out:
+        for line in src:
+            record = json.loads(line)
+            real, _ = resolve_image_path(root, record["input_img"][0]["path"])
+            probe = probe_image(real, 20_000_000)
+            out.write(probe.data)
+    return time.perf_counter() - started
+
+
+def ingest_subprocess(workdir: Path) -> tuple[float, dict]:
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "ingest.py"), str(workdir / "catalog.yaml"),
+                           "--force", "--quiet", "--json"], capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"ingest failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return seconds, json.loads(proc.stdout)
+
+
+def ingest_in_process(workdir: Path) -> tuple[float, float]:
+    """(first run, second run) with one Ray started beforehand: the second one has warm workers."""
+    import ray
+
+    from datasets_catalog.catalog import load_catalog
+    from pipelines.ingest import run_ingest
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
+             object_store_memory=256 * 1024 * 1024,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    try:
+        catalog = load_catalog(workdir / "catalog.yaml")
+        times = []
+        for _ in range(2):
+            started = time.perf_counter()
+            run_ingest(catalog, force=True, progress=False, log=lambda m: None)
+            times.append(time.perf_counter() - started)
+        return times[0], times[1]
+    finally:
+        ray.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, default=20_000)
+    parser.add_argument("--pool", type=int, default=1000, help="distinct image files (records reuse them)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "medloom_ingest_bench")
+    parser.add_argument("--keep-shards", action="store_true", help="keep the written shards")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args()
+
+    pool = min(args.pool, args.records)
+    meta = generate(args.workdir, args.records, pool, args.seed)
+    paths = meta["paths"]
+    read_every_byte(args.workdir, paths)                     # warm the page cache for everyone
+    c_seconds, total_bytes = read_every_byte(args.workdir, paths)
+    b_seconds = plain_loop(args.workdir)
+    a_seconds, report = ingest_subprocess(args.workdir)
+    a1_seconds, a2_seconds = ingest_in_process(args.workdir)
+    manifest = json.loads((args.workdir / "shards" / "bench" / "_manifest.json").read_text())
+    assert manifest["rows_written"] == args.records, manifest["rejects_by_reason"]
+    shard_bytes = sum(s["bytes"] for s in manifest["shards"])
+    if not args.keep_shards:
+        shutil.rmtree(args.workdir / "shards", ignore_errors=True)
+
+    mb = total_bytes / 1e6
+    rows = [("(a) jobs/ingest.py (subprocess, incl. Ray start)", a_seconds),
+            ("(a1) in-process, Ray started, cold workers", a1_seconds),
+            ("(a2) in-process, Ray started, warm workers", a2_seconds),
+            ("(b) plain single-process loop", b_seconds),
+            ("(c) read every byte once", c_seconds)]
+    results = {
+        "machine": f"{os.cpu_count()} CPUs ({os.uname().machine}), {os.uname().sysname}",
+        "records": args.records, "distinct_images": pool, "input_MB": round(mb, 1),
+        "shard_MB": round(shard_bytes / 1e6, 1),
+        "runs": {name: {"seconds": round(s, 2), "records_per_s": round(args.records / s, 1),
+                        "MB_per_s": round(mb / s, 1)} for name, s in rows},
+        "a_vs_c": round(c_seconds / a_seconds, 3), "a2_vs_c": round(c_seconds / a2_seconds, 3),
+        "b_vs_c": round(c_seconds / b_seconds, 3),
+    }
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print(f"machine: {results['machine']}; {args.records:,} records over {pool:,} distinct images; "
+          f"{mb:,.1f} MB read per pass (JSONL + referenced image bytes); shards {shard_bytes / 1e6:,.1f} MB")
+    print(f"{'run':52s} {'seconds':>8s} {'records/s':>10s} {'MB/s':>8s}")
+    for name, seconds in rows:
+        print(f"{name:52s} {seconds:8.2f} {args.records / seconds:10,.0f} {mb / seconds:8,.1f}")
+    print(f"(a) reaches {results['a_vs_c']:.1%} of (c)'s MB/s; (a2) {results['a2_vs_c']:.1%}; "
+          f"(b) {results['b_vs_c']:.1%} (target for (a): 70%)")
+
+
+if __name__ == "__main__":
+    main()
