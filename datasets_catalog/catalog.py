@@ -298,8 +298,15 @@ def parse_catalog(text: str, path: str | Path = "<catalog>") -> Catalog:
         datasets[spec.name] = spec
     out = _opt_str(ctx, raw, "output_dir")
     output_dir = _resolve(base, out) if out is not None else default_output_dir(path)
-    return Catalog(path=path, output_dir=output_dir.resolve(), datasets=datasets,
-                   tokenizer=_opt_str(ctx, raw, "tokenizer"), description=_opt_str(ctx, raw, "description"))
+    tokenizer = _opt_str(ctx, raw, "tokenizer")
+    if tokenizer not in (None, "", "builtin", "builtin-byte-level"):
+        folder = _resolve(base, tokenizer)
+        if not folder.is_dir():
+            raise ctx.error("tokenizer", f"folder not found: {folder}. Use 'builtin' or a folder with Qwen2 "
+                                         f"tokenizer files (relative paths resolve against {base})")
+        tokenizer = str(folder.resolve())
+    return Catalog(path=path, output_dir=output_dir.resolve(), datasets=datasets, tokenizer=tokenizer,
+                   description=_opt_str(ctx, raw, "description"))
 
 
 def load_catalog(path: str | Path) -> Catalog:

@@ -60,9 +60,11 @@ def test_relative_paths_resolve_against_the_catalog(tree, monkeypatch):
     assert spec.image_transform_args == DEFAULT_VAE_ARGS and spec.vit_image_transform_args == DEFAULT_VIT_ARGS
 
 
-def test_output_dir(tree):
-    cat = load_catalog(write(tree, "output_dir: out\n" + GOOD))
-    assert cat.output_dir == (tree / "out").resolve()
+def test_output_dir_and_tokenizer_resolve_against_the_catalog(tree):
+    (tree / "tok").mkdir()
+    cat = load_catalog(write(tree, "output_dir: out\ntokenizer: tok\n" + GOOD))
+    assert cat.output_dir == (tree / "out").resolve() and cat.tokenizer == str((tree / "tok").resolve())
+    assert load_catalog(write(tree, "tokenizer: builtin\n" + GOOD)).tokenizer == "builtin"
 
 
 @pytest.mark.parametrize("text, field, words", [
@@ -79,6 +81,7 @@ def test_output_dir(tree):
     ("datasets: []\n", "datasets", ["non-empty list"]),
     ("outputdir: x\n" + GOOD, "outputdir", ["did you mean 'output_dir'"]),
     (GOOD + "max_reject_fraction: 2\n", "max_reject_fraction", ["between 0 and 1"]),
+    ("tokenizer: no_such_dir\n" + GOOD, "tokenizer", ["folder not found", "builtin"]),
 ])
 def test_catalog_errors(tree, text, field, words):
     path = write(tree, text)
