@@ -32,6 +32,8 @@ POS_EMBED_KEYS = ("latent_pos_embed.pos_embed", "vit_pos_embed.pos_embed")
 PATCH_WEIGHT_KEY = "vit_model.vision_model.embeddings.patch_embedding.weight"
 VIT_LAYER_RE = re.compile(r"^vit_model\.vision_model\.encoder\.layers\.(\d+)\.")
 COMPONENTS = ("language_model", "vit_model", "vae_model")
+GEN_PREFIXES = ("vae2llm.", "llm2vae.", "time_embedder.", "latent_pos_embed.", "vae_model.")
+UND_PREFIXES = ("vit_model.", "connector.", "vit_pos_embed.")
 MAX_KEYS_LISTED = 12
 
 
@@ -44,6 +46,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)  # "key: file shape vs model shape"
+    skipped: list[str] = field(default_factory=list)     # keys of components switched off (visual_gen/und)
     loaded: int = 0
 
     @property
@@ -152,7 +155,8 @@ def load_weights(model: torch.nn.Module, source: str | Path | Mapping[str, torch
     """Load upstream-named weights into `model`.
 
     The expected keys are the model's state dict minus the two sin-cos tables; `vae_model.*` is expected
-    only when the file holds some VAE keys (a frozen VAE comes from ae.safetensors). With strict=True any
+    only when the file holds some VAE keys (a frozen VAE comes from ae.safetensors). Keys of components
+    switched off by visual_gen / visual_und are skipped (VQA-only loading, spec §2.3). With strict=True any
     missing, unexpected or mismatched key raises one CheckpointError naming them; with strict=False the
     matching tensors are loaded and the report says what was skipped.
     """
@@ -166,7 +170,11 @@ def load_weights(model: torch.nn.Module, source: str | Path | Mapping[str, torch
         expected.discard("language_model.lm_head.weight")
     report = LoadReport()
     report.missing = sorted(expected - state.keys())
-    report.unexpected = sorted(k for k in state if k not in own)
+    cfg = getattr(model, "config", None)
+    off = tuple(() if cfg is None else ((() if cfg.visual_gen else GEN_PREFIXES)
+                                        + (() if cfg.visual_und else UND_PREFIXES)))
+    report.skipped = sorted(k for k in state if k not in own and off and k.startswith(off))
+    report.unexpected = sorted(k for k in state if k not in own and not (off and k.startswith(off)))
     to_load = {}
     for key, value in state.items():
         if key not in own:
@@ -294,11 +302,11 @@ def load_model_from_dir(directory: str | Path, use_ema: bool = True, strict: boo
     keys = list(normalize_state_dict({k: torch.empty(0) for k in keys}).keys())
     if config.visual_und:
         layers = {int(m.group(1)) for k in keys if (m := VIT_LAYER_RE.match(k))}
-        if layers and max(layers) + 1 == config.vit.num_layers_used - 1:
+        if layers and max(layers) + 1 == config.vit.num_layers_used + 1:
             warnings.warn(f"{directory}/vit_config.json holds an already truncated layer count "
                           f"({config.vit.num_hidden_layers}); the weights have {max(layers) + 1} ViT layers, so "
                           f"the count is corrected (UniMedVL double-truncation pitfall, spec §1.7)")
-            config.vit.num_hidden_layers -= 1
+            config.vit.num_hidden_layers += 1
     files_vocab = None
     state = _read_dir_weights(files)
     emb = state.get("language_model.model.embed_tokens.weight")

@@ -31,3 +31,22 @@ def apply_freeze(model: nn.Module, freeze_llm: bool = False, freeze_vit: bool = 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     return {"trainable": trainable, "frozen": frozen}
+
+
+_UND_LAYER_PARTS = ("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.", "self_attn.o_proj.",
+                    "self_attn.q_norm.", "self_attn.k_norm.", "mlp.", "input_layernorm.",
+                    "post_attention_layernorm.")
+
+
+def is_und_expert_param(name: str) -> bool:
+    """Parameters that get no gradient under `freeze_und` (the understanding expert and its inputs).
+
+    lm_head still learns from CE, and the generation twins, vae2llm/llm2vae and the time embedder from MSE.
+    """
+    if name.startswith(("vit_model.", "connector.")):
+        return True
+    if not name.startswith("language_model.model.") or "_moe_gen" in name:
+        return False
+    if name.endswith(("embed_tokens.weight", "model.norm.weight")):
+        return True
+    return ".layers." in name and any(part in name for part in _UND_LAYER_PARTS)

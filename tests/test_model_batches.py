@@ -13,6 +13,15 @@ from pipelines.packed_batch import PackedBatch
 BOS, EOS, SOI, EOI = 257, 258, 259, 260  # the builtin tokenizer's special ids (asserted below)
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """One intra-op thread: on the shared 2-core box, 2 threads under load made tiny steps ~20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @dataclass
 class Text:
     ids: list[int]

@@ -10,7 +10,7 @@ from model.attention import PackedAttention, TokenLayout
 from model.config import LLMConfig, ModelConfig, ViTConfig
 from model.qwen2 import Qwen2ForCausalLM, TokenRoute
 from model.siglip import SiglipVisionModel, conv_to_linear_patch_weight
-from test_model_batches import patchify
+from test_model_batches import single_thread, patchify
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,0 +1,88 @@
+#!/usr/bin/env python
+"""Parameter counts of a model layout, per component and trainable under the freeze flags.
+
+    python jobs/model_info.py [--model tiny|unimedvl-7b | --model_path DIR] [--freeze_vae True] [--json]
+
+Built on the meta device: the 7B layout prints in seconds and allocates nothing. `--json` prints
+{"parameters": [{"name", "shape", "trainable"}, ...], "total": N} with the state-dict names a checkpoint
+would hold. Exit status 2 for a usage or checkpoint-config error (one message, no traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from model.config import ConfigError, ModelConfig  # noqa: E402
+from model.info import parameter_table  # noqa: E402
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="jobs/model_info.py",
+        description="Print parameter counts per component of the unified model and which are trainable "
+                    "under the freeze flags (upstream names and True/False values). Built on the meta device.",
+        epilog="Example: python jobs/model_info.py --model unimedvl-7b --freeze_vit True --json")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", choices=["tiny", "unimedvl-7b"], default=None,
+                     help="a preset layout (default: tiny)")
+    src.add_argument("--model_path", help="checkpoint directory with llm_config.json and vit_config.json")
+    p.add_argument("--vocab_size", type=int, default=None, help="tiny only: vocabulary size (default 261)")
+    for flag, default in (("freeze_llm", False), ("freeze_vit", False), ("freeze_vae", True), ("freeze_und", False),
+                          ("visual_gen", True), ("visual_und", True)):
+        p.add_argument(f"--{flag}", type=_bool, nargs="?", const=True, default=default, metavar="BOOL",
+                       help=f"True/False (default {default})")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> ModelConfig:
+    switches = {"visual_gen": args.visual_gen, "visual_und": args.visual_und}
+    if args.model_path:
+        return ModelConfig.from_checkpoint_dir(args.model_path, **switches)
+    if args.model == "unimedvl-7b":
+        return ModelConfig.unimedvl_7b(**switches)
+    return ModelConfig.tiny(vocab_size=args.vocab_size or 261, **switches)
+
+
+def format_table(table: dict, label: str) -> str:
+    lines = [f"model {label}: {table['total']:,} parameters in {len(table['parameters'])} tensors", "",
+             f"{'component':<20} {'parameters':>16} {'trainable':>16}"]
+    for name, c in table["components"].items():
+        lines.append(f"{name:<20} {c['parameters']:>16,} {c['trainable']:>16,}")
+    trainable = sum(c["trainable"] for c in table["components"].values())
+    lines += ["", f"{'total':<20} {table['total']:>16,} {trainable:>16,}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = build_config(args)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    table = parameter_table(config, freeze_llm=args.freeze_llm, freeze_vit=args.freeze_vit,
+                            freeze_vae=args.freeze_vae, freeze_und=args.freeze_und)
+    if args.json:
+        print(json.dumps({"parameters": table["parameters"], "total": table["total"]}))
+    else:
+        label = args.model_path or args.model or "tiny"
+        print(format_table(table, label))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
