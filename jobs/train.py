@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def main(argv: list[str] | None = None) -> int:
     from trainer.checkpointing import ResumeError, plan_resume
-    from trainer.config import ConfigError, help_text, load_config, validate
+    from trainer.config import ConfigError, help_text, load_config, resolve_paths, validate
 
     argv = sys.argv[1:] if argv is None else argv
     if not argv or "-h" in argv or "--help" in argv:
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover
         MixtureConfigError = ConfigError  # type: ignore
     try:
-        cfg = load_config(argv)
+        cfg = resolve_paths(load_config(argv))
         from trainer.data import generation_groups
 
         gen = generation_groups(cfg.mixture_path) if cfg.mixture_path else None

@@ -365,7 +365,8 @@ def validate(cfg: TrainConfig, generation_groups: Optional[list[str]] = None) ->
     if t.warmup_steps < 0 or t.warmup_steps > t.total_steps:
         raise ConfigError(
             f"warmup_steps ({t.warmup_steps}) is longer than training (total_steps {t.total_steps}): the LR would "
-            f"never reach lr={t.lr} (upstream's train_example.sh only reached {t.lr * t.total_steps / max(t.warmup_steps, 1):.3g}). "
+            f"only reach {t.lr * t.total_steps / max(t.warmup_steps, 1):.3g} of lr={t.lr} (upstream's train_example.sh "
+            f"pitfall). "
             f"Set --warmup_steps to at most {t.total_steps}, e.g. {max(1, t.total_steps // 10)}")
     for name in ("log_every", "save_every", "max_checkpoints", "gradient_accumulation_steps", "num_workers",
                  "prefetch_factor", "num_replicate"):
@@ -416,6 +417,21 @@ def validate(cfg: TrainConfig, generation_groups: Optional[list[str]] = None) ->
         if t.num_replicate * shard != r.num_workers:
             raise ConfigError(f"HYBRID_SHARD needs num_replicate ({t.num_replicate}) x num_shard ({shard}) == "
                               f"num_workers ({r.num_workers})")
+
+
+PATH_ARGS = ("config", "dataset_config_file", "model_path", "resume_from", "vae_path", "storage_path",
+             "results_dir", "checkpoint_dir")
+
+
+def resolve_paths(cfg: TrainConfig, base: Optional[Path] = None) -> TrainConfig:
+    """Make every path argument absolute (against the driver's working directory), so Ray workers, whose
+    working directory differs, see the same files."""
+    base = Path(base or Path.cwd())
+    for name in PATH_ARGS:
+        value = cfg.get(name)
+        if value:
+            cfg.set(name, str((base / Path(value).expanduser()).resolve()))
+    return cfg
 
 
 def training_args_json(cfg: TrainConfig) -> str:

@@ -12,7 +12,10 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, resolve_paths
+
+
+REPORTED = ("step", "ce", "mse", "lr", "grad_norm", "tokens_per_sec", "data_wait_fraction", "mfu")
 
 
 class RayReporter:
@@ -21,7 +24,8 @@ class RayReporter:
     def report(self, metrics: dict, checkpoint_dir: Optional[Path]) -> None:
         import ray.train
 
-        clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+        # the full record is in metrics.jsonl; Ray gets the headline numbers (it logs every report)
+        clean = {k: metrics[k] for k in REPORTED if isinstance(metrics.get(k), (int, float))}
         if checkpoint_dir is not None:
             ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
             ray.train.report(clean, checkpoint=ckpt, checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
@@ -88,6 +92,7 @@ def build_trainer(cfg: TrainConfig):
 
 def launch(cfg: TrainConfig) -> dict[str, Any]:
     """Fit and return a summary (final metrics, checkpoint path, run dir)."""
+    resolve_paths(cfg)
     if cfg.train.results_dir is None:
         # the run dir must be the Ray experiment dir so checkpoints are reported without a copy
         cfg.train.results_dir = str((Path(cfg.run.storage_path) / cfg.run_name).resolve())

@@ -205,6 +205,8 @@ def train_loop(cfg: TrainConfig | dict, *, reporter: Optional[Reporter] = None,
         cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         (cfg.results_dir / "training_args.json").write_text(training_args_json(cfg))
     sink = MetricsSink(cfg.results_dir, tensorboard=t.enable_tensorboard, enabled=is_main, print_fn=print_fn)
+    if is_main:
+        _event(cfg, {"event": "start", "step": start_step, "reason": plan.reason, "world_size": world})
     peak = t.peak_device_tflops or (peak_tflops_from_name(torch.cuda.get_device_name(device)) if use_cuda else 0.0)
     channels = getattr(mc, "latent_channels", 64)
     window = Window(groups=mixture_groups)
@@ -251,6 +253,7 @@ def train_loop(cfg: TrainConfig | dict, *, reporter: Optional[Reporter] = None,
                 ce_sum += parts.ce_sum
                 mse_sum += parts.mse_sum
             grad_norm = clip_grad_norm(trainable, t.max_grad_norm)
+            lr_used = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
             ema_update(ema, model, t.ema)
@@ -269,7 +272,7 @@ def train_loop(cfg: TrainConfig | dict, *, reporter: Optional[Reporter] = None,
             mse = float(sums[1]) / denom.mse if denom.mse > 0 else None
             loss = (t.ce_weight * (ce or 0.0)) + (t.mse_weight * (mse or 0.0) if t.visual_gen else 0.0)
             result.history.append({"step": step, "ce": ce, "mse": mse, "loss": loss,
-                                   "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]})
+                                   "grad_norm": float(grad_norm), "lr": lr_used})
             window.steps += 1
             window.step_time += dt
             window.data_wait += wait
@@ -288,8 +291,9 @@ def train_loop(cfg: TrainConfig | dict, *, reporter: Optional[Reporter] = None,
             rec: dict[str, Any] = {}
             if do_log:
                 red = window.reduce()
-                lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
-                rec = summarise(red, world=world, step=step, lr=scheduler.get_last_lr()[0], lrs=lrs,
+                lrs = {g.get("name", str(i)): g["lr"] * lr_used / max(scheduler.get_last_lr()[0], 1e-30)
+                       for i, g in enumerate(optimizer.param_groups)} if len(optimizer.param_groups) > 1 else {}
+                rec = summarise(red, world=world, step=step, lr=lr_used, lrs=lrs,
                                 wall=time.perf_counter() - window_start, device=device,
                                 llm_config=getattr(mc, "llm", None), peak_tflops=peak)
                 sink.log(rec)
@@ -299,6 +303,8 @@ def train_loop(cfg: TrainConfig | dict, *, reporter: Optional[Reporter] = None,
             if ckpt_path is not None:
                 result.checkpoints.append(str(ckpt_path))
                 log(f"saved checkpoint {ckpt_path}")
+                if is_main:
+                    _event(cfg, {"event": "checkpoint", "step": step, "path": str(ckpt_path)})
             if reporter is not None and (do_log or do_save):
                 reporter.report({"step": step, **{k: v for k, v in rec.items() if v is not None}},
                                 ckpt_path if is_main else None)
@@ -308,6 +314,14 @@ def train_loop(cfg: TrainConfig | dict, *, reporter: Optional[Reporter] = None,
     result.data_wait_fraction = total_wait / total_time if total_time > 0 else 0.0
     log(f"done at step {result.final_step}; data wait {100 * result.data_wait_fraction:.1f}% of step time")
     return result
+
+
+def _event(cfg: TrainConfig, rec: dict) -> None:
+    """One line per start / checkpoint in results_dir/events.jsonl: the run's history across restarts."""
+    import json
+
+    with open(cfg.results_dir / "events.jsonl", "a") as f:
+        f.write(json.dumps({**rec, "time": time.time()}) + "\n")
 
 
 class _null:
