@@ -14,6 +14,7 @@ import io
 import os
 import struct
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -171,11 +172,60 @@ def _jpeg_complete(data: bytes) -> bool:
     return data.rfind(b"\xff\xd9", max(0, len(data) - 256)) >= 0
 
 
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR (CRC checked), or None when the header is not sound."""
+    if len(data) < 33 or data[8:16] != b"\x00\x00\x00\rIHDR":
+        return None
+    if zlib.crc32(data[12:29]) != struct.unpack_from(">I", data, 29)[0]:
+        return None
+    return struct.unpack_from(">II", data, 16)
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the first SOF segment, walking the marker segments; None when not found."""
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:             # fill byte
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        if marker in (0xDA, 0xD9):     # scan or end before any frame header
+            return None
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        if marker in _SOF_MARKERS:
+            if pos + 9 > end:
+                return None
+            height, width = struct.unpack_from(">HH", data, pos + 5)
+            return width, height
+        pos += 2 + length
+    return None
+
+
 def _pil_probe(data: bytes, path: Path, context: ProbeContext) -> ImageProbe:
-    if data.startswith(b"\x89PNG") and len(data) >= 24 and data[12:16] == b"IHDR":
-        # PIL refuses a 0-pixel PNG as "cannot identify"; say what is really wrong.
-        width, height = struct.unpack_from(">II", data, 16)
+    # Fast path for the two formats of nearly every dataset: the size straight from the header bytes
+    # (PIL's lazy open costs ~0.4 ms per file, more than hashing a 50 KB image).
+    size, fmt = None, None
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        size, fmt = _png_size(data), "PNG"
+    elif data.startswith(b"\xff\xd8\xff"):
+        size, fmt = _jpeg_size(data), "JPEG"
+    if size is not None and not context.verify:
+        width, height = size
         check_pixels(path, width, height, context.max_pixels)
+        if not (_png_complete(data) if fmt == "PNG" else _jpeg_complete(data)):
+            raise ImageError("image_truncated", f"{path} ends early ({len(data):,} bytes, no end marker); the "
+                                                f"file was cut off: copy it again")
+        return ImageProbe(width, height, fmt, data, hashlib.sha256(data).hexdigest())
+    if size is not None:
+        check_pixels(path, *size, context.max_pixels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import time
+import zlib
 from pathlib import Path
 
 import pandas as pd
@@ -57,7 +58,8 @@ def broken(tmp_path):
     (data / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
     (data / "empty.png").write_bytes(b"")
     ihdr = b"IHDR" + (0).to_bytes(4, "big") + (10).to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
-    (data / "zero.png").write_bytes(b"\x89PNG\r\n\x1a\n" + (13).to_bytes(4, "big") + ihdr + b"\0" * 4)
+    (data / "zero.png").write_bytes(b"\x89PNG\r\n\x1a\n" + (13).to_bytes(4, "big") + ihdr
+                                    + zlib.crc32(ihdr).to_bytes(4, "big"))
     (data / "big.png").write_bytes(png(300, 300))
     (data / "notes.txt").write_text("not an image")
     outside = tmp_path / "outside.png"

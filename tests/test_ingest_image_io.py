@@ -130,3 +130,18 @@ def test_registered_handler_and_frame_expansion(tmp_path, fake_format):
     assert meta == {"modality": "FAKE", "window": "lung"}
     manifest = json.loads((tmp_path / "out" / "d" / "_manifest.json").read_text())
     assert (manifest["rows_read"], manifest["rows_written"], manifest["samples_written"]) == (2, 2, 4)
+
+
+@pytest.mark.parametrize("fmt, kwargs", [("PNG", {}), ("JPEG", {}), ("JPEG", {"progressive": True}),
+                                         ("JPEG", {"exif": b"Exif\x00\x00" + b"\x00" * 32}), ("GIF", {}),
+                                         ("BMP", {}), ("TIFF", {})])
+@pytest.mark.parametrize("mode, size", [("L", (1, 1)), ("RGB", (37, 211)), ("RGBA", (300, 17)), ("L", (640, 480))])
+def test_header_fast_path_agrees_with_pil(tmp_path, fmt, kwargs, mode, size):
+    if fmt == "JPEG" and mode == "RGBA":
+        mode = "RGB"
+    path = tmp_path / f"x.{fmt.lower()}"
+    Image.new(mode, size, 90).save(path, fmt, **kwargs)
+    probe = probe_image(path, max_pixels=10**7)
+    with Image.open(path) as image:
+        assert (probe.width, probe.height, probe.format) == (*image.size, image.format)
+    assert probe.data == path.read_bytes()
