@@ -75,7 +75,8 @@ class RowGroupCache:
         if hit is not None:
             self._items.move_to_end(k)
             return hit[0]
-        table = self._file(path).read_row_group(rg, columns=list(columns) if columns else None)
+        # one thread: loader workers are processes already; pyarrow's pool only contends with them
+        table = self._file(path).read_row_group(rg, columns=list(columns) if columns else None, use_threads=False)
         self.reads += 1
         size = table.nbytes
         self._items[k] = (table, size)

@@ -1,0 +1,281 @@
+#!/usr/bin/env python
+"""Loader benchmark: the mixture stream over shards against an upstream-style loader, in one run.
+
+    python benchmarks/loader_bench.py [--rows 400] [--seconds 20] [--big-rows 1000000] [--json]
+
+1. Throughput (packed tokens/s, one process): a three-dataset mixture (sft, edit, t2i; real PNGs) read by
+   `MixtureStream` from shards, against a baseline doing what upstream UniMedVL does: the whole JSONL in
+   memory, a seeded shuffle, `json.loads` per sample, open and decode each image file per sample (also for
+   samples the packer then drops), tokenise to count tokens, the upstream PackedDataset loop (overflow
+   dropped), and the same tensor building (`build_packed_batch`: same transforms, same packing settings).
+2. Time to first batch and peak RSS, each in a fresh process: full stream on a 10,000-row catalog, and
+   metadata-only packs (`next_plan`) on 10,000- and 1,000,000-row catalogs (RSS must not grow with rows).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from datasets_catalog.plan import ImageSlot, ImageTokens, Message, build_plan, packed_length  # noqa: E402
+from datasets_catalog.task_kinds import resolve_task_kind  # noqa: E402
+from datasets_catalog.tokenizer import TextTokenizer  # noqa: E402
+from datasets_catalog.transforms import ImageTransformArgs, vae_tokens, vit_tokens  # noqa: E402
+from pipelines.packing_config import PackingConfig  # noqa: E402
+from pipelines.sample import StreamSample  # noqa: E402
+
+VAE = ImageTransformArgs(max_image_size=512, min_image_size=256, image_stride=16)
+VIT = ImageTransformArgs(max_image_size=378, min_image_size=224, image_stride=14, max_pixels=378 * 378)
+PACKING = PackingConfig(expected_num_tokens=8192, max_num_tokens=10240, max_num_tokens_per_sample=8192,
+                        prefer_buffer_before=4096, max_buffer_size=50)
+DATASETS = [("vqa", "sft", 2.0), ("edit", "edit", 1.0), ("t2i", "t2i", 1.0)]
+
+
+def rss_mb() -> float:
+    """Peak RSS of this process (VmHWM: unlike ru_maxrss it is not inherited from the parent)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build_catalog(root: Path, rows: int, distinct: int | None, embed: bool = True, image_sizes=(128, 512)) -> Path:
+    from shard_factory import DatasetRecipe, make_catalog
+
+    recipes = [DatasetRecipe(name, task, rows=rows, distinct=distinct, image_sizes=image_sizes,
+                             rows_per_row_group=64 if rows < 100_000 else 1000,
+                             rows_per_file=512 if rows < 100_000 else 100_000, embed_bytes=embed,
+                             image_transform_args=VAE, vit_image_transform_args=VIT, words=(10, 60))
+               for name, task, _ in DATASETS]
+    catalog = make_catalog(root, recipes)
+    body = [f"catalog: {catalog}"] + [f"{task}: {{dataset_names: [{name}], weight: {w}}}" for name, task, w in DATASETS]
+    (root / "mix.yaml").write_text("\n".join(body) + "\n")
+    return root / "mix.yaml"
+
+
+# -- ours ----------------------------------------------------------------------------------------------
+def run_ours(config: Path, seconds: float, max_packs: int) -> dict:
+    from pipelines.mixture import MixtureStream
+    from pipelines.mixture_config import MixtureConfig
+
+    import pipelines.packing as packing
+
+    t0 = time.perf_counter()
+    stream = MixtureStream(MixtureConfig.from_yaml(config), PACKING, TextTokenizer.builtin(), seed=1)
+    split = {"decide_s": 0.0, "read_rows_s": 0.0, "build_tensors_s": 0.0}
+    tokens = packs = 0
+    t_first = None
+    while (t_first is None or time.perf_counter() - t0 - t_first < seconds) and packs < max_packs:
+        a = time.perf_counter()
+        plan = stream.next_plan()
+        b = time.perf_counter()
+        samples = [stream.full_sample(d) for d in plan.members]
+        c = time.perf_counter()
+        batch = packing.build_packed_batch(samples, PACKING, stream.tokenizer, stream.seed)
+        d = time.perf_counter()
+        split["decide_s"] += b - a
+        split["read_rows_s"] += c - b
+        split["build_tensors_s"] += d - c
+        tokens += batch.sequence_length
+        packs += 1
+        if t_first is None:
+            t_first = d - t0
+    elapsed = time.perf_counter() - t0
+    return {"packs": packs, "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
+            "first_batch_s": t_first, "time_split": {k: round(v, 2) for k, v in split.items()}}
+
+
+# -- the upstream-style baseline ------------------------------------------------------------------------
+class UpstreamBaseline:
+    """Per-sample JSONL parsing and image decoding from files, upstream PackedDataset loop (drops)."""
+
+    def __init__(self, root: Path, tokenizer: TextTokenizer, seed: int = 1) -> None:
+        self.tok = tokenizer
+        self.rng = random.Random(seed)
+        self.sources = []
+        for name, task, weight in DATASETS:
+            lines = (root / "sources" / f"{name}.jsonl").read_text().splitlines()   # whole file in memory
+            order = list(range(len(lines)))
+            self.rng.shuffle(order)
+            self.sources.append({"name": name, "kind": resolve_task_kind(task), "lines": lines, "order": order,
+                                 "pos": 0, "weight": weight, "data_dir": root / "sources" / name})
+        total = sum(s["weight"] for s in self.sources)
+        self.cum = []
+        acc = 0.0
+        for s in self.sources:
+            acc += s["weight"] / total
+            self.cum.append(acc)
+        self.decoded: dict[str, object] = {}
+        self.draws = 0
+
+    def _next_sample(self) -> StreamSample:
+        from pipelines.image_decode import load_image_rgb
+
+        u = self.rng.random()
+        src = self.sources[next(i for i, c in enumerate(self.cum) if u < c)]
+        if src["pos"] >= len(src["order"]):
+            self.rng.shuffle(src["order"])
+            src["pos"] = 0
+        line = src["lines"][src["order"][src["pos"]]]
+        src["pos"] += 1
+        record = json.loads(line)
+        messages = [Message(m["from"], m["value"]) for m in record["message"]]
+        structs = {}
+        for role, key in (("input", "input_img"), ("output", "output_img")):
+            structs[role] = []
+            for im in record.get(key, []):
+                path = src["data_dir"] / im["path"].lstrip("/")
+                image = load_image_rgb(None, path)            # open + decode every sample's images
+                self.decoded[str(path)] = image
+                w, h = image.size
+                vw, vh = VAE.target_size(w, h)
+                tw, th = VIT.target_size(w, h)
+                structs[role].append({"path": im["path"], "width": w, "height": h, "vae_width": vw,
+                                      "vae_height": vh, "vae_tokens": vae_tokens(vw, vh), "vit_width": tw,
+                                      "vit_height": th, "vit_tokens": vit_tokens(tw, th), "bytes": None,
+                                      "meta": None, "format": "PNG"})
+        plan = build_plan(src["kind"], messages, len(structs["input"]), len(structs["output"]))
+        texts = [len(self.tok.encode(it.text)) for it in plan.items if it.type == "text"]
+        images = {ImageSlot(r, j): ImageTokens(s["vae_tokens"], s["vit_tokens"])
+                  for r in structs for j, s in enumerate(structs[r])}
+        num_tokens = packed_length(plan, texts, images)
+        row = {"messages": record["message"], "input_images": structs["input"], "output_images": structs["output"],
+               "num_tokens": num_tokens}
+        self.draws += 1
+        return StreamSample(f"{src['name']}:{self.draws}", src["name"], src["name"], src["kind"].name, num_tokens,
+                            row, str(src["data_dir"]), self.draws)
+
+    def __iter__(self):
+        """Upstream PackedDataset iteration (§4.3), overflow dropped when the buffer is full."""
+        import pipelines.packing as packing
+
+        real = packing.load_image_rgb
+        packing.load_image_rgb = lambda data, path, meta=None: self.decoded.pop(str(path), None) or real(data, path, meta)
+        try:
+            buffer: list[StreamSample] = []
+            while True:
+                pack, curr = [], 0
+                while True:
+                    from_buffer = bool(buffer) and curr < PACKING.prefer_buffer_before
+                    s = buffer.pop(0) if from_buffer else self._next_sample()
+                    if s.num_tokens > PACKING.max_num_tokens_per_sample:
+                        continue
+                    if curr + s.num_tokens > PACKING.max_num_tokens:
+                        if not from_buffer and len(buffer) < PACKING.max_buffer_size:
+                            buffer.append(s)
+                            continue
+                        break                                   # upstream: yield, drop this sample
+                    pack.append(s)
+                    curr += s.num_tokens
+                    if curr >= PACKING.expected_num_tokens:
+                        break
+                self.decoded = {k: v for k, v in self.decoded.items() if k in {
+                    str(Path(b.data_dir) / im["path"]) for b in buffer
+                    for im in b.row["input_images"] + b.row["output_images"]}}  # drop decodes of dropped samples
+                for s in pack:   # re-register this pack's decodes (a sample may repeat within a pack)
+                    for im in s.row["input_images"] + s.row["output_images"]:
+                        self.decoded.setdefault(str(Path(s.data_dir) / im["path"]), None)
+                yield packing.build_packed_batch(pack, PACKING, self.tok, 1)
+        finally:
+            packing.load_image_rgb = real
+
+
+def run_baseline(root: Path, seconds: float, max_packs: int) -> dict:
+    t0 = time.perf_counter()
+    it = iter(UpstreamBaseline(root, TextTokenizer.builtin()))
+    first = next(it)
+    t_first = time.perf_counter() - t0
+    tokens, packs, start = first.sequence_length, 1, time.perf_counter()
+    while time.perf_counter() - start < seconds and packs < max_packs:
+        tokens += next(it).sequence_length
+        packs += 1
+    elapsed = time.perf_counter() - t0
+    return {"packs": packs, "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
+            "first_batch_s": t_first}
+
+
+# -- memory and first batch, in fresh processes ------------------------------------------------------
+def child(mode: str, config: str, packs: int) -> None:
+    import pipelines.packing  # noqa: F401  (as in a trainer: torch is already imported)
+    from pipelines.mixture import MixtureStream
+    from pipelines.mixture_config import MixtureConfig
+
+    t0 = time.perf_counter()
+    stream = MixtureStream(MixtureConfig.from_yaml(config), PACKING, TextTokenizer.builtin(), seed=1)
+    if mode == "full":
+        it = iter(stream)
+        next(it)
+        first = time.perf_counter() - t0
+        for _ in range(packs - 1):
+            next(it)
+    else:
+        stream.next_plan()
+        first = time.perf_counter() - t0
+        for _ in range(packs - 1):
+            stream.next_plan()
+    print(json.dumps({"first_batch_s": first, "peak_rss_mb": rss_mb(), "packs": packs}))
+
+
+def run_child(mode: str, config: Path, packs: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", mode, str(config), "--packs", str(packs)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", type=int, default=400, help="rows per dataset for the throughput run")
+    p.add_argument("--seconds", type=float, default=20.0, help="seconds per loader")
+    p.add_argument("--max-packs", type=int, default=200)
+    p.add_argument("--big-rows", type=int, default=1_000_000, help="rows of the large metadata-only catalog")
+    p.add_argument("--work", help="working folder (default: a temporary one)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--child", nargs=2, metavar=("MODE", "CONFIG"), help=argparse.SUPPRESS)
+    p.add_argument("--packs", type=int, default=20, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(args.child[0], args.child[1], args.packs)
+        return 0
+    import pipelines.packing  # noqa: F401  (torch import: paid by the trainer anyway, not by the loaders)
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="loader_bench_"))
+    t = time.perf_counter()
+    small = build_catalog(work / "throughput", args.rows, min(args.rows, 150))
+    mid = build_catalog(work / "rows10k", 10_000 // len(DATASETS) + 1, 50, image_sizes=(32, 96))
+    big = build_catalog(work / "rows1m", args.big_rows // len(DATASETS) + 1, 50, embed=False, image_sizes=(32, 96))
+    setup = time.perf_counter() - t
+    ours = run_ours(small, args.seconds, args.max_packs)
+    base = run_baseline(small.parent, args.seconds, args.max_packs)
+    memory = {"full_10k": run_child("full", mid, 20), "full_1m": run_child("full", big, 20),
+              "meta_10k": run_child("meta", mid, 200), "meta_1m": run_child("meta", big, 200)}
+    result = {"machine": f"{os.cpu_count()} CPU(s), {sys.platform}", "setup_s": round(setup, 1),
+              "packing": PACKING.to_dict(), "ours": ours, "baseline": base,
+              "throughput_ratio": ours["tokens_per_s"] / base["tokens_per_s"], "memory": memory}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"machine: {result['machine']}; synthetic catalogs built in {setup:.1f} s under {work}")
+        print(f"{'loader':<28} {'packs':>6} {'tokens/s':>10} {'first batch s':>14}")
+        for name, r in (("mixture stream (shards)", ours), ("upstream-style baseline", base)):
+            print(f"{name:<28} {r['packs']:>6} {r['tokens_per_s']:>10.0f} {r['first_batch_s']:>14.2f}"
+                  + (f"   time split {r['time_split']}" if "time_split" in r else ""))
+        print(f"throughput ratio (ours / baseline): {result['throughput_ratio']:.2f}x")
+        for k, m in memory.items():
+            print(f"{k:<10} first batch {m['first_batch_s']:.2f} s, peak RSS {m['peak_rss_mb']:.0f} MB "
+                  f"({m['packs']} packs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
