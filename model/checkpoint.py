@@ -284,13 +284,14 @@ def _read_dir_weights(files: list[Path]) -> dict[str, torch.Tensor]:
 
 def load_model_from_dir(directory: str | Path, use_ema: bool = True, strict: bool = True,
                         device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                        **overrides: Any):
+                        tokenizer=None, **overrides: Any):
     """Build a `UnifiedModel` from a checkpoint directory (upstream HF dir or one we wrote) and load it.
 
     Weights: ema.safetensors when use_ema (falling back to model.safetensors), else model.safetensors; the
     VAE from `vae_model.*` keys if present, else ae.safetensors / vae_model.safetensors. A vit_config.json
     that was written already truncated (UniMedVL intermediate checkpoints) is detected from the weights and
-    corrected with a warning. Returns the model in train mode (call `.eval()` for inference).
+    corrected with a warning. The embeddings grow only if the tokenizer (given, or the directory's)
+    really added special tokens. Returns the model in train mode (call `.eval()` for inference).
     """
     from .unified import UnifiedModel
 
@@ -335,6 +336,13 @@ def load_model_from_dir(directory: str | Path, use_ema: bool = True, strict: boo
             load_vae_weights(model.vae_model, vae_file, strict=strict)
     if config.llm.tie_word_embeddings:
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+    if tokenizer is None and any((directory / f).exists() for f in ("tokenizer.json", "vocab.json",
+                                                                     "tokenizer_config.json")):
+        from datasets_catalog.tokenizer import TextTokenizer
+
+        tokenizer = TextTokenizer.from_dir(directory)
+    if tokenizer is not None:
+        model.adapt_to_tokenizer(tokenizer)  # resizes only when special tokens were really added (§3.1)
     if dtype is not None:
         model = model.to(dtype)
     return model

@@ -61,6 +61,10 @@ class LLMConfig:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
+        for key in ("rope_scaling", "rope_parameters"):
+            scaling = self.extra.get(key)
+            if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+                raise ConfigError(f"llm_config.json: {key} {scaling} is not supported (Qwen2.5-7B uses plain RoPE)")
 
     @property
     def head_dim(self) -> int:
@@ -184,6 +188,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.attn_backend not in ATTN_BACKENDS:
             raise ConfigError(f"attn_backend {self.attn_backend!r} is not one of {ATTN_BACKENDS}")
+        if self.visual_und and self.vit.num_positions < self.vit_max_num_patch_per_side ** 2:
+            raise ConfigError(
+                f"vit_max_num_patch_per_side {self.vit_max_num_patch_per_side} needs "
+                f"{self.vit_max_num_patch_per_side ** 2} ViT positions but the ViT table has {self.vit.num_positions} "
+                f"(image_size {self.vit.image_size} / patch {self.vit.patch_size})")
 
     # -- upstream names that live on the LLM config -------------------------------------------
     layer_module = property(lambda self: self.llm.layer_module,

@@ -211,3 +211,30 @@ def test_embeddings_resized_only_when_tokens_were_added():
 def test_bad_layer_module_is_refused():
     with pytest.raises(ConfigError, match="Qwen2MoTDecoderLayer_with_hidden_outputs"):
         ModelConfig.tiny(layer_module="Qwen2MoTDecoderLayer_with_hidden_outputs")
+
+
+def test_from_checkpoint_dir_reads_transformers_written_configs(tmp_path):
+    """An upstream-style directory: HF Qwen2 / SigLIP config dicts, no medloom config.json."""
+    transformers = pytest.importorskip("transformers")
+    llm = transformers.Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, rope_theta=5000.0,
+                                   tie_word_embeddings=True).to_dict()
+    vit = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                          num_attention_heads=2, image_size=980, patch_size=14).to_dict()
+    (tmp_path / "llm_config.json").write_text(json.dumps(llm))
+    (tmp_path / "vit_config.json").write_text(json.dumps(vit))
+    cfg = ModelConfig.from_checkpoint_dir(tmp_path)
+    assert (cfg.llm.vocab_size, cfg.llm.hidden_size, cfg.llm.num_key_value_heads) == (300, 64, 2)
+    assert cfg.llm.rope_theta == 5000.0
+    assert cfg.qk_norm and not cfg.tie_word_embeddings and cfg.layer_module == "Qwen2MoTDecoderLayer"
+    assert cfg.vit.num_hidden_layers == 4 and cfg.vit.num_layers_used == 3 and not cfg.vit.rope
+    assert (cfg.max_latent_size, cfg.latent_patch_size, cfg.vit_max_num_patch_per_side) == (64, 2, 70)
+    assert cfg.vae.z_channels == 16 and cfg.vae.scale_factor == 0.3611
+    assert ModelConfig.from_checkpoint_dir(tmp_path, visual_gen=False, max_latent_size=32).max_latent_size == 32
+    llm["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    (tmp_path / "llm_config.json").write_text(json.dumps(llm))
+    with pytest.raises(ConfigError, match="rope_scaling"):
+        ModelConfig.from_checkpoint_dir(tmp_path)
+    (tmp_path / "llm_config.json").write_text("{\n  \"vocab_size\": 3,\n  oops\n}")
+    with pytest.raises(ConfigError, match="llm_config.json: line 3"):
+        ModelConfig.from_checkpoint_dir(tmp_path)
