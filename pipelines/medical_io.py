@@ -453,9 +453,11 @@ def probe_unusual_mode(data: bytes, path: Any, context: Any):
     from PIL import Image
 
     from pipelines import image_io
-    from pipelines.pixel_modes import convert_unusual, needs_conversion
+    from pipelines.pixel_modes import convert_unusual, header_mode_is_plain, needs_conversion
 
     probe = image_io._pil_probe(data, path, context)
+    if header_mode_is_plain(data):  # nearly every PNG/JPEG: decided from the header bytes, no PIL open
+        return probe
     try:
         with Image.open(_io.BytesIO(data)) as img:
             mode = img.mode
@@ -537,3 +539,61 @@ def register_reader_decoders() -> None:
 
     image_decode.register_decoder(image_decode.ImageDecoder("png16", _png16_sniff, _png16_decode))
     image_decode.register_decoder(image_decode.ImageDecoder("medical", _reader_sniff, _reader_decode))
+
+
+class OptionError(ValueError):
+    """A bad medical option in a catalog; `key` is the catalog field to name in the message."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def validate_catalog_options(extra: dict[str, Any] | None) -> None:
+    """Check a dataset's extension options at catalog load time (both format sections); raises OptionError
+    naming the offending key. Keys of other extensions are left alone."""
+    extra = dict(extra or {})
+    try:
+        MedicalOptions.from_mapping(extra, strict=False)
+        for fmt in FORMAT_SECTIONS:
+            if extra.get(fmt):
+                MedicalOptions.from_mapping(extra, fmt=fmt, strict=False)
+    except ValueError as exc:
+        message = str(exc)
+        head = message.split(":", 1)[0].split(" ", 1)[0]
+        written = {OPTION_ALIASES.get(k, k): k for k in extra}   # report the spelling the user wrote
+        if head in written:
+            key = written[head]
+        else:
+            key = next((k for k in extra if repr(k) in message or k == head), "options")
+        raise OptionError(key, message) from None
+
+
+def with_keep_dicom_tags(catalog: Any, keywords: Iterable[str]):
+    """A copy of a `Catalog` whose datasets also keep these DICOM tags (jobs/ingest.py --keep-dicom-tags).
+    The allow-list is part of each dataset's settings, so changing it rebuilds the datasets."""
+    from dataclasses import replace
+
+    extra = validate_dicom_keywords([k.strip() for k in keywords if k and k.strip()])
+    if not extra:
+        return catalog
+    datasets = {}
+    for name, spec in catalog.datasets.items():
+        current = spec.extra_options.get("keep_dicom_tags") or []
+        if isinstance(current, str):
+            current = [t for t in current.replace(" ", ",").split(",") if t]
+        merged = list(validate_dicom_keywords([*current, *extra]))
+        datasets[name] = replace(spec, extra_options={**spec.extra_options, "keep_dicom_tags": merged})
+    return replace(catalog, datasets=datasets)
+
+
+def ingest_leakage_check(out_dir: Any, report: Any = None) -> list[str]:
+    """pipelines.ingest POST_INGEST_CHECKS hook: warning lines (without the 'WARNING:' prefix) naming rows
+    that share an image between a train and a validation/test dataset of the output folder."""
+    from pipelines.report_scan import leakage_warnings
+
+    lines = leakage_warnings(out_dir)
+    if not lines:
+        return []
+    head = lines[0].removeprefix("WARNING: ")
+    return [head, *(line.strip() for line in lines[1:])]

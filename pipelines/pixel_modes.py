@@ -295,3 +295,40 @@ def convert_unusual(data: bytes, keep_16bit: bool = False) -> ModeConversion | N
         meta["pages"] = n_frames
         meta["page_used"] = 0
     return ModeConversion(png=buf.getvalue(), width=out.width, height=out.height, mode=out.mode, meta=meta)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def _jpeg_components(data: bytes) -> int | None:
+    """Number of colour components from the first SOF segment (1 grey, 3 YCbCr/RGB, 4 CMYK/YCCK)."""
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        if marker in (0xDA, 0xD9):
+            return None
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker in _JPEG_SOF:
+            return data[pos + 9] if pos + 9 < end else None
+        pos += 2 + length
+    return None
+
+
+def header_mode_is_plain(data: bytes) -> bool | None:
+    """From header bytes only (no PIL open, which costs ~0.4 ms): True when the image decodes as plain L or
+    RGB (8-bit grey/RGB PNG, 1- or 3-component JPEG), False when it needs a conversion, None when unknown."""
+    if data.startswith(_PNG_SIGNATURE) and len(data) >= 26 and data[12:16] == b"IHDR":
+        return (data[24], data[25]) in ((8, 0), (8, 2))   # (bit depth, colour type): 8-bit grey or RGB
+    if data.startswith(b"\xff\xd8\xff"):
+        n = _jpeg_components(data)
+        return None if n is None else n in (1, 3)
+    return None

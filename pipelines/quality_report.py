@@ -216,6 +216,9 @@ def write_report(shards_dir: str | Path, out: str | Path, seed: int = 0, thumbna
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is meant to be shared
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):

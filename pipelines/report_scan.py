@@ -270,17 +270,23 @@ def find_leakage(root: str | Path) -> list[LeakagePair]:
 
 
 def leakage_warnings(root: str | Path, limit: int = 10) -> list[str]:
-    """Human-readable warnings for an ingest summary: one line per leaking pair (up to `limit`), plus a
-    count line; empty when there is no leakage or no shards."""
+    """Human-readable warnings for an ingest summary: a count line, then one line per shared image naming
+    the training rows and the validation/test rows (up to `limit` images); empty when there is no leakage
+    or no shards folder."""
     try:
-        pairs = find_leakage(root)
+        groups = [g for g in find_duplicates(scan_shards(root).images) if g.kind == "leakage"]
     except FileNotFoundError:
         return []
-    if not pairs:
+    if not groups:
         return []
-    lines = [f"WARNING: {len(pairs)} image(s) appear in both a training and a validation/test dataset "
-             f"(train/val leakage); run `python jobs/report.py {root}` for the full list:"]
-    lines += [f"  {p.describe()}" for p in pairs[:limit]]
-    if len(pairs) > limit:
-        lines.append(f"  ... and {len(pairs) - limit} more")
+    pairs = len(leakage_pairs(groups))
+    lines = [f"WARNING: {len(groups)} image(s) appear in both a training and a validation/test dataset "
+             f"({pairs} row pair(s), train/val leakage); see `python jobs/report.py {root}`:"]
+    for g in groups[:limit]:
+        trains = ", ".join(r.sample_id for r in g.refs if split_kind(r.split) == "train")
+        evals = ", ".join(f"{r.sample_id} ({r.split})" for r in g.refs if split_kind(r.split) == "eval")
+        path = next((r.path for r in g.refs if r.path), "?")
+        lines.append(f"  {path} [sha256 {g.sha256[:12]}]: train {trains}  <->  {evals}")
+    if len(groups) > limit:
+        lines.append(f"  ... and {len(groups) - limit} more image(s)")
     return lines

@@ -140,3 +140,19 @@ def test_options_validation_names_the_key():
     with pytest.raises(ValueError, match="axis"):
         parse_axis("oblique")
     assert MedicalOptions.from_mapping({"slices": {"every": 3}, "axis": "coronal"}).slices.step == 3
+
+
+@pytest.mark.parametrize("mode,fmt", [("L", "PNG"), ("RGB", "PNG"), ("LA", "PNG"), ("RGBA", "PNG"), ("P", "PNG"),
+                                      ("1", "PNG"), ("I;16", "PNG"), ("L", "JPEG"), ("RGB", "JPEG"),
+                                      ("CMYK", "JPEG"), ("RGB", "TIFF")])
+def test_header_mode_check_agrees_with_pil(mode, fmt):
+    from pipelines.pixel_modes import header_mode_is_plain
+
+    img = Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 999) if mode == "I;16" \
+        else Image.new(mode, (8, 8))
+    data = _encode(img, fmt)
+    verdict = header_mode_is_plain(data)
+    if fmt == "TIFF":
+        assert verdict is None  # unknown from the header: the caller asks PIL
+    else:
+        assert verdict == (_open(data).mode in ("L", "RGB")), _open(data).mode

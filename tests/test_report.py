@@ -93,8 +93,9 @@ def test_scan_never_reads_image_bytes(leaky_shards, monkeypatch):
 
 def test_leakage_warnings_for_the_ingest_summary(leaky_shards, tmp_path):
     lines = leakage_warnings(leaky_shards)
-    assert "2 image(s)" in lines[0]
-    assert any("chest_train:1" in line and "chest_val:1" in line for line in lines)
+    assert "2 image(s)" in lines[0] and "2 row pair(s)" in lines[0]
+    assert any("train chest_train:1 " in line and "chest_val:1 (val)" in line for line in lines)
+    assert any("train chest_train:2 " in line and "chest_val:3 (val)" in line for line in lines)
     assert leakage_warnings(tmp_path / "nowhere") == []
 
 
