@@ -121,11 +121,16 @@ def _frame_array(ds, index: int | None) -> np.ndarray:
         try:
             return pixel_array(ds, index=index, as_rgb=True)
         except Exception as exc:  # decoders raise many types; each becomes one clear reason
+            from pydicom.pixels import get_decoder
+
             ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
             name = ts.name if ts is not None else "unknown transfer syntax"
-            raise MedicalImageError(
-                DICOM_DECODE_FAILED, f"could not decode the pixel data ({name}): {str(exc).splitlines()[0][:200]}"
-            ) from None
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            why = "; ".join(lines[:3])[:300]
+            decoder = get_decoder(ts) if ts is not None else None
+            missing = "; ".join(decoder.missing_dependencies) if decoder is not None else ""
+            hint = f"; another decoder may read it ({missing})" if missing else ""
+            raise MedicalImageError(DICOM_DECODE_FAILED, f"could not decode the pixel data ({name}): {why}{hint}") from None
 
 
 def _grey_display(ds, stored: np.ndarray, options: MedicalOptions) -> tuple[np.ndarray, dict[str, Any]]:
