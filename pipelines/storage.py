@@ -446,12 +446,31 @@ def publish_tree(staging: AnyPath, destination: AnyPath, marker: str, marker_byt
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return
-    (destination / marker).unlink(missing_ok=True)
-    for rel, path in files_under(destination):
-        path.unlink(missing_ok=True) if isinstance(path, RemotePath) else path.unlink()
-    for rel, path in files_under(staging):
-        if rel == marker:
-            continue
-        copy_file(path, destination / rel)
-    write_bytes_atomic(destination / marker, marker_bytes)
+    publish_files({rel: path for rel, path in files_under(staging) if rel != marker}, destination, marker,
+                  marker_bytes)
     rmtree(staging)
+
+
+def _delete_files(destination: AnyPath) -> None:
+    for _, path in files_under(destination):
+        path.unlink(missing_ok=True) if isinstance(path, RemotePath) else path.unlink()
+
+
+def publish_files(files: dict[str, AnyPath], destination: AnyPath, marker: str, marker_bytes: bytes) -> None:
+    """The object-storage publish step on an explicit {relative name: source file} mapping (sources may be
+    renamed on the way: object stores copy instead). Old marker first, old files, new files, marker last."""
+    (destination / marker).unlink(missing_ok=True)
+    _delete_files(destination)
+    for rel in sorted(files):
+        copy_file(files[rel], destination / rel)
+    write_bytes_atomic(destination / marker, marker_bytes)
+
+
+def unpublish(destination: AnyPath, marker: str) -> None:
+    """Withdraw a published folder: marker first (it stops looking complete at once), then the rest."""
+    if isinstance(destination, Path):
+        (destination / marker).unlink(missing_ok=True)
+        shutil.rmtree(destination, ignore_errors=True)
+        return
+    (destination / marker).unlink(missing_ok=True)
+    destination.rmtree()

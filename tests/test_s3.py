@@ -150,3 +150,103 @@ def test_upload_tree_writes_marker_last(bucket, tmp_path, monkeypatch):
     back = tmp_path / "back"
     storage.download_tree(bucket / "ckpt" / "0000010", back)
     assert (back / "model.safetensors").read_bytes() == b"model.safetensors"
+
+
+# -- ingest into object storage ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_catalog(tmp_path_factory):
+    """JSONL + PNG sources (12 VQA rows in 3 chunks, 6 text rows) and a local ingest of them to compare with."""
+    from datasets_catalog.catalog import load_catalog
+    from pipelines.ingest import run_ingest
+    from tests.shard_factory import make_catalog, tiny
+
+    root = tmp_path_factory.mktemp("s3cat")
+    path = make_catalog(root, [tiny("vqa", "sft", rows=12, seed=1), tiny("txt", "text_only", rows=6, seed=2)])
+    path.write_text(path.read_text() + "rows_per_shard: 5\ntokenizer: builtin\n")
+    catalog = load_catalog(path)
+    local = run_ingest(catalog, out=root / "local_shards", executor="local", progress=False, log=lambda s: None)
+    assert local.ok
+    return catalog, root / "local_shards"
+
+
+def _read_remote(folder: RemotePath):
+    import pandas as pd
+
+    manifest = json.loads((folder / "_manifest.json").read_text())
+    tables = [pq.read_table((folder / s["file"]).path, filesystem=folder.fs) for s in manifest["shards"]]
+    return pa.concat_tables(tables).to_pandas(), manifest
+
+
+def _ingest(catalog, out, **kw):
+    from pipelines.storage_ingest import run_ingest_remote
+
+    return run_ingest_remote(catalog, out=out, executor="local", progress=False, log=lambda s: None, **kw)
+
+
+def test_ingest_to_s3_matches_local_and_is_idempotent(bucket, small_catalog):
+    import pandas as pd
+
+    catalog, local = small_catalog
+    out = bucket / "shards"
+    report = _ingest(catalog, str(out))            # the URI string, as --out passes it
+    assert report.ok and [d.status for d in report.datasets] == ["built", "built"]
+    assert report.output_dir == out.display()
+    names = [n for n, _ in storage.files_under(out)]
+    assert names == ["txt/_manifest.json", "txt/_rejects.parquet", "txt/part-00000.parquet",
+                     "txt/part-00001.parquet", "vqa/_manifest.json", "vqa/_rejects.parquet", "vqa/part-00000.parquet",
+                     "vqa/part-00001.parquet", "vqa/part-00002.parquet"]          # no staging left behind
+    for name in ("vqa", "txt"):
+        remote, manifest = _read_remote(out / name)
+        pd.testing.assert_frame_equal(remote, pd.read_parquet(local / name))
+        assert manifest["rows_written"] == json.loads((local / name / "_manifest.json").read_text())["rows_written"]
+    again = _ingest(catalog, out)
+    assert [d.status for d in again.datasets] == ["up to date", "up to date"]
+
+
+def test_interrupted_ingest_to_s3_never_looks_complete(bucket, small_catalog, monkeypatch):
+    from pipelines import storage_ingest
+
+    catalog, _ = small_catalog
+    out = bucket / "shards"
+    real_chunk, real_copy = storage_ingest.process_chunk_remote, storage.copy_file
+
+    # 1. first build of "vqa" dies in its second chunk: nothing of it is visible, staging is cleaned up
+    calls = []
+
+    def dying_chunk(task):
+        calls.append(task.chunk_index)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("worker killed (simulated)")
+        return real_chunk(task)
+
+    monkeypatch.setattr(storage_ingest, "process_chunk_remote", dying_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        _ingest(catalog, out, only=["vqa"])
+    assert not storage.is_complete(out / "vqa", "_manifest.json")
+    assert [n for n, _ in storage.files_under(out)] == []
+    monkeypatch.setattr(storage_ingest, "process_chunk_remote", real_chunk)
+
+    # 2. a complete build, then a forced rebuild that dies while publishing (copying parts across)
+    assert _ingest(catalog, out, only=["vqa"]).ok
+    copies = []
+
+    def dying_copy(src, dst):
+        if isinstance(dst, RemotePath) and dst.parent == out / "vqa":   # publishing, not chunk uploads
+            copies.append(dst)
+            if len(copies) == 2:
+                raise OSError("connection reset (simulated)")
+        real_copy(src, dst)
+
+    monkeypatch.setattr(storage, "copy_file", dying_copy)
+    with pytest.raises(OSError, match="simulated"):
+        _ingest(catalog, out, only=["vqa"], force=True)
+    assert len(copies) == 2
+    assert not storage.is_complete(out / "vqa", "_manifest.json")   # old marker gone before any new part
+    monkeypatch.setattr(storage, "copy_file", real_copy)
+
+    # 3. the rerun cleans the dead run's staging and publishes a complete dataset again
+    report = _ingest(catalog, out, only=["vqa"])
+    assert report.ok and report.datasets[0].status == "built"
+    assert storage.is_complete(out / "vqa", "_manifest.json")
+    assert not [n for n, _ in storage.files_under(out) if n.startswith(".staging-")]

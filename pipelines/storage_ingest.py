@@ -1,0 +1,216 @@
+"""Ingest into object storage (`--out s3://bucket/prefix`): the same plan, chunks and manifest as
+`pipelines.ingest.run_ingest`, with the atomicity rule rewritten for a store that has no rename.
+
+Workers write each chunk to a local temp folder, as for a local ingest (same `process_chunk`), then upload
+its two files to `OUT/.staging-<name>-<run>/`, so no shared disk is needed between nodes. The driver then
+merges the rejects there and publishes with `storage.publish_tree`: the old `_manifest.json` is deleted
+first, the parts are copied across (server-side), and the new manifest is written LAST. A dataset prefix
+is complete iff its `_manifest.json` exists: readers (the mixture stream) refuse anything else, so an
+interrupted ingest never leaves a prefix that looks complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, TextIO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from datasets_catalog.catalog import Catalog, DatasetSpec
+from datasets_catalog.tokenizer import TextTokenizer
+
+from . import ingest_state as st
+from . import storage
+from .ingest_chunk import ChunkResult, ChunkTask, process_chunk
+from .shard_schema import REJECTS_SCHEMA, SHARD_SCHEMA
+from .storage import RemotePath
+
+
+def process_chunk_remote(task: ChunkTask) -> ChunkResult:
+    """`process_chunk` for a task whose staging_dir is an object-storage URI: build locally, upload."""
+    remote = storage.as_path(task.staging_dir)
+    local = Path(tempfile.mkdtemp(prefix="medloom-chunk-"))
+    try:
+        result = process_chunk(dataclasses.replace(task, staging_dir=str(local)))
+        for name in (result.shard_file, result.rejects_file):
+            if name:
+                storage.copy_file(local / name, remote / name)
+        return result
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def _plan(spec: DatasetSpec, out: RemotePath, tokenizer_name: str, reference_images: bool, verify_images: bool,
+          force: bool):
+    """`ingest.plan_dataset` for a remote output: (plan, None) to build, (None, manifest) when up to date."""
+    from .ingest import _Plan
+
+    destination = out / spec.name
+    previous = st.read_manifest(destination)   # None when missing: then the prefix is not a complete dataset
+    settings = st.settings_of(spec, tokenizer_name, reference_images, verify_images)
+    digest = st.folder_digest(spec.data_dir)
+    if previous and previous.get("status") == "ok" and not force:
+        sha = st.quick_source_sha(spec.jsonl_path, previous)
+        if sha is not None and previous.get("fingerprint") == st.fingerprint(sha, digest, settings):
+            return None, previous
+    scan = st.scan_source(spec.jsonl_path, spec.rows_per_shard)
+    fp = st.fingerprint(scan.sha256, digest, settings)
+    if previous and previous.get("status") == "ok" and not force and previous.get("fingerprint") == fp:
+        return None, previous
+    staging = out / f"{st.STAGING_PREFIX}{spec.name}-{uuid.uuid4().hex[:12]}"
+    return _Plan(spec, destination, staging, scan, digest, settings, fp), None
+
+
+def _assemble(staging: RemotePath, results: list[dict]) -> tuple[list[dict], dict[str, str], int]:
+    """Name the parts in line order and merge the rejects in staging; (shards, {part: chunk file}, rejects)."""
+    shards, renames = [], {}
+    ordered = sorted(results, key=lambda r: r["chunk_index"])
+    for result in ordered:
+        if result["shard_file"]:
+            name = f"part-{len(shards):05d}.parquet"
+            renames[name] = result["shard_file"]
+            shards.append({"file": name, "rows": result["samples_written"], "bytes": result["shard_bytes"]})
+    if not shards:   # keep `read_parquet(OUT/<dataset>)` working for an empty dataset
+        with (staging / "empty.parquet").open("wb") as f:
+            pq.write_table(SHARD_SCHEMA.empty_table(), f)
+        renames["part-00000.parquet"] = "empty.parquet"
+        shards.append({"file": "part-00000.parquet", "rows": 0, "bytes": (staging / "empty.parquet").size()})
+    pieces = [staging / r["rejects_file"] for r in ordered if r["rejects_file"]]
+    tables = [pq.read_table(p.path, filesystem=p.fs, schema=REJECTS_SCHEMA) for p in pieces]
+    rejects = pa.concat_tables(tables) if tables else REJECTS_SCHEMA.empty_table()
+    with (staging / st.REJECTS).open("wb") as f:
+        pq.write_table(rejects, f)
+    return shards, renames, rejects.num_rows
+
+
+def _publish(staging: RemotePath, destination: RemotePath, renames: dict[str, str], manifest: dict) -> None:
+    """Marker-last publish of exactly the parts, the merged rejects and the manifest."""
+    storage.publish_files(
+        {**{part: staging / chunk for part, chunk in renames.items()}, st.REJECTS: staging / st.REJECTS},
+        destination, st.MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    staging.rmtree()
+
+
+def _finish(plan, catalog: Catalog, out: RemotePath, seconds: float, say):
+    from .ingest import STATUS_BUILT, STATUS_FAILED, DatasetReport, _manifest
+
+    spec = plan.spec
+    shards, renames, n_rejects = _assemble(plan.staging, plan.results)
+    manifest = _manifest(plan, catalog, shards, n_rejects, seconds)
+    assert manifest["rows_read"] == manifest["rows_written"] + manifest["rows_rejected"]
+    fraction = manifest["rows_rejected"] / manifest["rows_read"] if manifest["rows_read"] else 0.0
+    if fraction > spec.max_reject_fraction:
+        manifest["status"] = "failed"
+        failed = out / st.FAILED_DIR / spec.name
+        _publish(plan.staging, failed, renames, manifest)
+        storage.unpublish(plan.destination, st.MANIFEST)   # stale shards of older inputs must not be trained on
+        message = (f"{manifest['rows_rejected']} of {manifest['rows_read']} rows rejected ({fraction:.0%}), over "
+                   f"max_reject_fraction {spec.max_reject_fraction:.0%}; see {(failed / st.REJECTS).display()}")
+        say(f"[ingest] {spec.name}: FAILED: {message}")
+        return DatasetReport.from_manifest(manifest, STATUS_FAILED, failed.display(), message)
+    _publish(plan.staging, plan.destination, renames, manifest)
+    return DatasetReport.from_manifest(manifest, STATUS_BUILT, plan.destination.display())
+
+
+def clean_stale_staging(out: RemotePath, names: list[str]) -> list[str]:
+    """Delete staging prefixes left by interrupted runs for the datasets about to be built (one ingest per
+    output prefix at a time: object stores have no process ids to tell a live run from a dead one)."""
+    removed = []
+    for entry in out.iterdir():
+        if entry.name.startswith(st.STAGING_PREFIX) and \
+                any(entry.name.startswith(f"{st.STAGING_PREFIX}{n}-") for n in names):
+            entry.rmtree()
+            removed.append(entry.name)
+    return removed
+
+
+def run_ingest_remote(catalog: Catalog, out: str | RemotePath, only: list[str] | None = None, force: bool = False,
+                      reference_images: bool = False, address: str | None = None, verify_images: bool = False,
+                      progress: bool = True, stream: TextIO | None = None, log: Callable[[str], None] | None = None,
+                      executor: str = "ray"):
+    """`run_ingest` with `out` on object storage (see the module doc). Same arguments, same report."""
+    from . import hf_source
+    from .ingest import STATUS_UP_TO_DATE, DatasetReport, IngestError, IngestReport, Progress, _run_chunks
+
+    if executor not in ("ray", "local"):
+        raise ValueError(f"executor must be 'ray' or 'local', got {executor!r}")
+    started = time.perf_counter()
+    say = log or (lambda message: print(message, file=stream or sys.stderr, flush=True))
+    try:
+        out = storage.as_path(out)
+        out.mkdir(parents=True, exist_ok=True)
+    except (storage.StorageError, OSError) as exc:
+        raise IngestError(f"cannot use output {out}: {exc}") from None
+    try:
+        tokenizer = TextTokenizer.load(catalog.tokenizer)
+    except (OSError, ValueError, KeyError) as exc:
+        raise IngestError(f"{catalog.path}: tokenizer {catalog.tokenizer!r} cannot be loaded ({exc}); use "
+                          f"'builtin' or a folder with Qwen2 tokenizer files") from None
+
+    specs = [hf_source.prepare_spec(s) for s in catalog.select(only)]
+    clean_stale_staging(out, [s.name for s in specs])
+    reports: dict[str, DatasetReport] = {}
+    plans = []
+    for spec in specs:
+        plan, manifest = _plan(spec, out, tokenizer.name, reference_images, verify_images, force)
+        if plan is None:
+            reports[spec.name] = DatasetReport.from_manifest(manifest, STATUS_UP_TO_DATE, (out / spec.name).display(),
+                                                             "inputs and settings unchanged: nothing to do")
+            say(f"[ingest] {spec.name}: up to date (inputs and settings unchanged), skipped")
+            continue
+        plans.append(plan)
+
+    tasks: list[ChunkTask] = []
+    for plan in plans:
+        spec = plan.spec
+        for index, (offset, length, first_line) in enumerate(plan.scan.chunks):
+            tasks.append(ChunkTask(
+                dataset=spec.name, task=spec.task.name, jsonl_path=str(spec.jsonl_path),
+                data_dir=str(spec.data_dir) if spec.data_dir else None, offset=offset, length=length,
+                first_line=first_line, chunk_index=index, staging_dir=str(plan.staging),
+                image_transform_args=spec.image_transform_args.to_dict(),
+                vit_image_transform_args=spec.vit_image_transform_args.to_dict(),
+                max_image_pixels=spec.max_image_pixels, tokenizer=catalog.tokenizer,
+                reference_images=reference_images, verify_images=verify_images, extra_options=spec.extra_options))
+        plan.expected_chunks = len(plan.scan.chunks)
+        say(f"[ingest] {spec.name}: building ({spec.task.name}, {plan.scan.lines:,} lines, "
+            f"{len(plan.scan.chunks)} chunk(s)) -> {plan.destination.display()}")
+
+    by_name = {plan.spec.name: plan for plan in plans}
+    nodes: dict[str, int] = {}
+    if tasks:
+        bar = Progress(sum(p.scan.lines for p in plans), len(tasks), stream, enabled=progress)
+
+        def on_result(result: dict) -> None:
+            by_name[result["dataset"]].results.append(result)
+            if result.get("node_id"):
+                nodes[result["node_id"]] = nodes.get(result["node_id"], 0) + 1
+            bar.update(result)
+
+        try:
+            if executor == "ray":
+                _run_chunks(tasks, on_result, address)
+            else:
+                for task in tasks:
+                    on_result(process_chunk_remote(task).to_dict())
+        finally:
+            bar.close()
+            if any(len(p.results) != p.expected_chunks for p in plans):
+                for plan in plans:
+                    plan.staging.rmtree()
+
+    for plan in plans:
+        reports[plan.spec.name] = _finish(plan, catalog, out, sum(r["seconds"] for r in plan.results), say)
+    report = IngestReport(out.display(), [reports[s.name] for s in specs], time.perf_counter() - started)
+    if hasattr(report, "nodes"):
+        report.nodes = nodes
+    report.warnings.append("post-ingest checks (leakage, duplicates) read local folders and were skipped for "
+                           "object storage; run jobs/report.py on a local copy if you need them")
+    return report
