@@ -120,7 +120,12 @@ def save_weights(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor], p
     if isinstance(model_or_state, torch.nn.Module):
         state = checkpoint_state_dict(model_or_state, include_vae)
     else:
-        state = dict(model_or_state)
+        state, seen = {}, set()
+        for key, value in model_or_state.items():
+            t = value.detach()
+            ptr = (t.device, t.untyped_storage().data_ptr())
+            state[key] = t.clone() if ptr in seen else t  # tied weights: safetensors refuses shared storage
+            seen.add(ptr)
     _atomic_save(state, path, metadata)
     return path
 

@@ -23,9 +23,9 @@ from test_model_batches import single_thread, edit_sample, make_batch, vqa_sampl
 TOK = TextTokenizer.builtin()
 
 
-def tiny(seed: int, **kw) -> UnifiedModel:
+def tiny(seed: int, vocab_size: int = TOK.vocab_size, **kw) -> UnifiedModel:
     torch.manual_seed(seed)
-    return UnifiedModel(ModelConfig.tiny(vocab_size=TOK.vocab_size, **kw))
+    return UnifiedModel(ModelConfig.tiny(vocab_size=vocab_size, **kw))
 
 
 def _outputs(m, seed=0):
@@ -238,3 +238,31 @@ def test_from_checkpoint_dir_reads_transformers_written_configs(tmp_path):
     (tmp_path / "llm_config.json").write_text("{\n  \"vocab_size\": 3,\n  oops\n}")
     with pytest.raises(ConfigError, match="llm_config.json: line 3"):
         ModelConfig.from_checkpoint_dir(tmp_path)
+
+
+def test_qwen2_style_tokenizer_without_specials_grows_embeddings_on_load(tmp_path):
+    """A transformers tokenizer lacking the four special tokens: they are added, and only then resized."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    m = tiny(0, vocab_size=256)
+    save_weights(m, tmp_path / "ema.safetensors")
+    save_weights(m.vae_model.state_dict(), tmp_path / "ae.safetensors")
+    write_inference_files(tmp_path, m.config, None)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(str(tmp_path))
+    loaded = load_model_from_dir(tmp_path)
+    emb = loaded.language_model.model.embed_tokens.weight
+    assert emb.shape[0] == 260 and loaded.config.llm.vocab_size == 260
+    assert torch.equal(emb[:256], m.language_model.model.embed_tokens.weight)
+    # saved again with the specials present: nothing is added, no resize
+    tok = TextTokenizer.from_dir(tmp_path)
+    again = tmp_path / "again"
+    save_weights(loaded, again / "ema.safetensors")
+    save_weights(loaded.vae_model.state_dict(), again / "ae.safetensors")
+    write_inference_files(again, loaded.config, tok)
+    assert TextTokenizer.from_dir(again).num_added_tokens == 0
+    assert load_model_from_dir(again).language_model.lm_head.weight.shape[0] == 260
