@@ -26,7 +26,7 @@ from datasets_catalog.tokenizer import TextTokenizer
 
 from . import rng
 from .mixture_config import MixtureConfig, MixtureConfigError
-from .mixture_order import Layer, PassOrder, reshard_layer, to_global
+from .mixture_order import Layer, PassOrder, chunk_size, reshard_layer, stream_position, to_global
 from .mixture_recompute import RECOMPUTE_COLUMNS, recompute_row
 from .mixture_sources import GroupSource, ResolvedMixture, resolve_sources
 from .packing_config import PackingConfig
@@ -53,7 +53,8 @@ class Drawn:
     sample: StreamSample
     ds: int
     row: int
-    g: int = -1          # global position (pass * rows + position): for tests and tools
+    g: int = -1          # global position (pass * span + position): for tests and tools
+    pass_index: int = -1  # which pass over its group this draw belongs to
 
     @property
     def cost(self) -> int:
@@ -94,8 +95,9 @@ class MixtureStream:
         self.epoch = epoch
         self.resolved = resolved or resolve_sources(cfg)
         self.groups: list[GroupSource] = self.resolved.groups
+        self.chunks = [chunk_size(g.block_len, cfg.shuffle_window_blocks) for g in self.groups]
         self.orders = [PassOrder(g.block_len, (self.seed, self.epoch, g.name, g.config.shuffle_seed),
-                                 g.config.shuffle_lines, cfg.shuffle_window_blocks) for g in self.groups]
+                                 g.config.shuffle_lines, c) for g, c in zip(self.groups, self.chunks)]
         self.mandatory = [g.index for g in self.groups if g.config.is_mandatory]
         weights = [g.config.weight for g in self.groups]
         self.weights = [w / sum(weights) for w in weights]
@@ -118,8 +120,9 @@ class MixtureStream:
         self.stats = {"samples": [0] * len(self.groups), "tokens": [0] * len(self.groups),
                       "skipped_too_long": [0] * len(self.groups)}
 
-    def _fingerprint(self) -> dict[str, int]:
-        return {g.name: g.total for g in self.groups}
+    def _fingerprint(self) -> dict[str, list[int]]:
+        """Per group [rows, chunk]: a state only fits a stream whose groups have the same layout."""
+        return {g.name: [g.total, self.chunks[g.index]] for g in self.groups}
 
     def state_dict(self) -> dict[str, Any]:
         """Small JSON-serialisable position: cursors, counters, buffer and pending sample refs, layers."""
@@ -170,17 +173,20 @@ class MixtureStream:
         self.pending = self._fetch(*state["pending"]) if state["pending"] else None
 
     # -- drawing -----------------------------------------------------------------------------------
-    def _locate(self, gi: int, v: int) -> tuple[int, int, int]:
-        """(dataset index in group, dataset row, global position) of virtual position v of group gi."""
+    def _locate(self, gi: int, v: int) -> tuple[int, int, int] | None:
+        """(dataset index in group, dataset row, global position) of virtual position v of group gi,
+        or None when v is a void position (the padding of a pass to whole chunks)."""
         group = self.groups[gi]
         g = to_global(self.layers[gi], v)
-        k, p = divmod(g, group.total)
-        block, offset = self.orders[gi].locate(k, p)
+        where = self.orders[gi].split(g)
+        if where is None:
+            return None
+        block, offset = self.orders[gi].locate(*where)
         return int(group.block_ds[block]), int(group.block_row[block]) + offset, g
 
     def _fetch(self, gi: int, v: int, draw_key: int) -> Drawn:
         group = self.groups[gi]
-        di, row, g = self._locate(gi, v)
+        di, row, g = self._locate(gi, v)   # refs are never void
         ds = group.datasets[di]
         rg, off = ds.layout.find(row)
         path, rgi = ds.layout.files[int(ds.layout.rg_file[rg])], int(ds.layout.rg_index[rg])
@@ -196,11 +202,22 @@ class MixtureStream:
             meta = {"sample_id": sample_id, "num_tokens": num_tokens}
         sample = StreamSample(sample_id=sample_id, dataset=ds.name, group=group.name, task=ds.task.name,
                               num_tokens=num_tokens, row=meta, data_dir=ds.data_dir, draw_key=draw_key)
-        return Drawn(gi, v, draw_key, sample, di, row, g)
+        return Drawn(gi, v, draw_key, sample, di, row, g, g // self.orders[gi].span)
+
+    def _next_v(self, gi: int) -> int:
+        """This stream's next non-void position of group gi (advances the cursor)."""
+        while True:
+            v = stream_position(self.slot, self.slots, self.chunks[gi], self.cursors[gi])
+            self.cursors[gi] += 1
+            if self._locate(gi, v) is not None:
+                return v
+
+    def peek_global(self, gi: int) -> int:
+        """Global position of this stream's next draw from group gi (void ones included); for tools."""
+        return to_global(self.layers[gi], stream_position(self.slot, self.slots, self.chunks[gi], self.cursors[gi]))
 
     def _draw_from(self, gi: int) -> Drawn:
-        v = self.slot + self.cursors[gi] * self.slots
-        self.cursors[gi] += 1
+        v = self._next_v(gi)
         key = rng.key(self.seed, "draw", self.epoch, self.generation, self.slot, self.draws) & _MASK63
         self.draws += 1
         drawn = self._fetch(gi, v, key)
@@ -389,7 +406,8 @@ def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
         for s in range(slots):
             refs = list(by_slot[s]["buffer"]) + ([by_slot[s]["pending"]] if by_slot[s]["pending"] else [])
             inflight += [int(v) for g, v, _ in refs if g == gi]
-        layers[name] = first["layers"][name] + [reshard_layer(slots, cursors, inflight).to_state()]
+        chunk = int(first["groups"][name][1])
+        layers[name] = first["layers"][name] + [reshard_layer(slots, chunk, cursors, inflight).to_state()]
     stats = {k: [sum(s["stats"][k][i] for s in states) for i in range(len(first["groups"]))]
              for k in first["stats"]}
     return {"version": first["version"], "kind": "merged", "seed": first["seed"], "epoch": first["epoch"],

@@ -3,17 +3,19 @@
 Two pure, integer-only pieces (no I/O, no state beyond small caches):
 
 * `PassOrder`: the order of a group's rows in pass k. Blocks (row groups, at most MAX_BLOCK_ROWS rows)
-  are permuted, then rows are permuted inside windows of `window_blocks` consecutive blocks. Keys come
-  from the counter-based RNG (seed, epoch, group, shuffle_seed, pass), so the order changes every pass and
-  is the same on every machine. Memory: O(blocks) per cached pass, never O(rows). Reading stays local:
-  a stream only touches the `window_blocks` row groups of the current window.
+  are permuted, then rows are permuted inside each window of `chunk` consecutive positions (about
+  `shuffle_window_blocks` row groups). Keys come from the counter-based RNG (seed, epoch, group,
+  shuffle_seed, pass), so the order changes every pass and is the same on every machine. Memory:
+  O(blocks) per cached pass, never O(rows).
 
-* `Assignment`: the infinite sequence of global positions g = pass * N + position is split between the S
-  streams (S = world_size * num_workers): stream s takes g = s, s + S, s + 2S, ... Every g is read by
-  exactly one stream, so within a pass no row is read twice or skipped, whatever N mod S is. A world-size
-  change adds a `Layer`: the positions the old streams had not consumed (their in-flight samples first,
-  then the ragged gaps below the furthest old position M) are listed, then everything from M on; the new
-  streams split that new sequence the same way. Layers are small: O(old streams + in-flight samples).
+* The split across streams. Pass k occupies positions u = k * span + p of an infinite sequence, where
+  span = rows rounded up to a multiple of `chunk` (positions p >= rows are void and skipped). Stream s of
+  S (S = world_size * num_workers) takes the whole chunks s, s + S, s + 2S, ...: every position is taken
+  by exactly one stream, so within a pass no row is read twice or skipped, whatever rows mod S is, and a
+  stream reads whole windows (its row groups are read once, not S times). A world-size change adds a
+  `Layer`: the positions the old streams had not trained on (their in-flight samples, the rest of their
+  current chunks, their untouched chunks below the furthest old chunk M), then everything from chunk M
+  on; the new streams split that new sequence the same way. Layers are O(old streams + in-flight).
 """
 from __future__ import annotations
 
@@ -27,35 +29,39 @@ from . import rng
 MAX_BLOCK_ROWS = 4096
 
 
+def chunk_size(block_lens: np.ndarray, window_blocks: int) -> int:
+    """Positions per window/chunk: `window_blocks` typical (median) row groups, at least 1."""
+    if len(block_lens) == 0:
+        return 1
+    return max(1, int(window_blocks) * int(np.median(block_lens)))
+
+
 class PassOrder:
     """Pass-k order over a group's rows: position p in [0, N) -> block index and offset in that block."""
 
-    def __init__(self, block_lens: np.ndarray, key_parts: tuple, shuffle: bool, window_blocks: int) -> None:
+    def __init__(self, block_lens: np.ndarray, key_parts: tuple, shuffle: bool, chunk: int) -> None:
         self.block_lens = np.asarray(block_lens, dtype=np.int64)
         self.n_blocks = len(self.block_lens)
         self.total = int(self.block_lens.sum())
         self.block_starts = np.concatenate([[0], np.cumsum(self.block_lens)[:-1]]).astype(np.int64)
         self.key_parts = key_parts
         self.shuffle = shuffle
-        self.window = max(1, int(window_blocks))
+        self.chunk = max(1, int(chunk))
+        self.span = -(-self.total // self.chunk) * self.chunk   # positions per pass incl. void ones
         self._passes: OrderedDict[int, tuple] = OrderedDict()
         self._windows: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
 
-    def _pass(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _pass(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         cached = self._passes.get(k)
         if cached is not None:
             self._passes.move_to_end(k)
             return cached
         order = rng.permutation(self.n_blocks, "blocks", *self.key_parts, k)
         cum = np.concatenate([[0], np.cumsum(self.block_lens[order])]).astype(np.int64)
-        wstarts = cum[:: self.window]
-        if wstarts[-1] != self.total:
-            wstarts = np.concatenate([wstarts, [self.total]])
-        cached = (order, cum, wstarts)
-        self._passes[k] = cached
+        self._passes[k] = (order, cum)
         if len(self._passes) > 3:
             self._passes.popitem(last=False)
-        return cached
+        return order, cum
 
     def _window_perm(self, k: int, w: int, size: int) -> np.ndarray:
         perm = self._windows.get((k, w))
@@ -67,17 +73,26 @@ class PassOrder:
         return perm
 
     def locate(self, k: int, p: int) -> tuple[int, int]:
-        """(block, offset inside the block) of position p of pass k."""
+        """(block, offset inside the block) of position p (< total) of pass k."""
         if not self.shuffle:
             b = int(np.searchsorted(self.block_starts, p, side="right")) - 1
             return b, int(p - self.block_starts[b])
-        order, cum, wstarts = self._pass(k)
-        w = int(np.searchsorted(wstarts, p, side="right")) - 1
-        start = int(wstarts[w])
-        perm = self._window_perm(k, w, int(wstarts[w + 1]) - start)
+        order, cum = self._pass(k)
+        w, start = p // self.chunk, (p // self.chunk) * self.chunk
+        perm = self._window_perm(k, w, min(self.chunk, self.total - start))
         q = start + int(perm[p - start])
         slot = int(np.searchsorted(cum, q, side="right")) - 1
         return int(order[slot]), int(q - cum[slot])
+
+    def split(self, u: int) -> tuple[int, int] | None:
+        """(pass, position) of global position u, or None for a void position (p >= rows)."""
+        k, p = divmod(u, self.span)
+        return None if p >= self.total else (k, p)
+
+
+def stream_position(slot: int, slots: int, chunk: int, j: int) -> int:
+    """The position (in the newest layer) of the j-th draw of stream `slot` of `slots`."""
+    return ((j // chunk) * slots + slot) * chunk + j % chunk
 
 
 @dataclass
@@ -85,11 +100,11 @@ class Layer:
     """One world-size change: new virtual index v -> the previous layer's index."""
 
     inflight: list[int] = field(default_factory=list)      # released in-flight positions, first
-    gaps: list[list[int]] = field(default_factory=list)    # [start, step, count] arithmetic runs, next
+    runs: list[list[int]] = field(default_factory=list)    # [start, step, count, length], next
     tail: int = 0                                          # then tail, tail + 1, ...
 
     def __post_init__(self) -> None:
-        counts = [len(self.inflight)] + [int(c) for _, _, c in self.gaps]
+        counts = [len(self.inflight)] + [int(c) * int(n) for _, _, c, n in self.runs]
         self._cum = np.cumsum(counts).astype(np.int64)
 
     @property
@@ -101,34 +116,42 @@ class Layer:
             return self.inflight[v]
         if v >= self.n_holes:
             return self.tail + (v - self.n_holes)
-        i = int(np.searchsorted(self._cum, v, side="right"))   # gaps[i - 1]
-        start, step, _ = self.gaps[i - 1]
-        return int(start + (v - self._cum[i - 1]) * step)
+        i = int(np.searchsorted(self._cum, v, side="right"))   # runs[i - 1]
+        start, step, _, length = self.runs[i - 1]
+        idx = int(v - self._cum[i - 1])
+        return int(start + (idx // length) * step + idx % length)
 
     def to_state(self) -> dict:
-        return {"inflight": list(self.inflight), "gaps": [list(g) for g in self.gaps], "tail": self.tail}
+        return {"inflight": list(self.inflight), "runs": [list(r) for r in self.runs], "tail": self.tail}
 
     @classmethod
     def from_state(cls, data: dict) -> "Layer":
-        return cls([int(v) for v in data["inflight"]], [[int(x) for x in g] for g in data["gaps"]],
+        return cls([int(v) for v in data["inflight"]], [[int(x) for x in r] for r in data["runs"]],
                    int(data["tail"]))
 
 
 def to_global(layers: list[Layer], v: int) -> int:
-    """The global position g of virtual index v of the newest layer."""
+    """The global position of virtual index v of the newest layer."""
     for layer in reversed(layers):
         v = layer.map(v)
     return v
 
 
-def reshard_layer(slots: int, cursors: list[int], inflight: list[int]) -> Layer:
-    """The layer continuing a split over `slots` streams where stream s consumed its first cursors[s]
-    positions (s, s + S, ...) of the newest layer, minus `inflight` ones (drawn but never trained)."""
-    nexts = [s + c * slots for s, c in enumerate(cursors)]
-    tail = max(nexts) if nexts else 0
-    gaps = []
-    for nxt in nexts:
-        count = max(0, -(-(tail - nxt) // slots))
-        if count:
-            gaps.append([nxt, slots, count])
-    return Layer(sorted(int(v) for v in inflight), gaps, tail)
+def reshard_layer(slots: int, chunk: int, cursors: list[int], inflight: list[int]) -> Layer:
+    """The layer continuing a split over `slots` streams in which stream s made cursors[s] draws
+    (positions `stream_position(s, slots, chunk, j)`, j < cursors[s], of the newest layer), minus
+    `inflight` ones (drawn but never trained)."""
+    runs = []
+    first_free = []
+    for s, j in enumerate(cursors):
+        done, r = divmod(j, chunk)
+        if r:   # the rest of the chunk the stream was in
+            runs.append([stream_position(s, slots, chunk, j), 1, 1, chunk - r])
+            done += 1
+        first_free.append(done * slots + s)   # first chunk of s it never touched
+    top = max(first_free) if first_free else 0
+    for s, f in enumerate(first_free):
+        count = -(-(top - f) // slots)
+        if count > 0:
+            runs.append([f * chunk, slots * chunk, count, chunk])
+    return Layer(sorted(int(v) for v in inflight), runs, top * chunk)

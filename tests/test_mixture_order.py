@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from pipelines import rng
-from pipelines.mixture_order import Layer, PassOrder, reshard_layer, to_global
+from pipelines.mixture_order import Layer, PassOrder, chunk_size, reshard_layer, stream_position, to_global
 
 
 def order_rows(order: PassOrder, k: int) -> list[int]:
@@ -14,21 +14,24 @@ def order_rows(order: PassOrder, k: int) -> list[int]:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(1, 9), min_size=1, max_size=12), st.integers(1, 5), st.integers(0, 10))
-def test_pass_order_is_a_permutation_per_pass(lens, window, k):
-    order = PassOrder(np.array(lens), (1, 0, "g", 0), True, window)
+@given(st.lists(st.integers(1, 9), min_size=1, max_size=12), st.integers(1, 20), st.integers(0, 10))
+def test_pass_order_is_a_permutation_per_pass(lens, chunk, k):
+    order = PassOrder(np.array(lens), (1, 0, "g", 0), True, chunk)
     rows = order_rows(order, k)
     assert sorted(rows) == list(range(sum(lens)))
 
 
 def test_pass_order_changes_per_pass_and_is_local_to_windows():
     lens = np.full(40, 25)
-    order = PassOrder(lens, (3, 0, "g", 0), True, 2)
+    assert chunk_size(lens, 2) == 50
+    order = PassOrder(lens, (3, 0, "g", 0), True, 50)
     a, b = order_rows(order, 0), order_rows(order, 1)
     assert a != b and sorted(a) == sorted(b)
     # the first window's 50 positions come from exactly 2 blocks (reads stay local)
     assert len({r // 25 for r in a[:50]}) == 2
-    assert order_rows(PassOrder(lens, (3, 0, "g", 0), False, 2), 5) == list(range(1000))
+    assert order_rows(PassOrder(lens, (3, 0, "g", 0), False, 50), 5) == list(range(1000))
+    short = PassOrder(np.array([30, 7]), (3, 0, "g", 0), True, 10)
+    assert short.span == 40 and short.split(36) == (0, 36) and short.split(38) is None and short.split(41) == (1, 1)
 
 
 def test_rng_is_stable_and_keyed():
@@ -38,9 +41,9 @@ def test_rng_is_stable_and_keyed():
     assert 0 <= min(u) and max(u) < 1 and abs(np.mean(u) - 0.5) < 0.01
 
 
-def consumed(layers, slots, cursors):
-    """Global positions the streams took: stream s took v = s + j*slots for j < cursors[s]."""
-    return [to_global(layers, s + j * slots) for s in range(slots) for j in range(cursors[s])]
+def consumed(layers, slots, chunk, cursors):
+    """Global positions the streams took: stream s took its draws j < cursors[s]."""
+    return [to_global(layers, stream_position(s, slots, chunk, j)) for s in range(slots) for j in range(cursors[s])]
 
 
 @settings(max_examples=80, deadline=None)
@@ -48,32 +51,36 @@ def consumed(layers, slots, cursors):
 def test_reshard_chain_hands_out_every_position_exactly_once(data):
     layers: list[Layer] = []
     taken: list[int] = []
+    chunk = data.draw(st.integers(1, 4))
     slots = data.draw(st.integers(1, 5))
     for _ in range(data.draw(st.integers(1, 3))):
         cursors = data.draw(st.lists(st.integers(0, 12), min_size=slots, max_size=slots))
-        drawn = {s: [to_global(layers, s + j * slots) for j in range(cursors[s])] for s in range(slots)}
+        drawn = {s: [to_global(layers, stream_position(s, slots, chunk, j)) for j in range(cursors[s])]
+                 for s in range(slots)}
         # each stream still holds its last few draws in flight (buffer / pending): they go back to the pool
         inflight_v = []
         for s in range(slots):
             n = data.draw(st.integers(0, min(3, cursors[s])))
             for j in range(cursors[s] - n, cursors[s]):
-                inflight_v.append(s + j * slots)
+                inflight_v.append(stream_position(s, slots, chunk, j))
             taken += drawn[s][: cursors[s] - n]
-        layers = layers + [reshard_layer(slots, cursors, inflight_v)]
+        layers = layers + [reshard_layer(slots, chunk, cursors, inflight_v)]
         layers = [Layer.from_state(l.to_state()) for l in layers]        # through the state format
         slots = data.draw(st.integers(1, 5))
     horizon = 40
     final = [0] * slots
     # run the last topology until every stream has passed the horizon
     for s in range(slots):
-        while to_global(layers, s + final[s] * slots) < horizon + 200:
+        while to_global(layers, stream_position(s, slots, chunk, final[s])) < horizon + 200:
             final[s] += 1
-    taken += consumed(layers, slots, final)
+    taken += consumed(layers, slots, chunk, final)
     low = sorted(g for g in taken if g < horizon)
     assert low == list(range(horizon))
 
 
-def test_plain_split_is_strided_and_covers_uneven_counts():
+def test_plain_split_takes_whole_chunks_and_covers_uneven_counts():
     for slots in (1, 2, 3, 7):
-        got = sorted(consumed([], slots, [-(-10 // slots)] * slots))
-        assert got[:10] == list(range(10))
+        for chunk in (1, 3, 4):
+            got = sorted(consumed([], slots, chunk, [chunk * (-(-10 // (slots * chunk)))] * slots))
+            assert got[:10] == list(range(10))
+    assert [stream_position(1, 3, 4, j) for j in range(6)] == [4, 5, 6, 7, 16, 17]

@@ -10,7 +10,6 @@ import pytest
 from datasets_catalog.tokenizer import TextTokenizer
 from pipelines.mixture import MixtureStream, StreamStateError, merge_states
 from pipelines.mixture_config import MixtureConfig
-from pipelines.mixture_order import to_global
 from pipelines.packing_config import PackingConfig
 from pipelines.packed_batch import PackedBatch
 from shard_factory import make_catalog, tiny, write_config
@@ -101,29 +100,31 @@ def test_every_pack_has_each_mandatory_group_and_respects_budget(mix, tok):
         assert all(m.cost <= PACKING.max_num_tokens_per_sample for m in plan.members)
 
 
-def _pass0(streams, group: str, rows: int, extra=()) -> list[str]:
+def _pass0(streams, group: str, rows: int = 0, extra=()) -> list[str]:
     """Sample ids with global position < rows (pass 0) the streams drew (trained, skipped or in flight)."""
     out = []
     for s in streams:
         gi = [g.name for g in s.groups].index(group)
         for d in s.drawn_log:
-            if d.group == gi and d.g < rows:
+            if d.group == gi and d.pass_index == 0:
                 out.append(d.sample.sample_id)
     return out + list(extra)
 
 
 def _run_until_pass_done(s: MixtureStream, rows: dict[str, int], max_packs: int = 400) -> None:
     for _ in range(max_packs):
-        done = all(to_global(s.layers[g.index], s.slot + s.cursors[g.index] * s.slots) >= rows[g.datasets[0].name]
-                   for g in s.groups)
+        done = all(s.peek_global(g.index) >= s.orders[g.index].span for g in s.groups)
         if done:
             return
         s.next_plan()
     raise AssertionError("stream did not finish its first pass")
 
 
-@pytest.mark.parametrize("world_size,num_workers", [(1, 1), (2, 1), (3, 1), (2, 2), (4, 3)])
-def test_union_over_ranks_and_workers_of_one_pass_is_exactly_the_dataset(mix, tok, world_size, num_workers):
+@pytest.mark.parametrize("world_size,num_workers,window", [(1, 1, 4), (2, 1, 1), (3, 1, 1), (3, 1, 4), (2, 2, 1),
+                                                         (4, 3, 1)])
+def test_union_over_ranks_and_workers_of_one_pass_is_exactly_the_dataset(catalog, tok, world_size, num_workers,
+                                                                         window):
+    mix = config(catalog, f"shuffle_window_blocks: {window}\n{MIX}", f"mix_w{window}.yaml")   # chunks of 8 / 32
     streams = [stream(mix, tok, rank=r, world_size=world_size, worker_id=w, num_workers=num_workers, seed=7)
                for r in range(world_size) for w in range(num_workers)]
     for s in streams:
@@ -143,11 +144,14 @@ def test_passes_reshuffle(mix, tok):
     for _ in range(80):
         s.next_plan()
     ed = [d for d in s.drawn_log if d.sample.dataset == "ed"]
-    first, second = [d.sample.sample_id for d in ed if d.g < 23], [d.sample.sample_id for d in ed if 23 <= d.g < 46]
+    first = [d.sample.sample_id for d in ed if d.pass_index == 0]
+    second = [d.sample.sample_id for d in ed if d.pass_index == 1]
     assert sorted(first) == sorted(second) and first != second
 
 
-def test_world_size_two_into_three_continues_the_pass_without_duplicates_or_gaps(mix, tok):
+@pytest.mark.parametrize("window", [1, 4])
+def test_world_size_two_into_three_continues_the_pass_without_duplicates_or_gaps(catalog, tok, window):
+    mix = config(catalog, f"shuffle_window_blocks: {window}\n{MIX}", f"mix_w{window}.yaml")
     old = [stream(mix, tok, rank=r, world_size=2, seed=11) for r in range(2)]
     for s in old:
         s.drawn_log = []
@@ -169,7 +173,7 @@ def test_world_size_two_into_three_continues_the_pass_without_duplicates_or_gaps
         s.log_draws(s.drawn_log)
         _run_until_pass_done(s, ROWS)
     for gi, name in enumerate(["vqa", "txt", "ed"]):
-        got = [d.sample.sample_id for d in trained_old if d.group == gi and d.g < ROWS[name]]
+        got = [d.sample.sample_id for d in trained_old if d.group == gi and d.pass_index == 0]
         got += _pass0(new, new[0].groups[gi].name, ROWS[name])
         assert sorted(got) == sorted(f"{name}:{i}" for i in range(1, ROWS[name] + 1)), (name, Counter(got).most_common(2))
     # and the new streams are themselves exactly resumable
