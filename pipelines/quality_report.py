@@ -79,7 +79,8 @@ body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:24px;color:#
 h1{margin-bottom:0}h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}
 table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px solid #ddd;padding:4px 8px;text-align:left}
 th{background:#f3f3f3}.num{text-align:right}.bad{background:#fde2e2}.warn{color:#a40000;font-weight:600}
-.ok{color:#1b6e20;font-weight:600}.plots img{max-width:100%;margin:6px 0;border:1px solid #eee}
+.ok{color:#1b6e20;font-weight:600}.plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:12px}
+.plots figure{margin:0}.plots figcaption{font-weight:600;margin:4px 0}.plots img{max-width:100%;border:1px solid #eee}
 .grid{display:flex;flex-wrap:wrap;gap:8px}.thumb{width:170px;font-size:11px;word-break:break-all}
 .thumb img{border:1px solid #ccc;max-width:160px;max-height:160px}.muted{color:#777}
 """
@@ -196,7 +197,7 @@ def render_html(report: QualityReport) -> str:
         "<h2>Duplicates and train/validation leakage</h2>", _duplicates_section(report),
         "<h2>Datasets</h2>", _dataset_table(report),
         '<h2>Distributions</h2><div class="plots">',
-        *(f"<h3>{_e(title)}</h3>{_img(png, title)}" for title, png in plots),
+        *(f"<figure><figcaption>{_e(title)}</figcaption>{_img(png, title)}</figure>" for title, png in plots),
         "</div>",
         "<h2>Random samples (decoded as the trainer sees them)</h2>", _thumbs_section(report),
         f"<script type=\"application/json\" id=\"summary\">{summary_json}</script>",
