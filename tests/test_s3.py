@@ -250,3 +250,54 @@ def test_interrupted_ingest_to_s3_never_looks_complete(bucket, small_catalog, mo
     assert report.ok and report.datasets[0].status == "built"
     assert storage.is_complete(out / "vqa", "_manifest.json")
     assert not [n for n, _ in storage.files_under(out) if n.startswith(".staging-")]
+
+
+# -- checkpoints -------------------------------------------------------------------------------------------
+
+def _local_checkpoint(root, step: int):
+    """A real trainer checkpoint directory (trainer.checkpointing: temp dir, files, marker, rename)."""
+    import torch
+
+    from trainer import checkpointing as ck
+
+    tmp = ck.prepare_temp(root, step)
+    ck.save_safetensors({"w": torch.full((2, 2), float(step))}, tmp / ck.MODEL_FILE)
+    ck.save_safetensors({"w": torch.zeros(2, 2)}, tmp / ck.EMA_FILE)
+    ck.write_json(tmp / ck.stream_state_file(0, 1), {"step": step})
+    return ck.finalize(root, step, [ck.MODEL_FILE, ck.EMA_FILE, ck.stream_state_file(0, 1)])
+
+
+def test_checkpoints_round_trip_through_s3(bucket, tmp_path, monkeypatch):
+    from trainer import checkpointing as ck
+    from pipelines import storage_checkpoints as sc
+
+    assert sc.MARKER == ck.MARKER
+    remote = sc.remote_checkpoint_root(str(bucket / "runs"), "mix")
+    assert remote == bucket / "runs" / "mix" / "checkpoints" and sc.remote_checkpoint_root("runs", "mix") is None
+    local = tmp_path / "node_a" / "checkpoints"
+    for step in (2, 4, 6):
+        sc.mirror_checkpoint(_local_checkpoint(local, step), remote, keep=2)
+    assert [s for s, _ in sc.remote_steps(remote)] == [4, 6]
+    assert all(sc.remote_is_complete(p) for _, p in sc.remote_steps(remote))
+
+    # an upload that dies before its marker leaves an incomplete step 8 that nobody resumes from
+    real_copy = storage.copy_file
+
+    def dying_copy(src, dst):
+        if dst.name == ck.MODEL_FILE:
+            raise OSError("connection reset (simulated)")
+        real_copy(src, dst)
+
+    monkeypatch.setattr(storage, "copy_file", dying_copy)
+    with pytest.raises(OSError):
+        sc.mirror_checkpoint(_local_checkpoint(local, 8), remote, keep=2)
+    monkeypatch.setattr(storage, "copy_file", real_copy)
+    assert (remote / "0000008").is_dir() and not sc.remote_is_complete(remote / "0000008")
+    assert sc.newest_remote_complete(remote) == remote / "0000006"
+
+    # a fresh machine restores the newest complete checkpoint; the trainer's own rules accept it
+    other = tmp_path / "node_b" / "checkpoints"
+    restored = sc.restore_newest(remote, other)
+    assert restored == other / "0000006" and ck.newest_complete(other) == restored
+    assert ck.load_safetensors(restored / ck.MODEL_FILE)["w"][0, 0].item() == 6.0
+    assert sc.restore_newest(remote, other) is None            # nothing newer: no second download

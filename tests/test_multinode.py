@@ -1,0 +1,165 @@
+"""Two Ray nodes on one machine, started with `ray start` as separate processes (2 CPUs each, a custom
+resource each to tell them apart), sharing no disk path for shards: the ingest writes to the localhost S3
+server, the trainer reads its shards from there. The ingest's chunk tasks and the two training workers
+(STRICT_SPREAD: one per node) record the node they ran on; the test checks both nodes did work.
+
+One test, because starting two nodes and a Ray Train fit costs about a minute on 2 cores.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pipelines import storage
+from tests.test_s3 import s3_server  # noqa: F401  (the localhost S3 server fixture)
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pids_under(marker: str) -> list[int]:
+    """Processes whose command line names our private Ray temp dir (unique to this test, so only ours)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if marker in (d / "cmdline").read_bytes().decode(errors="ignore"):
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+class Node:
+    """One `ray start --block` process (own session, own temp dir) and its log."""
+
+    def __init__(self, args: list[str], env: dict, temp_dir: str) -> None:
+        self.temp_dir = temp_dir
+        self.log = Path(temp_dir) / "start.log"
+        ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+        self.proc = subprocess.Popen([ray_bin, "start", "--block", f"--temp-dir={temp_dir}",
+                                      "--object-store-memory=150000000", "--disable-usage-stats", *args],
+                                     env=env, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_started(self, deadline: float) -> None:
+        while "Ray runtime started" not in self.log.read_text(errors="ignore"):
+            assert self.proc.poll() is None, f"ray start exited:\n{self.log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"ray start did not finish:\n{self.log.read_text()[-3000:]}"
+            time.sleep(0.5)
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+def _stop(nodes: list[Node]) -> None:
+    """Stop only the processes this test started (never `ray stop`: it would kill every Ray on the
+    machine, other people's test clusters included): SIGTERM to each node's process group, then SIGKILL to
+    whatever still names one of our temp dirs."""
+    for node in reversed(nodes):
+        node.signal(signal.SIGTERM)
+    deadline = time.monotonic() + 40
+    for node in nodes:
+        try:
+            node.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            node.signal(signal.SIGKILL)
+    for node in nodes:
+        for pid in _pids_under(node.temp_dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(node.temp_dir, ignore_errors=True)
+
+
+def _run(cmd: list[str], env: dict, timeout: float) -> dict:
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    return json.loads(proc.stdout[proc.stdout.index("{"):])
+
+
+def test_two_nodes_ingest_and_train(tmp_path, s3_server):  # noqa: F811
+    from tests.shard_factory import make_catalog, tiny, write_config
+
+    bucket = storage.as_path(f"s3://medloom-mn-{uuid.uuid4().hex[:8]}", endpoint=s3_server)
+    bucket.create_bucket()
+    shards = f"s3://{bucket.bucket}/shards"
+    catalog = make_catalog(tmp_path / "data", [tiny("vqa", "sft", rows=16, seed=1),
+                                               tiny("txt", "text_only", rows=8, seed=2)])
+    catalog.write_text(catalog.read_text() + "rows_per_shard: 4\ntokenizer: builtin\n")   # 6 chunk tasks
+    mix = write_config(tmp_path / "mix.yaml", f"""
+catalog: {catalog}
+shards: {shards}
+sft: {{dataset_names: [vqa], weight: 2}}
+text_only: {{dataset_names: [txt], weight: 1}}
+train:
+  model: tiny
+  from_scratch: true
+  warmup_steps: 1
+  log_every: 1
+  expected_num_tokens: 384
+  max_num_tokens: 640
+  max_num_tokens_per_sample: 384
+  prefer_buffer_before: 192
+""")
+    # Every node gets the S3 endpoint and credentials from its environment, as on a real cluster.
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    env.update({"RAY_AUTH_MODE": "disabled", "AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true",
+                "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)})
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    nodes: list[Node] = []
+    try:
+        deadline = time.monotonic() + 180
+        nodes.append(Node(["--head", f"--port={port}", "--num-cpus=2", '--resources={"medloom_head": 1}',
+                           "--include-dashboard=false"], env, tempfile.mkdtemp(prefix="mnh_", dir="/tmp")))
+        nodes[0].wait_started(deadline)
+        nodes.append(Node([f"--address={address}", "--num-cpus=2", '--resources={"medloom_worker": 1}'], env,
+                          tempfile.mkdtemp(prefix="mnw_", dir="/tmp")))
+        nodes[1].wait_started(deadline)
+
+        ingest = _run([sys.executable, "jobs/ingest.py", str(catalog), "--out", shards, "--address", address,
+                       "--json", "--quiet"], env, timeout=240)
+        assert ingest["ok"] and [d["status"] for d in ingest["datasets"]] == ["built", "built"]
+        ingest_nodes = set(ingest["nodes"])
+        assert len(ingest_nodes) == 2 and sum(ingest["nodes"].values()) == 6, ingest["nodes"]
+        assert storage.is_complete(bucket / "shards" / "vqa", "_manifest.json")
+
+        runs = tmp_path / "runs"
+        summary = _run([sys.executable, "jobs/train.py", "--config", str(mix), "--address", address,
+                        "--num_workers", "2", "--placement_strategy", "STRICT_SPREAD", "--storage_path", str(runs),
+                        "--total_steps", "2", "--save_every", "2", "--dataloader_workers", "0", "--json"],
+                       env, timeout=400)
+        assert summary["error"] is None and summary["metrics"]["step"] == 2, summary
+        workers = [json.loads(line) for line in (runs / "mix" / "workers.jsonl").read_text().splitlines()]
+        assert sorted(w["rank"] for w in workers) == [0, 1]
+        train_nodes = {w["node_id"] for w in workers}
+        assert len(train_nodes) == 2 and train_nodes == ingest_nodes    # one worker on each of the two nodes
+    finally:
+        _stop(nodes)
+    for node in nodes:
+        assert not _pids_under(node.temp_dir)
