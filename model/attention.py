@@ -38,6 +38,9 @@ def flash_attn_available() -> bool:
 
 def choose_backend(requested: str, device: torch.device) -> str:
     """`auto`: flash-attn on CUDA when installed, else flex on CUDA, else per-sample SDPA."""
+    if requested == "flash" and not flash_attn_available():
+        raise ValueError("attn_backend 'flash' needs CUDA and flash-attn (pip install -e '.[gpu]'); "
+                         "use 'auto', 'sdpa', 'flex' or 'varlen'")
     if requested != "auto":
         return requested
     if device.type == "cuda":

@@ -72,3 +72,6 @@ def test_sdpa_and_varlen_gradients_agree():
 def test_automatic_backend_choice():
     assert choose_backend("auto", torch.device("cpu")) == "sdpa"
     assert choose_backend("flex", torch.device("cpu")) == "flex"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="flash-attn"):
+            choose_backend("flash", torch.device("cpu"))

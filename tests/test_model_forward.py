@@ -18,7 +18,7 @@ from model.unified import UnifiedModel
 from pipelines.packing import build_packed_batch
 from pipelines.packing_config import PackingConfig
 from pipelines.sample import StreamSample
-from test_model_batches import single_thread, Text, Vit, edit_sample, make_batch, rand_image, vqa_sample
+from test_model_batches import single_thread, Text, edit_sample, make_batch, vqa_sample  # noqa: F401
 
 TOK = TextTokenizer.builtin()
 PACK = PackingConfig(expected_num_tokens=2000, max_num_tokens=4096, max_num_tokens_per_sample=4096,
