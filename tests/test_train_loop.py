@@ -58,10 +58,10 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_exact_resume_and_checkpoint_files(mixture, tmp_path):
-    # N = 6 straight (background loader process) ...
+    # N = 6 straight (FSDP2 wrapping on CPU/gloo, background loader process) ...
     straight = train_loop(_cfg(mixture, tmp_path / "a", "--total_steps", "6", "--save_every", "3",
-                               "--dataloader_workers", "1"), print_fn=lambda s: None)
-    # ... vs 3, stop, resume to 6 (loader thread)
+                               "--dataloader_workers", "1", "--parallelism", "fsdp"), print_fn=lambda s: None)
+    # ... vs 3, stop, resume to 6 (no wrapping, loader thread): same losses, bit-identical weights
     first = train_loop(_cfg(mixture, tmp_path / "b", "--total_steps", "6", "--save_every", "3",
                             "--stop_at_step", "3", "--dataloader_workers", "0"), print_fn=lambda s: None)
     second = train_loop(_cfg(mixture, tmp_path / "b", "--total_steps", "6", "--save_every", "3",

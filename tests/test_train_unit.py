@@ -356,3 +356,33 @@ def test_prefetch_surfaces_loader_errors():
     with pytest.raises(RuntimeError, match="corrupt shard"):
         next(p)
     p.close()
+
+
+# ---- jobs ---------------------------------------------------------------------------------------------
+def test_train_job_refuses_with_one_clear_message(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = root / "configs" / "radiology_sft.yaml"
+    proc = subprocess.run([sys.executable, str(root / "jobs/train.py"), "--config", str(cfg), "--total_steps", "200",
+                           "--warmup_steps", "2000", "--storage_path", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "warmup_steps (2000) is longer than training (total_steps 200)" in proc.stderr
+    assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
+
+
+def test_plot_job_writes_png(tmp_path):
+    from jobs.plot import main as plot_main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"step": s, "ce": 5.0 / s, "mse": 1.0, "lr": 1e-3, "data_wait_fraction": 0.01,
+              "share_tokens/a": 0.7, "share_tokens/b": 0.3} for s in (1, 2, 3)]
+    lines.append({**lines[-1], "ce": 1.0})                           # a re-logged step after a restart wins
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert plot_main([str(run)]) == 0
+    png = run / "training_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert plot_main([str(tmp_path / "missing")]) == 2

@@ -127,6 +127,7 @@ class RunArguments:
     config: Optional[str] = _f(None, "mixture YAML with an optional train: section")
     num_workers: int = _f(1, "Ray Train workers (data-parallel ranks)")
     use_gpu: bool = _f(False, "one GPU per worker (NCCL + FSDP); CPU: gloo + DDP")
+    parallelism: str = _f("auto", "auto (FSDP2 on GPU, DDP on CPU) | ddp | fsdp (FSDP2 also runs on CPU/gloo)")
     cpus_per_worker: Optional[float] = _f(None, "CPUs reserved per worker (default: 0.5 on CPU, 4 on GPU)")
     storage_path: str = _f("runs", "Ray Train storage path; the run directory is storage_path/name")
     name: Optional[str] = _f(None, "run name (default: the config file's stem)")
@@ -385,6 +386,8 @@ def validate(cfg: TrainConfig, generation_groups: Optional[list[str]] = None) ->
     if m.layer_module not in VALID_LAYER_MODULES:
         raise ConfigError(f"layer_module must be one of {', '.join(VALID_LAYER_MODULES)}, got {m.layer_module!r} "
                           f"(UniMedVL's default 'Qwen2MoTDecoderLayer_with_hidden_outputs' is not a valid key)")
+    if r.parallelism not in ("auto", "ddp", "fsdp"):
+        raise ConfigError(f"parallelism must be auto, ddp or fsdp, got {r.parallelism!r}")
     if t.sharding_strategy not in VALID_SHARDING:
         raise ConfigError(f"sharding_strategy must be one of {', '.join(VALID_SHARDING)}, got {t.sharding_strategy!r}")
     if m.model is not None and m.model not in MODEL_PRESETS:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Optional, Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from trainer import checkpointing as ck
 from trainer.config import TrainConfig, training_args_json
@@ -99,7 +100,7 @@ def train_loop(cfg: TrainConfig | dict, *, reporter: Optional[Reporter] = None,
     use_cuda = r.use_gpu and torch.cuda.is_available()
     if r.use_gpu and not use_cuda:
         raise RuntimeError("--use_gpu True but this worker sees no CUDA device")
-    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    device = _cuda_device() if use_cuda else torch.device("cpu")
     if not use_cuda:
         torch.set_num_threads(r.torch_threads or 1)
     elif r.torch_threads:
@@ -147,11 +148,17 @@ def train_loop(cfg: TrainConfig | dict, *, reporter: Optional[Reporter] = None,
     model.train()
     ema.train()  # upstream keeps the EMA in train mode (its layers dispatch on .training)
 
-    if use_cuda:
+    use_fsdp = r.parallelism == "fsdp" or (r.parallelism == "auto" and use_cuda)
+    own_group = False
+    if use_fsdp:
+        if not dist.is_initialized():   # FSDP2 needs a process group, even for one rank
+            _single_process_group("nccl" if use_cuda else "gloo")
+            own_group = True
         par: Parallel = wrap_fsdp(model, freeze_vae=t.freeze_vae, sharding_strategy=t.sharding_strategy,
                                   num_replicate=t.num_replicate, num_shard=t.num_shard, cpu_offload=t.cpu_offload,
-                                  activation_checkpointing=t.activation_checkpointing,
-                                  reshard_after_forward=t.sharding_strategy != "NO_SHARD")
+                                  activation_checkpointing=t.activation_checkpointing and use_cuda,
+                                  reshard_after_forward=t.sharding_strategy != "NO_SHARD",
+                                  device_type=device.type, param_dtype=torch.bfloat16 if use_cuda else None)
         wrap_ema_fsdp(ema, par.mesh)
     else:
         par = wrap_ddp(model, freeze_vae=t.freeze_vae)
@@ -311,9 +318,34 @@ def train_loop(cfg: TrainConfig | dict, *, reporter: Optional[Reporter] = None,
     finally:
         prefetch.close()
         sink.close()
+        if own_group:
+            dist.destroy_process_group()
     result.data_wait_fraction = total_wait / total_time if total_time > 0 else 0.0
     log(f"done at step {result.final_step}; data wait {100 * result.data_wait_fraction:.1f}% of step time")
     return result
+
+
+def _cuda_device() -> torch.device:
+    """This worker's GPU: Ray Train's assignment inside a Ray worker, else LOCAL_RANK (torchrun style)."""
+    try:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    except Exception:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    if isinstance(device, list):
+        device = device[0]
+    torch.cuda.set_device(device)
+    return device
+
+
+def _single_process_group(backend: str) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 def _event(cfg: TrainConfig, rec: dict) -> None:

@@ -100,8 +100,10 @@ def _units(model: nn.Module) -> list[nn.Module]:
 
 def wrap_fsdp(model: nn.Module, *, freeze_vae: bool, sharding_strategy: str, num_replicate: int,
               num_shard: Optional[int], cpu_offload: bool, activation_checkpointing: bool,
-              reshard_after_forward: bool = True) -> Parallel:
-    """FSDP2 (`fully_shard`) with bf16 mixed precision; call after `model.to(cuda)` and freezing."""
+              reshard_after_forward: bool = True, device_type: str = "cuda",
+              param_dtype: Optional[torch.dtype] = torch.bfloat16) -> Parallel:
+    """FSDP2 (`fully_shard`) with bf16 mixed precision; call after `model.to(device)` and freezing.
+    `device_type="cpu"` (gloo) runs the same wrapping on CPU, where `param_dtype=None` keeps fp32."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -115,14 +117,14 @@ def wrap_fsdp(model: nn.Module, *, freeze_vae: bool, sharding_strategy: str, num
         model.set_activation_checkpointing(True)
     if sharding_strategy == "HYBRID_SHARD" and world > 1:
         shard = num_shard or world // num_replicate
-        mesh = init_device_mesh("cuda", (num_replicate, shard), mesh_dim_names=("replicate", "shard"))
+        mesh = init_device_mesh(device_type, (num_replicate, shard), mesh_dim_names=("replicate", "shard"))
         opt_shard = (rank % shard, shard) if rank < shard else None  # replica 0 writes the shards
         load_shard = (rank % shard, shard)
     else:
-        mesh = init_device_mesh("cuda", (world,), mesh_dim_names=("shard",))
+        mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("shard",))
         opt_shard = (rank, world)
         load_shard = (rank, world)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16, output_dtype=None)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=param_dtype, output_dtype=None)
     kw: dict[str, Any] = {"mesh": mesh, "mp_policy": mp, "reshard_after_forward": reshard_after_forward}
     if cpu_offload:
         kw["offload_policy"] = CPUOffloadPolicy()
@@ -133,9 +135,12 @@ def wrap_fsdp(model: nn.Module, *, freeze_vae: bool, sharding_strategy: str, num
     vae = getattr(model, "vae_model", None)
     if vae is not None:
         fully_shard(vae, **kw)
-        register_fsdp_forward_method(vae, "encode")  # encode() is called outside forward()
-    fully_shard(model, **kw)
+        register_fsdp_forward_method(vae, "encode")  # encode() is not forward()
+    # the root unit is the step module (VAE encode + model forward), so FSDP's lazy init runs from the root
+    # before the VAE unit is used; the model's own top-level tensors (embed_tokens, lm_head, norms, vae2llm,
+    # llm2vae) live in this root unit, as upstream
     step = StepModule(model, freeze_vae)
+    fully_shard(step, **kw)
     return Parallel(step, model, "fsdp", opt_shard, load_shard, mesh)
 
 
