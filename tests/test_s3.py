@@ -203,6 +203,14 @@ def test_ingest_to_s3_matches_local_and_is_idempotent(bucket, small_catalog):
     again = _ingest(catalog, out)
     assert [d.status for d in again.datasets] == ["up to date", "up to date"]
 
+    # DuckDB over the remote parts, through a pyarrow dataset on the same pyarrow.fs (docs/cluster.md)
+    duckdb = pytest.importorskip("duckdb")
+    import pyarrow.dataset as pads
+
+    parts = pads.dataset([p.path for n, p in storage.files_under(out) if "/part-" in n], filesystem=out.fs)
+    got = dict(duckdb.sql("SELECT dataset, count(*) FROM parts GROUP BY dataset").fetchall())
+    assert got == {"vqa": len(pd.read_parquet(local / "vqa")), "txt": len(pd.read_parquet(local / "txt"))}
+
 
 def test_interrupted_ingest_to_s3_never_looks_complete(bucket, small_catalog, monkeypatch):
     from pipelines import storage_ingest
