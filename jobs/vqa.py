@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""Visual question answering / report writing with a trained checkpoint (bagel-compat §3.3).
+
+    python jobs/vqa.py --model_path CKPT_DIR --image X.png --prompt "Describe this chest X-ray."
+    python jobs/vqa.py --model_path CKPT_DIR --input eval.jsonl --output answers.jsonl [--data_dir DIR]
+
+CKPT_DIR is any checkpoint directory the trainer writes (checkpoints/0000200/) or a released UniMedVL /
+BAGEL directory. CUDA is used when present (bf16), else the CPU (fp32). Exit status 2 for a user mistake
+(one message, no traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from model.inference.interleave import VQA_VIT_ARGS  # noqa: E402
+from model.inference.jobs_io import parse_transform, run_main  # noqa: E402
+from model.inference.loading import InferenceError  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="jobs/vqa.py",
+        description="Answer a question about a medical image (or a batch of JSONL records) with a checkpoint.",
+        epilog='Example: python jobs/vqa.py --model_path runs/mix/checkpoints/0000200 '
+               '--image examples/radiology/images/ct/ct_small_bone.png --prompt "Describe the vertebral body."')
+    p.add_argument("--model_path", required=True, help="checkpoint directory (llm_config.json, vit_config.json, "
+                                                       "ema.safetensors, tokenizer files)")
+    single = p.add_argument_group("single question")
+    single.add_argument("--image", action="append", default=[], help="image file (PNG/JPEG/DICOM/NIfTI); repeat "
+                                                                     "for several images")
+    single.add_argument("--prompt", help="the question; <image> tags place the images, else they come first")
+    batch = p.add_argument_group("batch (evaluation)")
+    batch.add_argument("--input", type=Path, help="JSONL records (input_img, message): the last human turn is "
+                                                  "answered, earlier turns are context")
+    batch.add_argument("--output", type=Path, help="JSONL written with the answer as the last gpt message and "
+                                                   "the record's own answer under 'reference'")
+    batch.add_argument("--data_dir", type=Path, help="folder image paths are relative to (default: the input's folder)")
+    g = p.add_argument_group("decoding (UniMedVL VQA defaults)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    g.add_argument("--max_new_tokens", type=int, default=512, help="stop after this many tokens (default 512)")
+    g.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling (do_sample=False)")
+    g.add_argument("--seed", type=int, default=42, help="seed of the sampling draws (default 42)")
+    m = p.add_argument_group("model")
+    m.add_argument("--device", help="cuda, cuda:1, cpu (default: CUDA when present)")
+    m.add_argument("--dtype", help="bf16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
+    m.add_argument("--use_model_weights", action="store_true", help="model.safetensors instead of ema.safetensors")
+    v = VQA_VIT_ARGS
+    m.add_argument("--vit_transform", default=f"{v.max_image_size},{v.min_image_size},{v.image_stride},{v.max_pixels}",
+                   help="ViT resize MAX,MIN,STRIDE[,MAX_PIXELS] the checkpoint was trained with (default: vlm_sft "
+                        "%(default)s)")
+    m.add_argument("--json", action="store_true", help="single mode: print {\"answer\": ...} as JSON")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    batch_mode = args.input is not None or args.output is not None
+    if batch_mode and (args.input is None or args.output is None):
+        raise InferenceError("batch mode needs both --input FILE.jsonl and --output FILE.jsonl")
+    if not batch_mode and args.prompt is None:
+        raise InferenceError("give --prompt (with --image) for one question, or --input/--output for a batch")
+    if args.max_new_tokens < 1:
+        raise InferenceError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.greedy and args.temperature <= 0:
+        raise InferenceError(f"--temperature must be > 0 when sampling, got {args.temperature} (or pass --greedy)")
+    vit = parse_transform(args.vit_transform, "--vit_transform")
+    if batch_mode and not args.input.is_file():
+        raise InferenceError(f"--input {args.input}: no such file")
+
+    from model.inference.api import VQAInferencer
+
+    inf = VQAInferencer(args.model_path, device=args.device, dtype=args.dtype,
+                        use_ema=not args.use_model_weights, vit_transform=vit)
+    options = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
+                   seed=args.seed)
+    if batch_mode:
+        from model.inference.batch import run_batch, vqa_handler
+
+        data_dir = args.data_dir or args.input.resolve().parent
+        summary = run_batch(args.input, args.output, data_dir, vqa_handler(inf, **options), "vqa")
+        print(summary.line("vqa") + f"; wrote {args.output}")
+        for err in summary.errors:
+            print(f"  {err}")
+        return 1 if summary.failed else 0
+    answer = inf.infer_single(args.image or None, args.prompt, **options)
+    print(json.dumps({"answer": answer}, ensure_ascii=False) if args.json else answer)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

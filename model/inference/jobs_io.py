@@ -1,0 +1,68 @@
+"""Small helpers shared by jobs/vqa.py and jobs/generate.py: transform flags, atomic PNG/latent writes and
+the user-error wrapper (one line on stderr, exit 2, no traceback)."""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from datasets_catalog.transforms import ImageTransformArgs
+
+from .loading import InferenceError
+
+
+def parse_transform(text: str, flag: str) -> ImageTransformArgs:
+    """'MAX,MIN,STRIDE[,MAX_PIXELS]' -> ImageTransformArgs (upstream ImageTransform argument order)."""
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise InferenceError(f"{flag} {text!r}: expected MAX,MIN,STRIDE[,MAX_PIXELS] as integers") from None
+    if len(parts) not in (3, 4):
+        raise InferenceError(f"{flag} {text!r}: expected 3 or 4 comma-separated integers MAX,MIN,STRIDE[,MAX_PIXELS]")
+    try:
+        return ImageTransformArgs(*parts)
+    except ValueError as exc:
+        raise InferenceError(f"{flag} {text!r}: {exc}") from None
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=str(path.parent))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def save_png(image: Image.Image, path: Path) -> Path:
+    return _atomic(Path(path), lambda tmp: image.save(tmp, format="PNG"))
+
+
+def save_latent(latent: torch.Tensor, height: int, width: int, path: Path) -> Path:
+    """The sampled latent tokens [h*w, p*p*z] the image was decoded from, with its pixel size."""
+    from safetensors.torch import save_file
+
+    return _atomic(Path(path), lambda tmp: save_file({"latent": latent.contiguous().cpu()}, tmp,
+                                                     metadata={"height": str(height), "width": str(width)}))
+
+
+def run_main(main: Callable[[], int]) -> None:
+    """Run a job's main; user mistakes print one line and exit 2 (never a traceback)."""
+    try:
+        code = main()
+    except InferenceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

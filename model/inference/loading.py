@@ -1,0 +1,107 @@
+"""Load a checkpoint directory for inference, with user-facing errors (bagel-compat §2.3, §3.3).
+
+Any directory the trainer writes (`{step:07d}/`) or a released UniMedVL / BAGEL directory works. Before
+anything heavy is built, `check_checkpoint_dir` names each missing file and what the directory must contain,
+so a wrong `--model_path` costs one clear line instead of a traceback.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from datasets_catalog.tokenizer import TextTokenizer
+from model.checkpoint import CheckpointError, load_model_from_dir
+from model.config import ConfigError
+from model.unified import UnifiedModel
+
+WEIGHT_FILES = ("ema.safetensors", "model.safetensors")
+COMPONENT_FILES = ("language_model.safetensors",)
+VAE_FILES = ("ae.safetensors", "vae_model.safetensors")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json", "medloom_tokenizer.json")
+MUST_CONTAIN = ("a checkpoint directory must contain llm_config.json, vit_config.json, ema.safetensors "
+                "(or model.safetensors), ae.safetensors (for image generation) and the tokenizer files "
+                "(tokenizer.json or vocab.json + merges.txt)")
+
+
+class InferenceError(ValueError):
+    """A user mistake (bad checkpoint directory, unreadable image, prompt too long); one clear message."""
+
+
+def check_checkpoint_dir(path: str | Path, need_vae: bool) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise InferenceError(f"--model_path {path}: no such directory ({MUST_CONTAIN})")
+    if not path.is_dir():
+        raise InferenceError(f"--model_path {path}: is a file, not a checkpoint directory ({MUST_CONTAIN})")
+    missing = [name for name in ("llm_config.json", "vit_config.json") if not (path / name).is_file()]
+    if not any((path / n).is_file() for n in WEIGHT_FILES + COMPONENT_FILES):
+        missing.append("ema.safetensors (or model.safetensors)")
+    if need_vae and not any((path / n).is_file() for n in VAE_FILES):
+        from safetensors import safe_open
+
+        weights = next((path / n for n in WEIGHT_FILES if (path / n).is_file()), None)
+        in_weights = False
+        if weights is not None:
+            with safe_open(str(weights), framework="pt") as fh:
+                in_weights = any(k.startswith("vae_model.") for k in fh.keys())
+        if not in_weights:
+            missing.append("ae.safetensors (the FLUX VAE, needed for image generation)")
+    if not any((path / n).is_file() for n in TOKENIZER_FILES):
+        missing.append("tokenizer files (tokenizer.json or vocab.json + merges.txt)")
+    if missing:
+        raise InferenceError(f"{path}: missing {', '.join(missing)}; {MUST_CONTAIN}")
+    return path
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    """CUDA when present, else CPU (an explicit choice wins)."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU, unless given."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+             "fp16": torch.float16, "float16": torch.float16}
+    if dtype not in names:
+        raise InferenceError(f"--dtype {dtype!r}: use one of {sorted(names)}")
+    return names[dtype]
+
+
+@dataclass
+class Loaded:
+    model: UnifiedModel
+    tokenizer: TextTokenizer
+    device: torch.device
+    dtype: torch.dtype
+    path: Path
+
+
+def load_for_inference(model_path: str | Path, visual_gen: bool, device=None, dtype=None,
+                       use_ema: bool = True) -> Loaded:
+    """Model in eval mode on `device` in `dtype` (the VAE stays fp32 on CPU), plus its tokenizer.
+
+    VQA loads with visual_gen=False (no VAE, spec §2.3); generation needs the VAE."""
+    path = check_checkpoint_dir(model_path, need_vae=visual_gen)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    try:
+        tokenizer = TextTokenizer.from_dir(path)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        raise InferenceError(f"{path}: cannot load the tokenizer: {exc}") from None
+    try:
+        model = load_model_from_dir(path, use_ema=use_ema, device=dev, visual_gen=visual_gen)
+    except (CheckpointError, ConfigError) as exc:
+        raise InferenceError(f"{exc}; {MUST_CONTAIN}") from None
+    model.adapt_to_tokenizer(tokenizer)
+    model = model.to(dt).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Loaded(model, tokenizer, dev, dt, path)
