@@ -101,8 +101,11 @@ class MixtureStream:
         self.mandatory = [g.index for g in self.groups if g.config.is_mandatory]
         weights = [g.config.weight for g in self.groups]
         self.weights = [w / sum(weights) for w in weights]
-        self._meta_cache = RowGroupCache(max_bytes=64 << 20, max_items=64)
-        self._row_cache = RowGroupCache(max_bytes=cache_bytes, max_items=16)
+        # a stream works through one chunk (about shuffle_window_blocks row groups, +2 for unaligned edges)
+        # per group at a time: hold that many row groups so random order inside a chunk never re-reads
+        working_set = len(self.groups) * (cfg.shuffle_window_blocks + 2)
+        self._meta_cache = RowGroupCache(max_bytes=64 << 20, max_items=max(64, 2 * working_set))
+        self._row_cache = RowGroupCache(max_bytes=cache_bytes, max_items=max(16, working_set))
         self._token_prior: list[float | None] = [None] * len(self.groups)
         self._draw_sinks: list[list] = []
         self._reset(generation=0, layers=[[] for _ in self.groups])

@@ -258,3 +258,14 @@ def test_real_packed_batches_end_to_end(mix, tok):
     assert again.batch_data_indexes == batches[1].batch_data_indexes
     assert again.packed_text_ids.equal(batches[1].packed_text_ids)
     assert again.sample_lens == batches[1].sample_lens
+
+
+def test_streams_read_each_row_group_about_once_per_pass(catalog, tok):
+    """Whole chunks per stream: 4 streams together read the 8 row groups of vqa about once, not 4 times."""
+    cfg = config(catalog, "shuffle_window_blocks: 1\nsft: {dataset_names: [vqa]}\n", "reads.yaml")
+    streams = [stream(cfg, tok, rank=r, world_size=4, seed=31) for r in range(4)]
+    for s in streams:
+        _run_until_pass_done(s, ROWS)
+    n_row_groups = len(streams[0].groups[0].datasets[0].layout.rg_rows)
+    reads = sum(s._meta_cache.reads for s in streams)
+    assert n_row_groups == 8 and reads <= 2 * n_row_groups + len(streams), reads
