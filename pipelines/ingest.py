@@ -119,7 +119,23 @@ class Progress:
 
 # -- Ray ------------------------------------------------------------------------------------------------
 
-def _ensure_ray(address: str | None) -> bool:
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on a host:port nobody listens on (Ray itself retries for minutes)."""
+    import socket
+
+    target = address.split("://", 1)[-1]
+    if target == "auto" or ":" not in target:
+        return
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as exc:
+        raise IngestError(f"cannot reach the Ray cluster at {address!r} ({exc}); check the address, start one "
+                          f"with `ray start --head`, or drop --address / RAY_ADDRESS to use a local Ray") from None
+
+
+def _ensure_ray(address: str | None, say: Callable[[str], None] = lambda m: None) -> bool:
     """Use a running Ray if there is one; else join `address`/RAY_ADDRESS or start a local one.
     Returns True when this call started (and so must stop) Ray."""
     import ray
@@ -129,9 +145,16 @@ def _ensure_ray(address: str | None) -> bool:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}}
     address = address or os.environ.get("RAY_ADDRESS")
+    say(f"[ingest] joining Ray at {address}" if address else
+        f"[ingest] starting a local Ray ({os.cpu_count() or 2} CPUs; takes a few seconds)")
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING, "runtime_env": env}
     if address:
-        ray.init(address=address, **quiet)
+        _check_reachable(address)
+        try:
+            ray.init(address=address, **quiet)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise IngestError(f"cannot join the Ray cluster at {address!r} ({exc}); start one with "
+                              f"`ray start --head`, or drop --address / RAY_ADDRESS to use a local Ray") from None
     else:
         ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False,
                  object_store_memory=256 * 1024 * 1024, **quiet)
@@ -151,13 +174,14 @@ def _process_batch(batch: dict[str, Any]) -> dict[str, list]:
     return out
 
 
-def _run_chunks(tasks: list[ChunkTask], on_result: Callable[[dict], None], address: str | None) -> None:
+def _run_chunks(tasks: list[ChunkTask], on_result: Callable[[dict], None], address: str | None,
+                say: Callable[[str], None] = lambda m: None) -> None:
     import json as _json
 
     import ray
     import ray.data
 
-    started_here = _ensure_ray(address)
+    started_here = _ensure_ray(address, say)
     for name in ("ray.data", "ray"):   # our progress line replaces Ray Data's own log lines
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
@@ -315,7 +339,7 @@ def run_ingest(catalog: Catalog, out: str | Path | None = None, only: list[str] 
 
         try:
             if executor == "ray":
-                _run_chunks(tasks, on_result, address)
+                _run_chunks(tasks, on_result, address, say)
             else:
                 for task in tasks:
                     on_result(process_chunk(task).to_dict())
