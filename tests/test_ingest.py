@@ -305,3 +305,20 @@ def test_all_rejected_dataset_still_reads_as_an_empty_frame(tmp_path):
     _run(path)
     frame = pd.read_parquet(tmp_path / "out" / "d")
     assert len(frame) == 0 and list(frame.columns) == SHARD_SCHEMA.names
+
+
+def test_cli_reports_up_to_date_without_starting_ray(small):
+    _run(small)
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "jobs" / "ingest.py"), str(small), "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["ok"] and {d["status"] for d in report["datasets"]} == {STATUS_UP_TO_DATE}
+    assert "starting a local Ray" not in proc.stderr and "up to date" in proc.stderr
+    table = subprocess.run([sys.executable, str(root / "jobs" / "ingest.py"), str(small)],
+                           capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0 and "TOTAL" in table.stdout and "up to date" in table.stdout
