@@ -65,35 +65,61 @@ def build_catalog(root: Path, rows: int, distinct: int | None, embed: bool = Tru
 
 
 # -- ours ----------------------------------------------------------------------------------------------
-def run_ours(config: Path, seconds: float, max_packs: int) -> dict:
-    from pipelines.mixture import MixtureStream
-    from pipelines.mixture_config import MixtureConfig
+class Ours:
+    def __init__(self, config: Path) -> None:
+        from pipelines.mixture import MixtureStream
+        from pipelines.mixture_config import MixtureConfig
 
-    import pipelines.packing as packing
+        t0 = time.perf_counter()
+        self.stream = MixtureStream(MixtureConfig.from_yaml(config), PACKING, TextTokenizer.builtin(), seed=1)
+        self.open_s = time.perf_counter() - t0
+        self.split = {"decide_s": 0.0, "read_rows_s": 0.0, "build_tensors_s": 0.0}
 
-    t0 = time.perf_counter()
-    stream = MixtureStream(MixtureConfig.from_yaml(config), PACKING, TextTokenizer.builtin(), seed=1)
-    split = {"decide_s": 0.0, "read_rows_s": 0.0, "build_tensors_s": 0.0}
-    tokens = packs = 0
-    t_first = None
-    while (t_first is None or time.perf_counter() - t0 - t_first < seconds) and packs < max_packs:
-        a = time.perf_counter()
-        plan = stream.next_plan()
-        b = time.perf_counter()
-        samples = [stream.full_sample(d) for d in plan.members]
-        c = time.perf_counter()
-        batch = packing.build_packed_batch(samples, PACKING, stream.tokenizer, stream.seed)
-        d = time.perf_counter()
-        split["decide_s"] += b - a
-        split["read_rows_s"] += c - b
-        split["build_tensors_s"] += d - c
-        tokens += batch.sequence_length
-        packs += 1
-        if t_first is None:
-            t_first = d - t0
-    elapsed = time.perf_counter() - t0
-    return {"packs": packs, "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
-            "first_batch_s": t_first, "time_split": {k: round(v, 2) for k, v in split.items()}}
+    def __iter__(self):
+        import pipelines.packing as packing
+
+        while True:
+            a = time.perf_counter()
+            plan = self.stream.next_plan()
+            b = time.perf_counter()
+            samples = [self.stream.full_sample(d) for d in plan.members]
+            c = time.perf_counter()
+            batch = packing.build_packed_batch(samples, PACKING, self.stream.tokenizer, self.stream.seed)
+            d = time.perf_counter()
+            self.split["decide_s"] += b - a
+            self.split["read_rows_s"] += c - b
+            self.split["build_tensors_s"] += d - c
+            yield batch
+
+
+def compare(config: Path, root: Path, seconds: float, rounds: int) -> dict:
+    """Alternate the two loaders in `rounds` slices so that load drift on a shared machine hits both."""
+    t = time.perf_counter()
+    ours = Ours(config)
+    ours_it = iter(ours)
+    first = next(ours_it)
+    ours_first = time.perf_counter() - t
+    t = time.perf_counter()
+    base = UpstreamBaseline(root, TextTokenizer.builtin())
+    base_it = iter(base)
+    first_b = next(base_it)
+    base_first = time.perf_counter() - t
+    totals = {"ours": [first.sequence_length, ours_first, 1], "baseline": [first_b.sequence_length, base_first, 1]}
+    for _ in range(rounds):
+        for name, it in (("ours", ours_it), ("baseline", base_it)):
+            start = time.perf_counter()
+            while time.perf_counter() - start < seconds / rounds:
+                totals[name][0] += next(it).sequence_length
+                totals[name][2] += 1
+            totals[name][1] += time.perf_counter() - start
+    out = {}
+    for name, (tokens, secs, packs) in totals.items():
+        out[name] = {"packs": packs, "tokens": tokens, "seconds": round(secs, 2), "tokens_per_s": tokens / secs,
+                     "first_batch_s": ours_first if name == "ours" else base_first}
+    out["ours"]["time_split"] = {k: round(v, 2) for k, v in ours.split.items()}
+    out["baseline"]["time_split"] = {"read_decode_count_s": round(base.prep_s, 2),
+                                     "build_tensors_s": round(base.build_s, 2)}
+    return out
 
 
 # -- the upstream-style baseline ------------------------------------------------------------------------
@@ -116,12 +142,14 @@ class UpstreamBaseline:
         for s in self.sources:
             acc += s["weight"] / total
             self.cum.append(acc)
-        self.decoded: dict[str, object] = {}
         self.draws = 0
+        self.prep_s = 0.0       # JSON + open/decode + token counting, per sample (the loader's own work)
+        self.build_s = 0.0
 
     def _next_sample(self) -> StreamSample:
         from pipelines.image_decode import load_image_rgb
 
+        t0 = time.perf_counter()
         u = self.rng.random()
         src = self.sources[next(i for i, c in enumerate(self.cum) if u < c)]
         if src["pos"] >= len(src["order"]):
@@ -132,12 +160,13 @@ class UpstreamBaseline:
         record = json.loads(line)
         messages = [Message(m["from"], m["value"]) for m in record["message"]]
         structs = {}
+        decoded = {}
         for role, key in (("input", "input_img"), ("output", "output_img")):
             structs[role] = []
             for im in record.get(key, []):
                 path = src["data_dir"] / im["path"].lstrip("/")
                 image = load_image_rgb(None, path)            # open + decode every sample's images
-                self.decoded[str(path)] = image
+                decoded[str(path)] = image
                 w, h = image.size
                 vw, vh = VAE.target_size(w, h)
                 tw, th = VIT.target_size(w, h)
@@ -151,8 +180,9 @@ class UpstreamBaseline:
                   for r in structs for j, s in enumerate(structs[r])}
         num_tokens = packed_length(plan, texts, images)
         row = {"messages": record["message"], "input_images": structs["input"], "output_images": structs["output"],
-               "num_tokens": num_tokens}
+               "num_tokens": num_tokens, "_decoded": decoded}
         self.draws += 1
+        self.prep_s += time.perf_counter() - t0
         return StreamSample(f"{src['name']}:{self.draws}", src["name"], src["name"], src["kind"].name, num_tokens,
                             row, str(src["data_dir"]), self.draws)
 
@@ -161,7 +191,8 @@ class UpstreamBaseline:
         import pipelines.packing as packing
 
         real = packing.load_image_rgb
-        packing.load_image_rgb = lambda data, path, meta=None: self.decoded.pop(str(path), None) or real(data, path, meta)
+        current: dict[str, object] = {}
+        packing.load_image_rgb = lambda data, path, meta=None: current.get(str(path)) or real(data, path, meta)
         try:
             buffer: list[StreamSample] = []
             while True:
@@ -180,29 +211,15 @@ class UpstreamBaseline:
                     curr += s.num_tokens
                     if curr >= PACKING.expected_num_tokens:
                         break
-                self.decoded = {k: v for k, v in self.decoded.items() if k in {
-                    str(Path(b.data_dir) / im["path"]) for b in buffer
-                    for im in b.row["input_images"] + b.row["output_images"]}}  # drop decodes of dropped samples
-                for s in pack:   # re-register this pack's decodes (a sample may repeat within a pack)
-                    for im in s.row["input_images"] + s.row["output_images"]:
-                        self.decoded.setdefault(str(Path(s.data_dir) / im["path"]), None)
-                yield packing.build_packed_batch(pack, PACKING, self.tok, 1)
+                current.clear()
+                for s in pack:   # the images this sample decoded when it was read (upstream: at read time)
+                    current.update(s.row["_decoded"])
+                t0 = time.perf_counter()
+                batch = packing.build_packed_batch(pack, PACKING, self.tok, 1)
+                self.build_s += time.perf_counter() - t0
+                yield batch
         finally:
             packing.load_image_rgb = real
-
-
-def run_baseline(root: Path, seconds: float, max_packs: int) -> dict:
-    t0 = time.perf_counter()
-    it = iter(UpstreamBaseline(root, TextTokenizer.builtin()))
-    first = next(it)
-    t_first = time.perf_counter() - t0
-    tokens, packs, start = first.sequence_length, 1, time.perf_counter()
-    while time.perf_counter() - start < seconds and packs < max_packs:
-        tokens += next(it).sequence_length
-        packs += 1
-    elapsed = time.perf_counter() - t0
-    return {"packs": packs, "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
-            "first_batch_s": t_first}
 
 
 # -- memory and first batch, in fresh processes ------------------------------------------------------
@@ -211,6 +228,9 @@ def child(mode: str, config: str, packs: int) -> None:
     from pipelines.mixture import MixtureStream
     from pipelines.mixture_config import MixtureConfig
 
+    import pyarrow.parquet  # noqa: F401
+
+    rss_imports = rss_mb()
     t0 = time.perf_counter()
     stream = MixtureStream(MixtureConfig.from_yaml(config), PACKING, TextTokenizer.builtin(), seed=1)
     t_open = time.perf_counter() - t0
@@ -224,7 +244,7 @@ def child(mode: str, config: str, packs: int) -> None:
         if mode == "full":
             stream.materialise(plan)
     print(json.dumps({"first_batch_s": first, "open_s": t_open, "first_plan_s": t_plan,
-                      "peak_rss_mb": rss_mb(), "packs": packs}))
+                      "peak_rss_mb": rss_mb(), "rss_after_imports_mb": rss_imports, "packs": packs}))
 
 
 def run_child(mode: str, config: Path, packs: int) -> dict:
@@ -236,8 +256,8 @@ def run_child(mode: str, config: Path, packs: int) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=400, help="rows per dataset for the throughput run")
-    p.add_argument("--seconds", type=float, default=20.0, help="seconds per loader")
-    p.add_argument("--max-packs", type=int, default=200)
+    p.add_argument("--seconds", type=float, default=60.0, help="seconds per loader")
+    p.add_argument("--rounds", type=int, default=6, help="alternating slices per loader (load drift)")
     p.add_argument("--big-rows", type=int, default=1_000_000, help="rows of the large metadata-only catalog")
     p.add_argument("--work", help="working folder (default: a temporary one)")
     p.add_argument("--json", action="store_true")
@@ -255,8 +275,8 @@ def main() -> int:
     mid = build_catalog(work / "rows10k", 10_000 // len(DATASETS) + 1, 50, image_sizes=(32, 96))
     big = build_catalog(work / "rows1m", args.big_rows // len(DATASETS) + 1, 50, embed=False, image_sizes=(32, 96))
     setup = time.perf_counter() - t
-    ours = run_ours(small, args.seconds, args.max_packs)
-    base = run_baseline(small.parent, args.seconds, args.max_packs)
+    both = compare(small, small.parent, args.seconds, args.rounds)
+    ours, base = both["ours"], both["baseline"]
     memory = {"full_10k": run_child("full", mid, 20), "full_1m": run_child("full", big, 20),
               "meta_10k": run_child("meta", mid, 200), "meta_1m": run_child("meta", big, 200)}
     result = {"machine": f"{os.cpu_count()} CPU(s), {sys.platform}", "setup_s": round(setup, 1),
@@ -269,11 +289,12 @@ def main() -> int:
         print(f"{'loader':<28} {'packs':>6} {'tokens/s':>10} {'first batch s':>14}")
         for name, r in (("mixture stream (shards)", ours), ("upstream-style baseline", base)):
             print(f"{name:<28} {r['packs']:>6} {r['tokens_per_s']:>10.0f} {r['first_batch_s']:>14.2f}"
-                  + (f"   time split {r['time_split']}" if "time_split" in r else ""))
+                  + f"   time split {r['time_split']}")
         print(f"throughput ratio (ours / baseline): {result['throughput_ratio']:.2f}x")
         for k, m in memory.items():
             print(f"{k:<10} first batch {m['first_batch_s']:.2f} s (open {m['open_s']:.2f} s, first pack decided "
-                  f"{m['first_plan_s']:.2f} s), peak RSS {m['peak_rss_mb']:.0f} MB ({m['packs']} packs)")
+                  f"{m['first_plan_s']:.2f} s), peak RSS {m['peak_rss_mb']:.0f} MB (imports alone "
+                  f"{m['rss_after_imports_mb']:.0f} MB; {m['packs']} packs)")
     return 0
 
 

@@ -83,7 +83,7 @@ class MixtureStream:
 
     def __init__(self, cfg: MixtureConfig, packing: PackingConfig, tokenizer: TextTokenizer, rank: int = 0,
                  world_size: int = 1, worker_id: int = 0, num_workers: int = 1, seed: int = 42, epoch: int = 0,
-                 resolved: ResolvedMixture | None = None, cache_bytes: int = 256 << 20) -> None:
+                 resolved: ResolvedMixture | None = None, cache_bytes: int | None = None) -> None:
         if not (0 <= rank < world_size and 0 <= worker_id < num_workers):
             raise ValueError(f"need 0 <= rank < world_size and 0 <= worker_id < num_workers, got rank={rank}, "
                              f"world_size={world_size}, worker_id={worker_id}, num_workers={num_workers}")
@@ -104,6 +104,11 @@ class MixtureStream:
         # a stream works through one chunk (about shuffle_window_blocks row groups, +2 for unaligned edges)
         # per group at a time: hold that many row groups so random order inside a chunk never re-reads
         working_set = len(self.groups) * (cfg.shuffle_window_blocks + 2)
+        if cache_bytes is None:   # default: the working set, so no row group is read twice per chunk
+            cache_bytes = max(64 << 20, sum(
+                (cfg.shuffle_window_blocks + 2) * max(int(d.layout.rg_bytes.max()) if len(d.layout.rg_bytes) else 0
+                                                      for d in g.datasets) for g in self.groups))
+        self.cache_bytes = cache_bytes
         self._meta_cache = RowGroupCache(max_bytes=64 << 20, max_items=max(64, 2 * working_set))
         self._row_cache = RowGroupCache(max_bytes=cache_bytes, max_items=max(16, working_set))
         self._token_prior: list[float | None] = [None] * len(self.groups)

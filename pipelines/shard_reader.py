@@ -24,6 +24,7 @@ class ShardLayout:
     rg_index: np.ndarray     # per row group: index inside its file
     rg_start: np.ndarray     # per row group: first dataset row
     rg_rows: np.ndarray      # per row group: number of rows
+    rg_bytes: np.ndarray | None = None   # per row group: uncompressed bytes (sizes the caches)
 
     @property
     def rows(self) -> int:
@@ -31,16 +32,18 @@ class ShardLayout:
 
     @classmethod
     def scan(cls, files: list[Path]) -> "ShardLayout":
-        rg_file, rg_index, rg_rows = [], [], []
+        rg_file, rg_index, rg_rows, rg_bytes = [], [], [], []
         for fi, path in enumerate(files):
             meta = pq.ParquetFile(path).metadata
             for ri in range(meta.num_row_groups):
                 rg_file.append(fi)
                 rg_index.append(ri)
                 rg_rows.append(meta.row_group(ri).num_rows)
+                rg_bytes.append(meta.row_group(ri).total_byte_size)
         rows = np.asarray(rg_rows, dtype=np.int64)
         return cls(list(files), np.asarray(rg_file, dtype=np.int64), np.asarray(rg_index, dtype=np.int64),
-                   np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64) if len(rows) else rows, rows)
+                   np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64) if len(rows) else rows, rows,
+                   np.asarray(rg_bytes, dtype=np.int64))
 
     def find(self, row: int) -> tuple[int, int]:
         """(global row-group number, offset) of a dataset row."""
