@@ -12,6 +12,7 @@ import functools
 import hashlib
 import io
 import os
+import stat
 import struct
 import warnings
 import zlib
@@ -78,6 +79,27 @@ def _real_root(data_dir: str) -> str:
     return os.path.realpath(data_dir)
 
 
+_real_dir = functools.lru_cache(maxsize=4096)(os.path.realpath)
+
+
+def clear_path_cache() -> None:
+    """Forget cached folder realpaths (ingest calls this per chunk, so re-pointed links are seen)."""
+    _real_root.cache_clear()
+    _real_dir.cache_clear()
+
+
+def _realpath(lexical: str) -> str:
+    """os.path.realpath with the folder part cached: one lstat per file instead of one per component."""
+    try:
+        mode = os.lstat(lexical).st_mode
+    except OSError:
+        return os.path.realpath(lexical)
+    if stat.S_ISLNK(mode):
+        return os.path.realpath(lexical)
+    head, tail = os.path.split(lexical)
+    return os.path.join(_real_dir(head), tail)
+
+
 def resolve_image_path(data_dir: Path, path: str) -> tuple[Path, str]:
     """(file to read, path relative to data_dir) for an image path from a record, or ImageError.
 
@@ -98,7 +120,7 @@ def resolve_image_path(data_dir: Path, path: str) -> tuple[Path, str]:
         if not _inside(lexical, root):
             raise ImageError("path_escapes_data_dir", f"path {path!r} leaves data_dir {root} (via '..'); "
                                                       f"keep images inside data_dir")
-    real = os.path.realpath(lexical)
+    real = _realpath(lexical)
     if not _inside(real, root):
         raise ImageError("path_escapes_data_dir", f"path {path!r} is a symlink to {real}, outside data_dir "
                                                   f"{root}; copy the file into data_dir instead")

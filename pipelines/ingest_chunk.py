@@ -24,7 +24,7 @@ from datasets_catalog.task_kinds import resolve_task_kind
 from datasets_catalog.tokenizer import TextTokenizer
 from datasets_catalog.transforms import ImageTransformArgs, resize_target, vae_tokens, vit_tokens
 
-from .image_io import ImageError, ImageProbe, probe_image, resolve_image_path
+from .image_io import ImageError, ImageProbe, clear_path_cache, probe_image, resolve_image_path
 from .shard_schema import REJECTS_SCHEMA, SHARD_SCHEMA
 
 ROW_GROUP_ROWS = 256
@@ -139,6 +139,7 @@ class ChunkProcessor:
         self.vit_args = ImageTransformArgs(**task.vit_image_transform_args)
         self.data_dir = Path(task.data_dir) if task.data_dir else None
         self.tokenizer = get_tokenizer(task.tokenizer)
+        clear_path_cache()
 
     # -- one record ----------------------------------------------------------------------------
     def _image_struct(self, ref: ImageRef, rel: str, probe: ImageProbe, vit_num: int) -> dict[str, Any]:
@@ -195,7 +196,7 @@ class ChunkProcessor:
         texts: list[str] = []
         for item in items:
             texts.extend(item.record.plan_texts)
-        counts = [len(ids) for ids in self.tokenizer.encode_batch(texts)] if texts else []
+        counts = self.tokenizer.count_tokens(texts) if texts else []
         rows, pos = [], 0
         rejected_lines: set[int] = set()
         for item in items:
@@ -236,11 +237,24 @@ def _reject(line_number: int, exc: RecordError, raw: bytes) -> dict[str, Any]:
             "raw": raw.decode("utf-8", errors="replace")}
 
 
-def _writer(path: Path) -> pq.ParquetWriter:
-    return pq.ParquetWriter(
-        str(path), SHARD_SCHEMA, compression=_COMPRESSION, use_dictionary=["dataset", "task"],
-        write_statistics=["sample_id", "line_number", "num_tokens", "text_tokens"],
-    )
+class _ShardWriter:
+    """A Parquet writer over an 8 MB-buffered file (few large writes), closing both."""
+
+    def __init__(self, path: Path) -> None:
+        self.sink = pa.output_stream(str(path), buffer_size=8 << 20)
+        self.writer = pq.ParquetWriter(
+            self.sink, SHARD_SCHEMA, compression=_COMPRESSION, use_dictionary=["dataset", "task"],
+            write_statistics=["sample_id", "line_number", "num_tokens", "text_tokens"],
+        )
+
+    def write_table(self, table: pa.Table, row_group_size: int) -> None:
+        self.writer.write_table(table, row_group_size=row_group_size)
+
+    def close(self) -> None:
+        try:
+            self.writer.close()
+        finally:
+            self.sink.close()
 
 
 def process_chunk(task: ChunkTask) -> ChunkResult:
@@ -250,7 +264,7 @@ def process_chunk(task: ChunkTask) -> ChunkResult:
     staging = Path(task.staging_dir)
     result = ChunkResult(task.dataset, task.chunk_index)
     shard_path = staging / f"chunk-{task.chunk_index:05d}.parquet"
-    writer: pq.ParquetWriter | None = None
+    writer: _ShardWriter | None = None
     rejects: list[dict[str, Any]] = []
     pending: list[_Probed] = []
     pending_bytes = 0
@@ -264,7 +278,7 @@ def process_chunk(task: ChunkTask) -> ChunkResult:
         result.rows_rejected += len(rejects) - before
         if rows:
             if writer is None:
-                writer = _writer(shard_path)
+                writer = _ShardWriter(shard_path)
             writer.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), row_group_size=len(rows))
             result.samples_written += len(rows)
             result.rows_written += len({r["line_number"] for r in rows})

@@ -29,7 +29,7 @@ def test_special_ids_are_distinct_and_outside_bytes(tok):
 @given(text=st.text(max_size=80))
 def test_round_trip_and_count(tok, text):
     ids = tok.encode(text)
-    assert tok.decode(ids) == text
+    assert tok.decode(ids, skip_special_tokens=False) == text
     if not any(s in text for s in SPECIAL_TOKENS):
         assert len(ids) == len(text.encode("utf-8"))
 
@@ -41,3 +41,14 @@ def test_save_and_load(tmp_path, tok):
     assert TextTokenizer.load(None).name == BUILTIN_NAME and TextTokenizer.load("builtin").name == BUILTIN_NAME
     with pytest.raises(FileNotFoundError, match="no tokenizer files"):
         TextTokenizer.from_dir(tmp_path / "empty")
+
+
+pieces = st.sampled_from(["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>",
+                          "<|", "|>", "<", "|", ">", "im_start", "é", "胸"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(parts=st.lists(pieces | st.text(max_size=6), max_size=12))
+def test_count_tokens_equals_len_encode(tok, parts):
+    texts = ["".join(parts), "".join(reversed(parts)), ""]
+    assert tok.count_tokens(texts) == [len(tok.encode(t)) for t in texts]
