@@ -446,8 +446,9 @@ def probe_medical(data: bytes, path: Any, context: Any):
 
 
 def probe_unusual_mode(data: bytes, path: Any, context: Any):
-    """image_io handler for PIL formats: the built-in probe, then unusual modes (16-bit, LA, P+alpha,
-    CMYK, ...) are converted to a plain PNG and the conversion recorded in `meta`."""
+    """image_io handler for PIL formats: the built-in probe, then unusual modes are recorded in `meta`;
+    16-bit / float grey is re-encoded as a plain PNG (readers would clip it), the others (LA, RGBA,
+    P with transparency, CMYK, 1-bit) keep their bytes because every reader converts them the same way."""
     import io as _io
 
     from PIL import Image
@@ -472,6 +473,9 @@ def probe_unusual_mode(data: bytes, path: Any, context: Any):
         raise image_io.ImageError("image_corrupt", f"{path} fails to decode ({exc}); re-export the file") from None
     if conv is None:
         return probe
+    if conv.png is None:  # readers convert it themselves: keep the original bytes, record what they do
+        return image_io.ImageProbe(probe.width, probe.height, probe.format, probe.data, probe.sha256, conv.meta,
+                                   frames=probe.frames)
     return image_io.ImageProbe(conv.width, conv.height, probe.format, conv.png, probe.sha256, conv.meta)
 
 

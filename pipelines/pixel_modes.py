@@ -214,13 +214,31 @@ def pixel_hash(arr: np.ndarray) -> str:
 
 @dataclass(frozen=True)
 class ModeConversion:
-    """An unusual PNG/TIFF converted to a plain mode: new PNG bytes and what was done."""
+    """What an unusual PNG/TIFF becomes: `png` holds new bytes when the pixels had to be rewritten at
+    ingest (high bit depth), or None when the original bytes are kept because every reader's decoder
+    (`image_decode.pil_img2rgb`) already converts them this way; `meta` records the conversion either way."""
 
-    png: bytes
+    png: bytes | None
     width: int
     height: int
     mode: str
     meta: dict[str, Any]
+
+
+# Modes whose pixels are rewritten at ingest: PIL's RGB conversion would clip them to 0..255 (white).
+REWRITTEN_MODES = SIXTEEN_BIT_MODES | {"F", "I;32", "I;32B", "I;32L"}
+
+
+def decode_time_conversion(mode: str, info: dict[str, Any]) -> tuple[str, str]:
+    """(output mode, description) of what `image_decode.pil_img2rgb` does to a mode it reads as-is."""
+    if mode in ("LA", "La", "RGBA", "RGBa", "PA") or info.get("transparency") is not None:
+        return "RGB", f"{mode}{' with transparency' if mode in ('P', 'L', 'RGB') else ''}->RGB " \
+                      "(alpha composited over white at decode time, as upstream pil_img2rgb)"
+    if mode == "P":
+        return "RGB", "P->RGB (palette expanded at decode time)"
+    if mode == "CMYK":
+        return "RGB", "CMYK->RGB (PIL's naive formula, no ICC profile, at decode time)"
+    return "RGB", f"{mode}->RGB (at decode time)"
 
 
 def convert_pil_image(img: Image.Image, keep_16bit: bool = False) -> tuple[Image.Image, str | None]:
@@ -273,27 +291,32 @@ def needs_conversion(mode: str) -> bool:
 
 
 def convert_unusual(data: bytes, keep_16bit: bool = False) -> ModeConversion | None:
-    """Decode an image whose mode is not L/RGB and re-encode it as a plain PNG; None if it is plain.
+    """Describe, and where needed rewrite, an image whose mode is not L/RGB; None if it is plain.
 
-    Multi-page TIFFs keep their first page (recorded). The caller stores the returned bytes instead of
-    the original ones and the `meta` next to them.
+    High-bit-depth grey and float images are re-encoded as a plain PNG (min-max stretched to 8 bit, or to
+    16 bit with keep_16bit): readers would otherwise clip them. Other modes (alpha, palette, CMYK, 1-bit)
+    keep their original bytes, and `meta` records the conversion every reader applies when decoding.
+    Multi-page TIFFs: page 0 is used (recorded).
     """
     with Image.open(io.BytesIO(data)) as img:
         if not needs_conversion(img.mode):
             return None
         n_frames = getattr(img, "n_frames", 1)
-        source_format = img.format
-        source_mode = img.mode
+        source_format, source_mode, info = img.format, img.mode, dict(img.info)
+        meta: dict[str, Any] = {"source_format": source_format, "source_mode": source_mode}
+        if n_frames > 1:
+            meta["pages"] = n_frames
+            meta["page_used"] = 0
+        if source_mode not in REWRITTEN_MODES:
+            out_mode, conversion = decode_time_conversion(source_mode, info)
+            meta.update(conversion=conversion, output_mode=out_mode)
+            return ModeConversion(png=None, width=img.width, height=img.height, mode=out_mode, meta=meta)
         img.seek(0)
         img.load()
         out, conversion = convert_pil_image(img, keep_16bit=keep_16bit)
     buf = io.BytesIO()
     out.save(buf, format="PNG", compress_level=6)
-    meta: dict[str, Any] = {"source_format": source_format, "source_mode": source_mode,
-                            "conversion": conversion, "output_mode": out.mode}
-    if n_frames > 1:
-        meta["pages"] = n_frames
-        meta["page_used"] = 0
+    meta.update(conversion=conversion, output_mode=out.mode)
     return ModeConversion(png=buf.getvalue(), width=out.width, height=out.height, mode=out.mode, meta=meta)
 
 

@@ -44,16 +44,22 @@ def test_16bit_png_minmax_to_8bit_and_kept_16bit():
     assert kept.mode == "I;16" and np.asarray(_open(kept.png)).max() == 65535
 
 
-def test_la_composited_over_white_like_the_trainer():
+def _trainer_view(data: bytes) -> np.ndarray:
+    from pipelines.image_decode import load_image_rgb  # what the trainer makes of the stored bytes
+
+    return np.asarray(load_image_rgb(data, None))
+
+
+def test_la_keeps_bytes_and_records_the_decode_time_conversion():
     la = Image.new("LA", (2, 1))
     la.putpixel((0, 0), (200, 255))
     la.putpixel((1, 0), (200, 0))  # fully transparent
-    conv = convert_unusual(_encode(la))
-    assert conv.mode == "L" and "over white" in conv.meta["conversion"]
-    assert list(np.asarray(_open(conv.png)).ravel()) == [200, 255]
-    from pipelines.image_decode import load_image_rgb  # what the trainer makes of the original bytes
-
-    assert np.array_equal(np.asarray(load_image_rgb(_encode(la), None))[..., 0], np.asarray(_open(conv.png)))
+    data = _encode(la)
+    conv = convert_unusual(data)
+    assert conv.png is None and conv.mode == "RGB" and "over white" in conv.meta["conversion"]
+    assert _trainer_view(data)[0].tolist() == [[200, 200, 200], [255, 255, 255]]  # what the record says
+    direct, text = __import__("pipelines.pixel_modes", fromlist=["x"]).convert_pil_image(la)
+    assert np.asarray(direct).ravel().tolist() == [200, 255] and "over white" in text
 
 
 def test_palette_with_transparency():
@@ -63,25 +69,36 @@ def test_palette_with_transparency():
     p.putpixel((1, 0), 1)
     data = _encode(p, transparency=1)
     conv = convert_unusual(data)
-    assert conv.mode == "RGB" and "with transparency" in conv.meta["conversion"]
-    assert np.asarray(_open(conv.png)).tolist() == [[[255, 0, 0], [255, 255, 255]]]
+    assert conv.png is None and "P with transparency->RGB" in conv.meta["conversion"]
+    assert _trainer_view(data).tolist() == [[[255, 0, 0], [255, 255, 255]]]
 
 
 def test_cmyk_tiff_and_multipage():
     cmyk = Image.new("CMYK", (3, 2), (0, 255, 255, 0))  # pure red in CMYK
-    conv = convert_unusual(_encode(cmyk, "TIFF"))
+    data = _encode(cmyk, "TIFF")
+    conv = convert_unusual(data)
     assert conv.meta["source_format"] == "TIFF" and conv.meta["conversion"].startswith("CMYK->RGB")
-    assert tuple(np.asarray(_open(conv.png))[0, 0]) == (255, 0, 0)
+    assert tuple(_trainer_view(data)[0, 0]) == (255, 0, 0)
     pages = [Image.fromarray(np.full((2, 2), v, dtype=np.uint16)) for v in (10, 20)]
     buf = io.BytesIO()
     pages[0].save(buf, format="TIFF", save_all=True, append_images=pages[1:])
     multi = convert_unusual(buf.getvalue())
-    assert multi.meta["pages"] == 2 and multi.meta["page_used"] == 0
+    assert multi.meta["pages"] == 2 and multi.meta["page_used"] == 0 and multi.png is not None
 
 
-def test_one_bit_to_grey():
-    conv = convert_unusual(_encode(Image.new("1", (3, 3), 1)))
-    assert conv.mode == "L" and np.asarray(_open(conv.png)).min() == 255
+def test_one_bit_is_recorded():
+    data = _encode(Image.new("1", (3, 3), 1))
+    conv = convert_unusual(data)
+    assert conv.png is None and conv.meta["source_mode"] == "1"
+    assert _trainer_view(data).min() == 255
+
+
+def test_16bit_png_would_be_clipped_by_readers_without_the_rewrite():
+    arr = np.array([[1000, 2000], [3000, 4000]], dtype=np.uint16)
+    data = _encode(Image.fromarray(arr))
+    assert (np.asarray(Image.open(io.BytesIO(data)).convert("L")) == 255).all()  # PIL alone: all white
+    conv = convert_unusual(data)
+    assert np.asarray(_open(conv.png)).tolist() == [[0, 85], [170, 255]]
 
 
 def _ds(center: float, width: float, function: str) -> Dataset:
