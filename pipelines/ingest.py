@@ -190,7 +190,7 @@ def _run_chunks(tasks: list[ChunkTask], on_result: Callable[[dict], None], addre
         ctx.execution_options.preserve_order = False
         if hasattr(ctx, "print_on_execution_start"):
             ctx.print_on_execution_start = False
-        items = [{"task": _json.dumps(t.to_dict())} for t in tasks]
+        items = [{"task": _json.dumps(t.to_dict(), default=str)} for t in tasks]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(_process_batch, batch_size=1, batch_format="numpy", num_cpus=1,
                             zero_copy_batch=False)

@@ -155,7 +155,7 @@ class ChunkProcessor:
             "vit_width": vit_w, "vit_height": vit_h, "vit_tokens": vit_tokens(vit_w, vit_h),
             "sha256": probe.sha256,
             "bytes": None if self.task.reference_images else probe.data,
-            "meta": json.dumps(probe.meta, sort_keys=True) if probe.meta else None,
+            "meta": json.dumps(probe.meta, sort_keys=True, default=str) if probe.meta else None,
         }
 
     def probe_record(self, line_number: int, raw: bytes) -> list[_Probed]:

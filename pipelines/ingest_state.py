@@ -200,7 +200,7 @@ def assemble(staging: Path, results: list[dict[str, Any]]) -> tuple[list[dict], 
 
 def publish(staging: Path, manifest: dict[str, Any], destination: Path) -> None:
     """Write the manifest last, then swap the staging folder into `destination` with renames."""
-    _atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    _atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
     old = None
     if destination.exists():
         old = destination.with_name(f"{STAGING_PREFIX}old-{destination.name}-{os.getpid()}")
