@@ -32,15 +32,13 @@ from pipelines.image_decode import load_image_rgb
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = EXAMPLES / "images"
-STEPS, LR, MSE_WEIGHT = 400, 4e-3, 5.0
 LATENT_TOL = 0.5
 TRANSFORMS = ["--vae_transform", "64,32,16", "--vit_transform", "56,28,14,3136"]
 
 
 @pytest.fixture(scope="module")
 def demo_ckpt(tmp_path_factory) -> Path:
-    return train_tiny_demo(tmp_path_factory.mktemp("tiny_demo"), steps=STEPS, lr=LR, mse_weight=MSE_WEIGHT,
-                           log=lambda s: None)
+    return train_tiny_demo(tmp_path_factory.mktemp("tiny_demo"), log=lambda s: None)   # 400 steps
 
 
 def _run(job: str, *args: str) -> subprocess.CompletedProcess:
