@@ -118,7 +118,7 @@ def train_loop(cfg: TrainConfig | dict, *, reporter: Optional[Reporter] = None,
         model, mc, tokenizer = built.model, built.config, built.tokenizer
     else:
         model, mc, tokenizer = model_builder(cfg)
-    from trainer.model_setup import apply_freeze_flags, load_weights_into, packing_config
+    from trainer.model_setup import apply_freeze_flags, packing_config
 
     plan = ck.plan_resume(checkpoint_dir=cfg.checkpoint_dir, auto_resume=t.auto_resume, resume_from=t.resume_from,
                           model_path=cfg.model.model_path, finetune_from_ema=t.finetune_from_ema,
@@ -127,22 +127,14 @@ def train_loop(cfg: TrainConfig | dict, *, reporter: Optional[Reporter] = None,
     log(f"start: {plan.reason}")
     for note in plan.notes:
         log(f"note: {note}")
-    ema = None
     if plan.source is not None:
-        missing, unexpected = load_weights_into(model, plan.source, plan.weights_file)
-        if unexpected:
-            log(f"warning: {len(unexpected)} unexpected keys in {plan.weights_file}, e.g. {unexpected[:3]}")
-        if missing:
-            log(f"note: {len(missing)} parameters not in {plan.weights_file} keep their init, e.g. {missing[:3]}")
+        _load_checked(model, plan.source, plan.weights_file, strict=plan.load_train_state, log=log)
     apply_freeze_flags(model, cfg)
     ema = make_ema(model)
     if plan.source is not None:
+        # the EMA starts from the source's EMA weights when it has them, else from the weights just loaded
         ema_file = plan.ema_file if (plan.source / plan.ema_file).is_file() else plan.weights_file
-        if plan.load_train_state or ema_file == plan.weights_file:
-            load_weights_into(ema, plan.source, ema_file)
-        # fine-tuning from model.safetensors with an ema file present: the EMA starts from the EMA weights
-        elif (plan.source / ema_file).is_file():
-            load_weights_into(ema, plan.source, ema_file)
+        _load_checked(ema, plan.source, ema_file, strict=plan.load_train_state, log=log)
     model.to(device)
     ema.to(device)
     model.train()
@@ -323,6 +315,23 @@ def train_loop(cfg: TrainConfig | dict, *, reporter: Optional[Reporter] = None,
     result.data_wait_fraction = total_wait / total_time if total_time > 0 else 0.0
     log(f"done at step {result.final_step}; data wait {100 * result.data_wait_fraction:.1f}% of step time")
     return result
+
+
+def _load_checked(model, source: Path, filename: str, *, strict: bool, log) -> None:
+    """Load weights; never let a wrong directory silently leave the model at random init."""
+    from trainer.model_setup import load_weights_into
+
+    missing, unexpected, loaded = load_weights_into(model, source, filename)
+    if loaded == 0:
+        raise ck.ResumeError(f"{source / filename}: no tensor matches the model (unexpected keys e.g. "
+                             f"{unexpected[:3]}); is this a checkpoint of this architecture?")
+    if missing and strict:
+        raise ck.ResumeError(f"{source / filename} lacks {len(missing)} tensors of the model (e.g. {missing[:3]}); "
+                             f"a training checkpoint must resume completely")
+    if missing:
+        log(f"note: {len(missing)} tensors not in {filename} keep their init, e.g. {missing[:3]}")
+    if unexpected:
+        log(f"warning: {len(unexpected)} unexpected keys in {filename} ignored, e.g. {unexpected[:3]}")
 
 
 def _cuda_device() -> torch.device:

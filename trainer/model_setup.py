@@ -101,7 +101,7 @@ def build_model(cfg: TrainConfig) -> Built:
 
 
 # ---- weight files ------------------------------------------------------------------------------------
-def load_weights_into(model: nn.Module, directory: Path, filename: str) -> tuple[list[str], list[str]]:
+def load_weights_into(model: nn.Module, directory: Path, filename: str) -> tuple[list[str], list[str], int]:
     """Non-strict load of directory/filename through model.checkpoint (pos-embed tables dropped, DDP prefixes
     stripped). A VAE kept outside the weights file (frozen) comes from the directory's ae.safetensors or
     vae_model.safetensors, as UniMedVL loads it."""
@@ -116,7 +116,7 @@ def load_weights_into(model: nn.Module, directory: Path, filename: str) -> tuple
             if (directory / name).is_file():
                 load_vae_weights(vae, directory / name, strict=False)
                 break
-    return list(report.missing) + list(report.mismatched), list(report.unexpected)
+    return list(report.missing) + list(report.mismatched), list(report.unexpected), int(report.loaded)
 
 
 VAE_FILE = "ae.safetensors"
