@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max_new_tokens", type=int, default=512, help="stop after this many tokens (default 512)")
     g.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling (do_sample=False)")
     g.add_argument("--seed", type=int, default=42, help="seed of the sampling draws (default 42)")
+    g.add_argument("--think", action="store_true", help="reason in <think> ... </think> before answering")
     m = p.add_argument_group("model")
     m.add_argument("--device", help="cuda, cuda:1, cpu (default: CUDA when present)")
     m.add_argument("--dtype", help="bf16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     inf = VQAInferencer(args.model_path, device=args.device, dtype=args.dtype,
                         use_ema=not args.use_model_weights, vit_transform=vit)
     options = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
-                   seed=args.seed)
+                   seed=args.seed, think=args.think)
     if batch_mode:
         from model.inference.batch import run_batch, vqa_handler
 

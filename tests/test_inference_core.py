@@ -328,3 +328,52 @@ def test_prompt_longer_than_context_is_refused(tmp_path):
     with pytest.raises(InferenceError, match=r"the prompt is 102 tokens.*context of 64 positions"):
         inf.infer_single(None, "x" * 100, max_new_tokens=2)
     assert isinstance(inf.infer_single(None, "short", max_new_tokens=100), str)   # generation stops at the end
+
+
+# -- properties of the guidance arithmetic and the flag parser (hypothesis) ---------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from model.inference.jobs_io import parse_transform  # noqa: E402
+
+_scale = st.floats(min_value=0.0, max_value=8.0, allow_nan=False)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), s_txt=_scale, s_img=_scale, renorm_min=st.floats(0.0, 1.0),
+       tokens=st.integers(1, 5))
+def test_guidance_properties(seed, s_txt, s_img, renorm_min, tokens):
+    g = torch.Generator().manual_seed(seed)
+    v, vtu, viu = (torch.randn(tokens, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    if s_txt <= 1.0:
+        for mode in sampler.RENORM_TYPES:
+            assert torch.equal(guide_velocity(v, vtu, viu, s_txt, s_img, mode, renorm_min), v)
+        return
+    # with renorm_min = 0 the renorm never lets the guided velocity grow past the conditional one
+    glob = guide_velocity(v, vtu, viu, s_txt, s_img, "global")
+    assert float(glob.norm()) <= float(v.norm()) * (1 + 1e-9) + 1e-12
+    chan = guide_velocity(v, vtu, viu, s_txt, s_img, "channel")
+    assert bool((chan.norm(dim=-1) <= v.norm(dim=-1) * (1 + 1e-9) + 1e-12).all())
+    # and it only ever rescales v' (global: one factor for everything, channel: one per token)
+    v_txt = vtu + s_txt * (v - vtu)
+    v_new = viu + s_img * (v_txt - viu) if s_img > 1.0 else v_txt
+    ratio = (v.norm() / (v_new.norm() + 1e-8)).clamp(renorm_min, 1.0)
+    assert torch.allclose(guide_velocity(v, vtu, viu, s_txt, s_img, "global", renorm_min), v_new * ratio)
+
+
+@settings(max_examples=40, deadline=None)
+@given(mx=st.integers(1, 2048), mn=st.integers(1, 2048), stride=st.integers(1, 64),
+       pixels=st.one_of(st.none(), st.integers(1, 10**7)))
+def test_parse_transform(mx, mn, stride, pixels):
+    text = f"{mx},{mn},{stride}" + (f",{pixels}" if pixels is not None else "")
+    if mn > mx:
+        with pytest.raises(InferenceError, match="min_image_size"):
+            parse_transform(text, "--vit_transform")
+        return
+    args = parse_transform(text, "--vit_transform")
+    assert (args.max_image_size, args.min_image_size, args.image_stride) == (mx, mn, stride)
+    assert args.max_pixels == (pixels if pixels is not None else ImageTransformArgs(1, 1, 1).max_pixels)
+    for bad in ("1,2", "a,b,c", "1,2,3,4,5", "0,0,16"):
+        with pytest.raises(InferenceError, match="--vit_transform"):
+            parse_transform(bad, "--vit_transform")

@@ -63,22 +63,25 @@ class VQAInferencer:
 
     def infer_single(self, image_path: ImageLike | Sequence[ImageLike] | None, prompt: str,
                      temperature: float = 1.0, max_new_tokens: int = 512, do_sample: bool = True,
-                     seed: int = 42) -> str:
+                     seed: int = 42, think: bool = False) -> str:
         """Answer `prompt` about the image(s). Defaults as UniMedVL's VQA script (sampling at temperature 1.0,
         512 new tokens); `do_sample=False` is greedy. `<image>` tags in the prompt place the images as in
-        training (pieces stripped); without tags the images come first, then the raw prompt."""
+        training (pieces stripped); without tags the images come first, then the raw prompt. `think` adds the
+        reasoning system text first (BAGEL's VLM think prompt); the answer then holds <think> ... </think>."""
         images = [] if image_path is None else (
             list(image_path) if isinstance(image_path, (list, tuple)) else [image_path])
         return self.chat(images, [Message("human", prompt)], temperature=temperature,
-                         max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed)
+                         max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed, think=think)
 
     def chat(self, images: Sequence[ImageLike], messages: Sequence[Message], temperature: float = 1.0,
-             max_new_tokens: int = 512, do_sample: bool = True, seed: int = 42) -> str:
+             max_new_tokens: int = 512, do_sample: bool = True, seed: int = 42, think: bool = False) -> str:
         """Replay a conversation ending with a human turn (earlier gpt turns are context), then answer it."""
         pil = [open_image(i) for i in images]
         _seed_all(seed)
         s = Session(self.model, self.tokenizer, vit_args=self.vit_transform, understanding_output=True, seed=seed)
         try:
+            if think:
+                s.add_system(VLM_THINK_SYSTEM_PROMPT)
             has_tags = any(IMAGE_TAG in m.value for m in messages if m.role == "human")
             if not has_tags:
                 for im in pil:
