@@ -42,8 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     single.add_argument("--instruction", help="what to generate or how to edit the image")
     single.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG (default %(default)s)")
     single.add_argument("--save_latent", type=Path, help="also write the sampled latent tokens (safetensors)")
-    single.add_argument("--size", help="HEIGHTxWIDTH of a text-to-image output (default 1024x1024; multiples of 16); "
-                                       "edits follow the input's aspect ratio")
+    single.add_argument("--size", help="HEIGHTxWIDTH of the output, multiples of 16 (default: text-to-image 1024x1024, "
+                                       "edits the input's size under the VAE resize rule)")
     batch = p.add_argument_group("batch (evaluation)")
     batch.add_argument("--input", type=Path, help="JSONL records (input_img, message): input_img[0] and the last "
                                                   "human turn (without <image> tags) are the instruction")

@@ -154,6 +154,39 @@ def test_cached_generation_equals_full_recompute(tiny):
     assert torch.allclose(last, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_latent_query_equals_the_training_attention(tiny):
+    """The generation query (start + noisy latents + end, gen route, cache not updated) predicts the same
+    velocity as running the whole sequence with the target as a training `noise` split."""
+    model, tok = tiny
+    image = load_image_rgb(None, IMAGES / "pathology" / "he_tile0.png")
+    s = Session(model, tok, VAE, VIT, understanding_output=False, seed=2)
+    s.add_image(image)
+    s.add_text("Translate the stain.")
+    segs, rope = _segments(model, tok, image, "Translate the stain.", vae_seed=2)
+    g = torch.Generator().manual_seed(9)
+    x_t, t = torch.randn(16, 64, generator=g), 0.6
+    before = (s.cond.kv_len, [k.clone() for k in s.cond.keys])
+    cached = sampler.latent_velocity(model, s.cond, x_t, t, 64, 64, tok.special)
+    assert s.cond.kv_len == before[0] and all(torch.equal(a, b) for a, b in zip(s.cond.keys, before[1]))
+    sp = tok.special
+    q = torch.cat([model.embed_text(torch.tensor([sp.start_of_image])),
+                   model.embed_latent(x_t, torch.full((16,), t), latent_position_ids(model, 64, 64, "cpu")),
+                   model.embed_text(torch.tensor([sp.end_of_image]))])
+    gen = torch.zeros(18, dtype=torch.bool)
+    gen[1:-1] = True
+    parts = [*segs, (q, torch.full((18,), rope), "noise", gen)]
+    x = torch.cat([p[0] for p in parts])
+    L = x.shape[0]
+    is_gen = torch.cat([p[3] for p in parts])
+    layout = TokenLayout.build(L, [L], [p[0].shape[0] for p in parts], [p[2] for p in parts])
+    idx = torch.arange(L)
+    with torch.no_grad():
+        h = model.language_model(x, TokenRoute(und=idx[~is_gen], gen=idx[is_gen]), torch.cat([p[1] for p in parts]),
+                                 PackedAttention(layout, "sdpa"))
+        full = model.llm2vae(h[L - 17:L - 1]).float()
+    assert torch.allclose(cached, full, atol=1e-5, rtol=1e-4)
+
+
 def test_sampled_decoding_is_seeded(tiny):
     model, tok = tiny
     s = Session(model, tok, VAE, VIT, understanding_output=True, seed=1)

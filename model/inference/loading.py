@@ -44,8 +44,11 @@ def check_checkpoint_dir(path: str | Path, need_vae: bool) -> Path:
         weights = next((path / n for n in WEIGHT_FILES if (path / n).is_file()), None)
         in_weights = False
         if weights is not None:
-            with safe_open(str(weights), framework="pt") as fh:
-                in_weights = any(k.startswith("vae_model.") for k in fh.keys())
+            try:
+                with safe_open(str(weights), framework="pt") as fh:
+                    in_weights = any(k.startswith("vae_model.") for k in fh.keys())
+            except Exception as exc:  # safetensors raises several types for corrupt files
+                raise InferenceError(f"{weights}: not a readable safetensors file ({exc})") from None
         if not in_weights:
             missing.append("ae.safetensors (the FLUX VAE, needed for image generation)")
     if not any((path / n).is_file() for n in TOKENIZER_FILES):
@@ -97,10 +100,9 @@ def load_for_inference(model_path: str | Path, visual_gen: bool, device=None, dt
     except (FileNotFoundError, OSError, ValueError) as exc:
         raise InferenceError(f"{path}: cannot load the tokenizer: {exc}") from None
     try:
-        model = load_model_from_dir(path, use_ema=use_ema, device=dev, visual_gen=visual_gen)
+        model = load_model_from_dir(path, use_ema=use_ema, device=dev, visual_gen=visual_gen, tokenizer=tokenizer)
     except (CheckpointError, ConfigError) as exc:
         raise InferenceError(f"{exc}; {MUST_CONTAIN}") from None
-    model.adapt_to_tokenizer(tokenizer)
     model = model.to(dt).eval()
     for p in model.parameters():
         p.requires_grad_(False)
