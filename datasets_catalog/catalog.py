@@ -49,8 +49,32 @@ DATASET_KEYS = ("name", "task", "jsonl_path", "data_dir", "modality", "split", "
 # dataset level and copied into `DatasetSpec.extra_options`; `register_extra_option` adds more.
 EXTRA_OPTION_KEYS: set[str] = {
     "window", "frame", "slice_axis", "slices", "keep_16bit", "allow_burned_in_annotation", "dicom", "nifti",
-    "percentiles",
+    "percentiles", "axis", "volume", "allow_burned_in", "keep_dicom_tags",
 }
+
+
+# Validators of `extra_options`, as "module:function" (imported only when a dataset has such options; a
+# module that is not installed is skipped). A validator raises an exception whose optional `.key` attribute
+# names the offending field; the message becomes a CatalogError.
+OPTION_VALIDATORS: list[str] = ["pipelines.medical_io:validate_catalog_options"]
+
+
+def _validate_extra(ctx: "_Ctx", extra: dict[str, Any]) -> None:
+    import importlib
+
+    for entry in OPTION_VALIDATORS:
+        module_name, _, function = entry.partition(":")
+        try:
+            validator = getattr(importlib.import_module(module_name), function)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue
+            raise
+        try:
+            validator(extra)
+        except (ValueError, TypeError) as exc:
+            key = getattr(exc, "key", None) or "options"
+            raise ctx.error(key, f"{exc}") from None
 
 
 def register_extra_option(key: str) -> None:
@@ -245,6 +269,8 @@ def _parse_dataset(path: Path, base: Path, index: int, entry: Any, top: dict) ->
         raise ctx.error("options", f"must be a mapping, got {type(options).__name__}")
     extra = {k: v for k, v in entry.items() if k in EXTRA_OPTION_KEYS and k not in DATASET_KEYS}
     extra.update({str(k): v for k, v in options.items()})
+    if extra:
+        _validate_extra(ctx, extra)
 
     return DatasetSpec(
         name=name, task=kind, jsonl_path=jsonl_path.resolve(),

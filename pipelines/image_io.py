@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import io
 import os
 import stat
@@ -57,6 +58,29 @@ class FormatHandler:
 
 
 HANDLERS: list[FormatHandler] = []
+
+# Handlers living in other modules, as "module:function" registering them. `probe_image` calls each once per
+# process before its first probe, so Ray workers get them too (a registry filled only in the driver would
+# not reach them). A module that is not installed is skipped.
+EXTENSION_HOOKS: list[str] = ["pipelines.medical_io:register_ingest_formats"]
+_extensions_loaded = False
+
+
+def load_extensions() -> None:
+    """Run the EXTENSION_HOOKS once in this process (idempotent)."""
+    global _extensions_loaded
+    if _extensions_loaded:
+        return
+    _extensions_loaded = True
+    for entry in EXTENSION_HOOKS:
+        module_name, _, function = entry.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue
+            raise
+        getattr(module, function)()
 
 
 def register_format(handler: FormatHandler, first: bool = True) -> None:
@@ -145,6 +169,7 @@ def _read(path: Path) -> bytes:
 def probe_image(path: Path, max_pixels: int, options: dict[str, Any] | None = None,
                 verify: bool = False) -> ImageProbe:
     """Read `path` once and return its size, format, bytes and sha256; ImageError with a reason otherwise."""
+    load_extensions()
     data = _read(path)
     if not data:
         raise ImageError("image_empty", f"image file {path} is empty (0 bytes)")

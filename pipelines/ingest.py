@@ -77,8 +77,25 @@ class IngestReport:
 
 
 # Extensions (issue 7: leakage between train and val) add checks run after ingest: (output_dir, report) ->
-# warning lines printed under the summary.
-POST_INGEST_CHECKS: list[Callable[[Path, IngestReport], list[str]]] = []
+# warning lines printed under the summary. Entries are callables or "module:function" strings (imported
+# when the check runs; a module that is not installed is skipped).
+POST_INGEST_CHECKS: list[Callable[[Path, IngestReport], list[str]] | str] = [
+    "pipelines.medical_io:ingest_leakage_check",
+]
+
+
+def _resolve_check(check):
+    if not isinstance(check, str):
+        return check
+    import importlib
+
+    module_name, _, function = check.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), function)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            return None
+        raise
 
 
 # -- progress -------------------------------------------------------------------------------------------
@@ -355,7 +372,9 @@ def run_ingest(catalog: Catalog, out: str | Path | None = None, only: list[str] 
 
     report = IngestReport(str(out_dir), [reports[s.name] for s in specs], time.perf_counter() - started)
     for check in POST_INGEST_CHECKS:
-        report.warnings.extend(check(out_dir, report))
+        function = _resolve_check(check)
+        if function is not None:
+            report.warnings.extend(function(out_dir, report))
     return report
 
 

@@ -82,6 +82,7 @@ def test_output_dir_and_tokenizer_resolve_against_the_catalog(tree):
     ("outputdir: x\n" + GOOD, "outputdir", ["did you mean 'output_dir'"]),
     (GOOD + "max_reject_fraction: 2\n", "max_reject_fraction", ["between 0 and 1"]),
     ("tokenizer: no_such_dir\n" + GOOD, "tokenizer", ["folder not found", "builtin"]),
+    (GOOD + "    window: lugn\n", "window", ["lugn"]),          # extension options are validated on load
 ])
 def test_catalog_errors(tree, text, field, words):
     path = write(tree, text)

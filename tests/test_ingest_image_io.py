@@ -107,6 +107,7 @@ def fake_format():
                           frames=tuple(ImageProbe(20, 10, "PNG", one.data, f"{one.sha256}:{i}", one.meta)
                                        for i in range(frames)))
 
+    image_io.load_extensions()
     saved = list(image_io.HANDLERS)
     register_format(FormatHandler("fake", sniff, probe))
     yield
