@@ -89,7 +89,7 @@ class Loaded:
 
 def load_for_inference(model_path: str | Path, visual_gen: bool, device=None, dtype=None,
                        use_ema: bool = True) -> Loaded:
-    """Model in eval mode on `device` in `dtype` (the VAE stays fp32 on CPU), plus its tokenizer.
+    """Model in eval mode on `device` in `dtype` (VAE included, as upstream casts it), plus its tokenizer.
 
     VQA loads with visual_gen=False (no VAE, spec §2.3); generation needs the VAE."""
     path = check_checkpoint_dir(model_path, need_vae=visual_gen)
@@ -100,10 +100,12 @@ def load_for_inference(model_path: str | Path, visual_gen: bool, device=None, dt
     except (FileNotFoundError, OSError, ValueError) as exc:
         raise InferenceError(f"{path}: cannot load the tokenizer: {exc}") from None
     try:
-        model = load_model_from_dir(path, use_ema=use_ema, device=dev, visual_gen=visual_gen, tokenizer=tokenizer)
+        # built and cast on the CPU, then moved: the GPU only ever holds the bf16 copy of a 7B model
+        model = load_model_from_dir(path, use_ema=use_ema, device="cpu", dtype=dt, visual_gen=visual_gen,
+                                    tokenizer=tokenizer)
     except (CheckpointError, ConfigError) as exc:
         raise InferenceError(f"{exc}; {MUST_CONTAIN}") from None
-    model = model.to(dt).eval()
+    model = model.to(dev).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return Loaded(model, tokenizer, dev, dt, path)
