@@ -410,3 +410,37 @@ def test_parse_transform(mx, mn, stride, pixels):
     for bad in ("1,2", "a,b,c", "1,2,3,4,5", "0,0,16"):
         with pytest.raises(InferenceError, match="--vit_transform"):
             parse_transform(bad, "--vit_transform")
+
+
+_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30)
+
+
+@settings(max_examples=30, deadline=None)
+@given(records=st.lists(st.one_of(
+    st.builds(lambda paths, turns: {"input_img": [{"path": p} for p in paths],
+                                    "message": [{"from": r, "value": v} for r, v in turns]},
+              st.lists(st.sampled_from(["a.png", "/b/c.png", "d/e.png"]), max_size=2),
+              st.lists(st.tuples(st.sampled_from(["human", "gpt"]), _text), min_size=1, max_size=3)),
+    _text.map(lambda t: "#" + t)), min_size=1, max_size=6))
+def test_batch_reader_never_raises_on_bad_lines(records, tmp_path_factory):
+    """Every non-blank line gives either a record (paths joined to data_dir with the leading separator
+    stripped, as upstream) or one error string; nothing raises."""
+    import json as _json
+
+    from model.inference.batch import instruction_of, read_records
+
+    d = tmp_path_factory.mktemp("jsonl")
+    lines = [r if isinstance(r, str) else _json.dumps(r) for r in records]
+    (d / "in.jsonl").write_text("\n".join(x.replace("\n", " ") for x in lines), encoding="utf-8")
+    out = list(read_records(d / "in.jsonl", d / "data"))
+    assert len(out) == sum(1 for x in lines if x.replace("\n", " ").strip())
+    for (n, rec, err), src in zip(out, [x for x in records if (x if isinstance(x, str) else "x").strip()]):
+        assert (rec is None) != (err is None)
+        if isinstance(src, dict):
+            assert rec is not None and [m.value for m in rec.messages] == [v["value"] for v in src["message"]]
+            assert [str(p) for p in rec.input_images] == [str(d / "data" / i["path"].lstrip("/"))
+                                                          for i in src["input_img"]]
+            human = [m["value"] for m in src["message"] if m["from"] == "human"]
+            assert instruction_of(rec.messages) == (human[-1].replace("<image>", "").strip() if human else None)
+        else:
+            assert isinstance(err, str) and err
