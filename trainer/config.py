@@ -258,8 +258,15 @@ def coerce(name: str, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {name} must be {kind}, got {value!r}") from None
 
 
+_HINTS = {"learning_rate": "lr", "max_steps": "total_steps", "num_train_steps": "total_steps",
+          "lr_warmup_steps": "warmup_steps", "warmup": "warmup_steps", "ema_decay": "ema", "seed": "global_seed",
+          "grad_accum": "gradient_accumulation_steps", "batch_tokens": "expected_num_tokens"}
+
+
 def _unknown(name: str, where: str) -> ConfigError:
-    close = difflib.get_close_matches(name, ARG_NAMES, n=3, cutoff=0.6)
+    close = [_HINTS[name]] if name in _HINTS else difflib.get_close_matches(name, ARG_NAMES, n=3, cutoff=0.6)
+    if not close:
+        close = [a for a in ARG_NAMES if name in a or a in name][:3]
     hint = f" Did you mean {', '.join('--' + c for c in close)}?" if close else " See --help for the list."
     return ConfigError(f"{where}: unknown argument {name!r}.{hint}")
 

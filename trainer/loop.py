@@ -129,6 +129,11 @@ def train_loop(cfg: TrainConfig | dict, *, reporter: Optional[Reporter] = None,
         log(f"note: {note}")
     if plan.source is not None:
         _load_checked(model, plan.source, plan.weights_file, strict=plan.load_train_state, log=log)
+    if cfg.model.vae_path and not plan.load_train_state and getattr(model, "vae_model", None) is not None:
+        from model.checkpoint import load_vae_weights
+
+        load_vae_weights(model.vae_model, cfg.model.vae_path, strict=True)   # FLUX AE (ae.safetensors)
+        log(f"VAE weights from {cfg.model.vae_path}")
     apply_freeze_flags(model, cfg)
     ema = make_ema(model)
     if plan.source is not None:
