@@ -20,7 +20,7 @@ from datasets_catalog.catalog import Catalog, DatasetSpec
 from datasets_catalog.tokenizer import TextTokenizer
 
 from . import ingest_state as st
-from .ingest_chunk import ChunkResult, ChunkTask, process_chunk
+from .ingest_chunk import ChunkTask, process_chunk
 from .shard_schema import SCHEMA_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -246,9 +246,7 @@ def _manifest(plan: _Plan, catalog: Catalog, shards: list[dict], n_rejects: int,
     return {
         "dataset": spec.name, "task": spec.task.name, "task_upstream": spec.task.upstream, "status": "ok",
         "schema_version": SCHEMA_VERSION, "ingest_version": st.INGEST_VERSION,
-        "catalog": str(Path(catalog.path).resolve()),
-        "data_dir": str(spec.data_dir) if spec.data_dir else None,
-        "split": spec.split, "modality": spec.modality, "license": spec.license, "description": spec.description,
+        **_metadata(spec, catalog.path),
         "rows_read": rows_read, "rows_written": rows_written, "rows_rejected": rows_rejected,
         "samples_written": sum(r["samples_written"] for r in results),
         "blank_lines": sum(r["blank_lines"] for r in results),
@@ -271,21 +269,42 @@ def _manifest(plan: _Plan, catalog: Catalog, shards: list[dict], n_rejects: int,
     }
 
 
+def _metadata(spec: DatasetSpec, catalog_path: Path) -> dict[str, Any]:
+    """Manifest fields that describe a dataset without changing its rows (updated in place, no rebuild)."""
+    return {"catalog": str(Path(catalog_path).resolve()),
+            "data_dir": str(spec.data_dir) if spec.data_dir else None,
+            "split": spec.split, "modality": spec.modality, "license": spec.license,
+            "description": spec.description}
+
+
+def _refresh(destination: Path, manifest: dict, updates: dict) -> dict:
+    """Rewrite an up-to-date dataset's manifest when only metadata (or the JSONL's mtime) changed."""
+    if all(manifest.get(k) == v for k, v in updates.items()):
+        return manifest
+    manifest = {**manifest, **updates}
+    st.write_manifest(destination, manifest)
+    return manifest
+
+
 def plan_dataset(spec: DatasetSpec, out_dir: Path, tokenizer_name: str, reference_images: bool,
-                 verify_images: bool, force: bool) -> tuple[_Plan | None, dict | None]:
+                 verify_images: bool, force: bool, catalog_path: Path = Path("?")
+                 ) -> tuple[_Plan | None, dict | None]:
     """(plan, None) when the dataset must be built, (None, manifest) when it is up to date."""
     destination = out_dir / spec.name
     previous = st.read_manifest(destination)
     settings = st.settings_of(spec, tokenizer_name, reference_images, verify_images)
     digest = st.folder_digest(spec.data_dir, exclude=out_dir)
+    metadata = _metadata(spec, catalog_path)
     if previous and previous.get("status") == "ok" and not force:
         sha = st.quick_source_sha(spec.jsonl_path, previous)
         if sha is not None and previous.get("fingerprint") == st.fingerprint(sha, digest, settings):
-            return None, previous
+            return None, _refresh(destination, previous, metadata)
     scan = st.scan_source(spec.jsonl_path, spec.rows_per_shard)
     fp = st.fingerprint(scan.sha256, digest, settings)
     if previous and previous.get("status") == "ok" and not force and previous.get("fingerprint") == fp:
-        return None, previous   # touched but identical bytes
+        # touched but identical bytes: remember the new mtime so the next run skips the re-hash
+        source = {**previous["source"], "size": scan.size, "mtime_ns": scan.mtime_ns}
+        return None, _refresh(destination, previous, {**metadata, "source": source})
     return _Plan(spec, destination, out_dir / "?", scan, digest, settings, fp), None
 
 
@@ -319,7 +338,8 @@ def run_ingest(catalog: Catalog, out: str | Path | None = None, only: list[str] 
     plans: list[_Plan] = []
     specs = catalog.select(only)
     for spec in specs:
-        plan, manifest = plan_dataset(spec, out_dir, tokenizer.name, reference_images, verify_images, force)
+        plan, manifest = plan_dataset(spec, out_dir, tokenizer.name, reference_images, verify_images, force,
+                                      catalog.path)
         if plan is None:
             reports[spec.name] = DatasetReport.from_manifest(manifest, STATUS_UP_TO_DATE, out_dir / spec.name,
                                                              "inputs and settings unchanged: nothing to do")

@@ -198,9 +198,13 @@ def assemble(staging: Path, results: list[dict[str, Any]]) -> tuple[list[dict], 
     return shards, rejects.num_rows
 
 
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    _atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
+
+
 def publish(staging: Path, manifest: dict[str, Any], destination: Path) -> None:
     """Write the manifest last, then swap the staging folder into `destination` with renames."""
-    _atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
+    write_manifest(staging, manifest)
     old = None
     if destination.exists():
         old = destination.with_name(f"{STAGING_PREFIX}old-{destination.name}-{os.getpid()}")

@@ -238,9 +238,11 @@ def test_idempotent_and_rebuilds_on_change(small):
     assert any("up to date" in m for m in messages)
     assert (out / "d" / "part-00000.parquet").stat().st_mtime_ns == stamp
 
-    # Touching the JSONL without changing its bytes does no work either.
+    # Touching the JSONL without changing its bytes does no work either, and the new mtime is remembered.
     os.utime(small.parent / "d.jsonl", ns=(time.time_ns(), time.time_ns()))
     assert _status(_run(small))["d"] == STATUS_UP_TO_DATE
+    manifest = json.loads((out / "d" / "_manifest.json").read_text())
+    assert manifest["source"]["mtime_ns"] == (small.parent / "d.jsonl").stat().st_mtime_ns
 
     with open(small.parent / "d.jsonl", "a") as f:      # changed JSONL
         f.write(sft("0.png") + "\n")
@@ -257,6 +259,12 @@ def test_idempotent_and_rebuilds_on_change(small):
     small.write_text(text)                                       # changed transform
     assert _status(_run(small)) == {"d": STATUS_BUILT, "t": STATUS_UP_TO_DATE}
     assert set(pd.read_parquet(out / "d")["input_images"].map(lambda x: x[0]["vae_height"])) == {256}  # short side
+
+    stamp = (out / "d" / "part-00000.parquet").stat().st_mtime_ns
+    small.write_text(small.read_text().replace("{name: d, task: sft,", "{name: d, task: sft, split: val,"))
+    assert _status(_run(small))["d"] == STATUS_UP_TO_DATE                # metadata only: manifest updated
+    assert json.loads((out / "d" / "_manifest.json").read_text())["split"] == "val"
+    assert (out / "d" / "part-00000.parquet").stat().st_mtime_ns == stamp
 
     assert _status(_run(small, force=True)) == {"d": STATUS_BUILT, "t": STATUS_BUILT}
     assert _status(_run(small, only=["t"])) == {"t": STATUS_UP_TO_DATE}
