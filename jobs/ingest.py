@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datasets_catalog.catalog import CatalogError, load_catalog  # noqa: E402
 from pipelines.ingest import IngestError, format_summary, run_ingest  # noqa: E402
+from pipelines.medical_io import with_keep_dicom_tags  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "Default: start a local Ray for this run")
     parser.add_argument("--verify-images", action="store_true",
                         help="also decode every image fully (slow) to catch corruption inside the pixel data")
+    parser.add_argument("--keep-dicom-tags", metavar="KEYWORD,...", default="",
+                        help="DICOM keywords to copy into each image's meta (an allow-list; by default only "
+                             "technical fields are kept, never patient or institution data)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     return parser.parse_args(argv)
@@ -50,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         catalog = load_catalog(args.catalog)
+        if args.keep_dicom_tags:
+            try:
+                catalog = with_keep_dicom_tags(catalog, args.keep_dicom_tags.split(","))
+            except ValueError as exc:
+                raise CatalogError(f"--keep-dicom-tags: {exc}") from None
         only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
         report = run_ingest(catalog, out=args.out, only=only, force=args.force,
                             reference_images=args.reference_images, address=args.address,

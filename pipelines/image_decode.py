@@ -111,3 +111,10 @@ def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor
     array = np.array(image, dtype=np.uint8)  # one writable copy
     tensor = torch.from_numpy(array).permute(2, 0, 1).float().div_(255)
     return tensor.sub_(0.5).div_(0.5)
+
+
+# Issue 7: referenced DICOM / NIfTI files (--reference-images shards) and 16-bit grey PNGs (keep_16bit),
+# which PIL alone cannot read or would clip. Registered here so that every reader process has them.
+from pipelines.medical_io import register_reader_decoders  # noqa: E402
+
+register_reader_decoders()

@@ -178,10 +178,12 @@ class ChunkProcessor:
         if len(framed) > 1:
             raise RecordError("frames_ambiguous", "more than one image of this record expands into frames; "
                                                   "expand at most one image per record")
-        variants: list[tuple[int | None, list[tuple[ImageRef, str, ImageProbe]]]] = [(None, probes)]
+        variants: list[tuple[int | str | None, list[tuple[ImageRef, str, ImageProbe]]]] = [(None, probes)]
         if framed:
             at = framed[0]
-            variants = [(f, [*probes[:at], (probes[at][0], probes[at][1], frame), *probes[at + 1:]])
+            # frame id: the probe's own ("f10" = DICOM frame 10, "s12" = NIfTI slice 12), else the position
+            variants = [((frame.meta or {}).get("frame_id", f),
+                         [*probes[:at], (probes[at][0], probes[at][1], frame), *probes[at + 1:]])
                         for f, frame in enumerate(probes[at][2].frames or ())]
         out = []
         for frame, items in variants:

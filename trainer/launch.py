@@ -9,6 +9,7 @@ copy (NO_UPLOAD), so a restarted worker group resumes from exactly the files the
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,18 +38,19 @@ def train_func(config: dict) -> None:
     """Runs in every Ray Train worker (the process group is already set up by TorchTrainer)."""
     import ray.train
 
+    if config.get("_repo_root") and config["_repo_root"] not in sys.path:
+        sys.path.insert(0, config["_repo_root"])
     from trainer.loop import train_loop
 
-    if config.get("_repo_root"):
-        import sys
-
-        if config["_repo_root"] not in sys.path:
-            sys.path.insert(0, config["_repo_root"])
-    ray_ckpt = None
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        ray_ckpt = Path(ckpt.path)
-    train_loop(config["cfg"], reporter=RayReporter(), ray_checkpoint=ray_ckpt)
+    ray_ckpt = Path(ckpt.path) if ckpt is not None else None
+
+    def echo(line: str) -> None:
+        # plain stdout: Ray Train patches print() into a logger that the driver would show twice
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    train_loop(config["cfg"], reporter=RayReporter(), ray_checkpoint=ray_ckpt, print_fn=echo)
 
 
 def init_ray(cfg: TrainConfig) -> str:
