@@ -124,7 +124,7 @@ class _Probed:
     __slots__ = ("line_number", "raw", "record", "inputs", "outputs", "frame")
 
     def __init__(self, line_number: int, raw: bytes, record: ParsedRecord, inputs: list[dict],
-                 outputs: list[dict], frame: int | None) -> None:
+                 outputs: list[dict], frame: int | str | None) -> None:
         self.line_number, self.raw, self.record, self.inputs, self.outputs, self.frame = \
             line_number, raw, record, inputs, outputs, frame
 
