@@ -44,7 +44,7 @@ TOP_LEVEL_KEYS = ("output_dir", "tokenizer", "max_reject_fraction", "max_image_p
                   "datasets", "description")
 DATASET_KEYS = ("name", "task", "jsonl_path", "data_dir", "modality", "split", "license", "description",
                 "image_transform_args", "vit_image_transform_args", "max_reject_fraction", "max_image_pixels",
-                "rows_per_shard", "options")
+                "rows_per_shard", "options", "source", "hf")
 # Per-dataset keys reserved for extensions (issue 7: DICOM/NIfTI display rules). They are accepted at the
 # dataset level and copied into `DatasetSpec.extra_options`; `register_extra_option` adds more.
 EXTRA_OPTION_KEYS: set[str] = {
@@ -247,22 +247,26 @@ def _parse_dataset(path: Path, base: Path, index: int, entry: Any, top: dict) ->
     except UnknownTaskKind as exc:
         raise ctx.error("task", str(exc)) from None
 
-    jsonl = _opt_str(ctx, entry, "jsonl_path")
-    if jsonl is None:
-        raise ctx.error("jsonl_path", "is missing; point it at the dataset's JSONL file "
-                                      "(relative paths resolve against the catalog's folder)")
-    jsonl_path = _resolve(base, jsonl)
-    if not jsonl_path.is_file():
-        raise ctx.error("jsonl_path", f"file not found: {jsonl_path}. Check the path (relative paths resolve "
-                                      f"against {base})")
-    data = _opt_str(ctx, entry, "data_dir")
-    data_dir = _resolve(base, data) if data is not None else None
-    if data_dir is None and kind.needs_images:
-        raise ctx.error("data_dir", f"is missing; task {kind.name!r} reads images, so give the folder that "
-                                    f"image paths in the JSONL are relative to")
-    if data_dir is not None and not data_dir.is_dir():
-        raise ctx.error("data_dir", f"folder not found: {data_dir}. Check the path (relative paths resolve "
-                                    f"against {base})")
+    hf = _hf_source(ctx, path, base, entry, kind, name)   # `source: hf`: a local Hugging Face dataset
+    if hf is not None:
+        jsonl_path, data_dir, hf_options = hf
+    else:
+        jsonl = _opt_str(ctx, entry, "jsonl_path")
+        if jsonl is None:
+            raise ctx.error("jsonl_path", "is missing; point it at the dataset's JSONL file "
+                                          "(relative paths resolve against the catalog's folder)")
+        jsonl_path = _resolve(base, jsonl)
+        if not jsonl_path.is_file():
+            raise ctx.error("jsonl_path", f"file not found: {jsonl_path}. Check the path (relative paths resolve "
+                                          f"against {base})")
+        data = _opt_str(ctx, entry, "data_dir")
+        data_dir = _resolve(base, data) if data is not None else None
+        if data_dir is None and kind.needs_images:
+            raise ctx.error("data_dir", f"is missing; task {kind.name!r} reads images, so give the folder that "
+                                        f"image paths in the JSONL are relative to")
+        if data_dir is not None and not data_dir.is_dir():
+            raise ctx.error("data_dir", f"folder not found: {data_dir}. Check the path (relative paths resolve "
+                                        f"against {base})")
 
     options = entry.get("options", {}) or {}
     if not isinstance(options, dict):
@@ -271,6 +275,8 @@ def _parse_dataset(path: Path, base: Path, index: int, entry: Any, top: dict) ->
     extra.update({str(k): v for k, v in options.items()})
     if extra:
         _validate_extra(ctx, extra)
+    if hf is not None:
+        extra["hf_source"] = hf_options
 
     return DatasetSpec(
         name=name, task=kind, jsonl_path=jsonl_path.resolve(),
@@ -284,6 +290,30 @@ def _parse_dataset(path: Path, base: Path, index: int, entry: Any, top: dict) ->
         rows_per_shard=_positive_int(ctx, entry, "rows_per_shard", top["rows_per_shard"]),
         extra_options=dict(extra), line=getattr(entry, "line", None),
     )
+
+
+def _hf_source(ctx: _Ctx, path: Path, base: Path, entry: dict, kind: TaskKind, name: str
+               ) -> tuple[Path, Path, dict] | None:
+    """For `source: hf` (or an `hf:` mapping): check the mapping (pipelines.hf_source) and return the JSONL
+    and image folder the ingest materialises it into, plus the mapping for `extra_options["hf_source"]`."""
+    source = entry.get("source", "hf" if "hf" in entry else "jsonl")
+    if source not in ("jsonl", "hf"):
+        raise ctx.error("source", f"must be 'jsonl' (the default: jsonl_path + data_dir) or 'hf' (a local "
+                                  f"Hugging Face dataset described under hf:), got {source!r}")
+    if source == "jsonl":
+        return None
+    for key in ("jsonl_path", "data_dir"):
+        if key in entry:
+            raise ctx.error(key, "a 'source: hf' dataset takes its rows and images from hf.path; remove "
+                                 f"{key} (or drop source: hf)")
+    from pipelines.hf_source import HFSourceError, parse_hf_mapping
+
+    try:
+        cfg = parse_hf_mapping(entry.get("hf"), base, default_output_dir(path) / "_hf_cache" / name, kind.name,
+                               kind.needs_images)
+    except HFSourceError as exc:
+        raise ctx.error(exc.field or "hf", str(exc)) from None
+    return cfg.records_path, cfg.images_dir, cfg.to_dict()
 
 
 def parse_catalog(text: str, path: str | Path = "<catalog>") -> Catalog:

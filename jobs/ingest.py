@@ -31,8 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="Example: python jobs/ingest.py catalog/radiology.yaml --only chest_xray_vqa --force",
     )
     parser.add_argument("catalog", help="catalog YAML file (see docs/ingest.md)")
-    parser.add_argument("--out", metavar="DIR", help="output folder (default: the catalog's output_dir, "
-                                                     "else <project root>/shards)")
+    parser.add_argument("--out", metavar="DIR", help="output folder or object-storage URI, e.g. "
+                                                     "s3://bucket/prefix (see docs/cluster.md; default: the "
+                                                     "catalog's output_dir, else <project root>/shards)")
     parser.add_argument("--only", metavar="NAME,...", help="comma-separated dataset names to ingest")
     parser.add_argument("--force", action="store_true", help="rebuild even when inputs are unchanged")
     parser.add_argument("--reference-images", action="store_true",

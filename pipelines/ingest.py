@@ -20,6 +20,7 @@ from datasets_catalog.catalog import Catalog, DatasetSpec
 from datasets_catalog.tokenizer import TextTokenizer
 
 from . import ingest_state as st
+from . import storage
 from .ingest_chunk import ChunkTask, process_chunk
 from .shard_schema import SCHEMA_VERSION
 
@@ -70,6 +71,7 @@ class IngestReport:
     datasets: list[DatasetReport]
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    nodes: dict[str, int] = field(default_factory=dict)   # Ray node id -> chunks it processed (executor="ray")
 
     @property
     def ok(self) -> bool:
@@ -96,6 +98,19 @@ def _resolve_check(check):
         if exc.name == module_name:
             return None
         raise
+
+
+def prepare_sources(catalog: Catalog, only: list[str] | None) -> list[DatasetSpec]:
+    """The selected datasets, with Hugging Face sources (`source: hf`) materialised into their JSONL cache."""
+    from .hf_source import HFSourceError, prepare_spec
+
+    specs = []
+    for spec in catalog.select(only):
+        try:
+            specs.append(prepare_spec(spec))
+        except HFSourceError as exc:
+            raise IngestError(f"{catalog.path}: dataset {spec.name!r}, field {exc.field or 'hf'!r}: {exc}") from None
+    return specs
 
 
 # -- progress -------------------------------------------------------------------------------------------
@@ -187,8 +202,19 @@ def _process_batch(batch: dict[str, Any]) -> dict[str, list]:
     out: dict[str, list] = {"result": []}
     for i in range(n):
         task = ChunkTask(**_json.loads(batch["task"][i]))
-        out["result"].append(_json.dumps(process_chunk(task).to_dict()))
+        result = process_chunk(task).to_dict()
+        result["node_id"] = _node_id()   # which node did the work (IngestReport.nodes)
+        out["result"].append(_json.dumps(result))
     return out
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray: no node id
+        return None
 
 
 def _run_chunks(tasks: list[ChunkTask], on_result: Callable[[dict], None], address: str | None,
@@ -320,6 +346,12 @@ def run_ingest(catalog: Catalog, out: str | Path | None = None, only: list[str] 
     """
     if executor not in ("ray", "local"):
         raise ValueError(f"executor must be 'ray' or 'local', got {executor!r}")
+    if storage.is_remote(out):   # s3://...: same plan and chunks, marker-last publish (pipelines.storage_ingest)
+        from .storage_ingest import run_ingest_remote
+
+        return run_ingest_remote(catalog, out, only=only, force=force, reference_images=reference_images,
+                                 address=address, verify_images=verify_images, progress=progress, stream=stream,
+                                 log=log, executor=executor)
     started = time.perf_counter()
     say = log or (lambda message: print(message, file=stream or sys.stderr, flush=True))
     out_dir = Path(out).resolve() if out is not None else catalog.output_dir
@@ -336,7 +368,7 @@ def run_ingest(catalog: Catalog, out: str | Path | None = None, only: list[str] 
 
     reports: dict[str, DatasetReport] = {}
     plans: list[_Plan] = []
-    specs = catalog.select(only)
+    specs = prepare_sources(catalog, only)
     for spec in specs:
         plan, manifest = plan_dataset(spec, out_dir, tokenizer.name, reference_images, verify_images, force,
                                       catalog.path)
@@ -367,11 +399,14 @@ def run_ingest(catalog: Catalog, out: str | Path | None = None, only: list[str] 
             f"{len(plan.scan.chunks)} chunk(s))")
 
     by_name = {plan.spec.name: plan for plan in plans}
+    nodes: dict[str, int] = {}
     if tasks:
         bar = Progress(sum(p.scan.lines for p in plans), len(tasks), stream, enabled=progress)
 
         def on_result(result: dict) -> None:
             by_name[result["dataset"]].results.append(result)
+            if result.get("node_id"):
+                nodes[result["node_id"]] = nodes.get(result["node_id"], 0) + 1
             bar.update(result)
 
         try:
@@ -390,7 +425,8 @@ def run_ingest(catalog: Catalog, out: str | Path | None = None, only: list[str] 
         worker_seconds = sum(r["seconds"] for r in plan.results)   # time spent on this dataset in workers
         reports[plan.spec.name] = _finish(plan, catalog, out_dir, worker_seconds, say)
 
-    report = IngestReport(str(out_dir), [reports[s.name] for s in specs], time.perf_counter() - started)
+    report = IngestReport(str(out_dir), [reports[s.name] for s in specs], time.perf_counter() - started,
+                          nodes=nodes)
     for check in POST_INGEST_CHECKS:
         function = _resolve_check(check)
         if function is not None:

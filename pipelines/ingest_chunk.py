@@ -261,6 +261,10 @@ class _ShardWriter:
 
 def process_chunk(task: ChunkTask) -> ChunkResult:
     """Process one chunk: write `staging/chunk-NNNNN.parquet` and `staging/_rejects-NNNNN.parquet`."""
+    if "://" in task.staging_dir and not task.staging_dir.startswith("file://"):
+        from .storage_ingest import process_chunk_remote   # object storage: build locally, then upload
+
+        return process_chunk_remote(task)
     started = time.perf_counter()
     processor = ChunkProcessor(task)
     staging = Path(task.staging_dir)

@@ -48,24 +48,36 @@ def process_chunk_remote(task: ChunkTask) -> ChunkResult:
 
 
 def _plan(spec: DatasetSpec, out: RemotePath, tokenizer_name: str, reference_images: bool, verify_images: bool,
-          force: bool):
-    """`ingest.plan_dataset` for a remote output: (plan, None) to build, (None, manifest) when up to date."""
-    from .ingest import _Plan
+          force: bool, catalog_path: Path):
+    """`ingest.plan_dataset` for a remote output: (plan, None) to build, (None, manifest) when up to date
+    (metadata-only changes rewrite the manifest in place, as on disk)."""
+    from .ingest import _metadata, _Plan
 
     destination = out / spec.name
     previous = st.read_manifest(destination)   # None when missing: then the prefix is not a complete dataset
     settings = st.settings_of(spec, tokenizer_name, reference_images, verify_images)
     digest = st.folder_digest(spec.data_dir)
+    metadata = _metadata(spec, catalog_path)
     if previous and previous.get("status") == "ok" and not force:
         sha = st.quick_source_sha(spec.jsonl_path, previous)
         if sha is not None and previous.get("fingerprint") == st.fingerprint(sha, digest, settings):
-            return None, previous
+            return None, _refresh(destination, previous, metadata)
     scan = st.scan_source(spec.jsonl_path, spec.rows_per_shard)
     fp = st.fingerprint(scan.sha256, digest, settings)
     if previous and previous.get("status") == "ok" and not force and previous.get("fingerprint") == fp:
-        return None, previous
+        source = {**previous["source"], "size": scan.size, "mtime_ns": scan.mtime_ns}
+        return None, _refresh(destination, previous, {**metadata, "source": source})
     staging = out / f"{st.STAGING_PREFIX}{spec.name}-{uuid.uuid4().hex[:12]}"
     return _Plan(spec, destination, staging, scan, digest, settings, fp), None
+
+
+def _refresh(destination: RemotePath, manifest: dict, updates: dict) -> dict:
+    """Rewrite a complete dataset's manifest in place (one PUT: it is replaced whole, never missing)."""
+    if all(manifest.get(k) == v for k, v in updates.items()):
+        return manifest
+    manifest = {**manifest, **updates}
+    storage.write_text_atomic(destination / st.MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
+    return manifest
 
 
 def _assemble(staging: RemotePath, results: list[dict]) -> tuple[list[dict], dict[str, str], int]:
@@ -94,7 +106,7 @@ def _publish(staging: RemotePath, destination: RemotePath, renames: dict[str, st
     """Marker-last publish of exactly the parts, the merged rejects and the manifest."""
     storage.publish_files(
         {**{part: staging / chunk for part, chunk in renames.items()}, st.REJECTS: staging / st.REJECTS},
-        destination, st.MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        destination, st.MANIFEST, (json.dumps(manifest, indent=2, default=str) + "\n").encode())
     staging.rmtree()
 
 
@@ -134,10 +146,10 @@ def clean_stale_staging(out: RemotePath, names: list[str]) -> list[str]:
 def run_ingest_remote(catalog: Catalog, out: str | RemotePath, only: list[str] | None = None, force: bool = False,
                       reference_images: bool = False, address: str | None = None, verify_images: bool = False,
                       progress: bool = True, stream: TextIO | None = None, log: Callable[[str], None] | None = None,
-                      executor: str = "ray"):
+                      executor: str = "ray"):  # -> pipelines.ingest.IngestReport
     """`run_ingest` with `out` on object storage (see the module doc). Same arguments, same report."""
-    from . import hf_source
-    from .ingest import STATUS_UP_TO_DATE, DatasetReport, IngestError, IngestReport, Progress, _run_chunks
+    from .ingest import STATUS_UP_TO_DATE, DatasetReport, IngestError, IngestReport, Progress, _run_chunks, \
+        prepare_sources
 
     if executor not in ("ray", "local"):
         raise ValueError(f"executor must be 'ray' or 'local', got {executor!r}")
@@ -154,12 +166,12 @@ def run_ingest_remote(catalog: Catalog, out: str | RemotePath, only: list[str] |
         raise IngestError(f"{catalog.path}: tokenizer {catalog.tokenizer!r} cannot be loaded ({exc}); use "
                           f"'builtin' or a folder with Qwen2 tokenizer files") from None
 
-    specs = [hf_source.prepare_spec(s) for s in catalog.select(only)]
+    specs = prepare_sources(catalog, only)
     clean_stale_staging(out, [s.name for s in specs])
     reports: dict[str, DatasetReport] = {}
     plans = []
     for spec in specs:
-        plan, manifest = _plan(spec, out, tokenizer.name, reference_images, verify_images, force)
+        plan, manifest = _plan(spec, out, tokenizer.name, reference_images, verify_images, force, catalog.path)
         if plan is None:
             reports[spec.name] = DatasetReport.from_manifest(manifest, STATUS_UP_TO_DATE, (out / spec.name).display(),
                                                              "inputs and settings unchanged: nothing to do")
@@ -196,7 +208,7 @@ def run_ingest_remote(catalog: Catalog, out: str | RemotePath, only: list[str] |
 
         try:
             if executor == "ray":
-                _run_chunks(tasks, on_result, address)
+                _run_chunks(tasks, on_result, address, say)
             else:
                 for task in tasks:
                     on_result(process_chunk_remote(task).to_dict())
@@ -208,9 +220,8 @@ def run_ingest_remote(catalog: Catalog, out: str | RemotePath, only: list[str] |
 
     for plan in plans:
         reports[plan.spec.name] = _finish(plan, catalog, out, sum(r["seconds"] for r in plan.results), say)
-    report = IngestReport(out.display(), [reports[s.name] for s in specs], time.perf_counter() - started)
-    if hasattr(report, "nodes"):
-        report.nodes = nodes
+    report = IngestReport(out.display(), [reports[s.name] for s in specs], time.perf_counter() - started,
+                          nodes=nodes)
     report.warnings.append("post-ingest checks (leakage, duplicates) read local folders and were skipped for "
                            "object storage; run jobs/report.py on a local copy if you need them")
     return report

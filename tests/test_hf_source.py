@@ -107,12 +107,15 @@ def test_parquet_files_and_save_to_disk_give_the_same_records(sources, tmp_path)
     assert not again.rebuilt and again.jsonl_path.stat().st_mtime_ns == a.jsonl_path.stat().st_mtime_ns
 
 
-def _catalog(root: Path, hf_jsonl: Path, hf_images: Path, jsonl: Path) -> Path:
+def _catalog(root: Path, hf: Path, jsonl: Path) -> Path:
     text = f"""
 tokenizer: builtin
 max_reject_fraction: 0.5
 datasets:
-  - {{name: vqa_from_hf, task: sft, jsonl_path: {hf_jsonl}, data_dir: {hf_images}}}
+  - name: vqa_from_hf
+    task: sft
+    source: hf
+    hf: {{path: {hf}, question: question, answer: answer, input_images: [image], cache_dir: hf_cache}}
   - {{name: vqa_from_jsonl, task: sft, jsonl_path: {jsonl / 'vqa.jsonl'}, data_dir: {jsonl / 'images'}}}
 """
     path = root / "catalog.yaml"
@@ -120,13 +123,30 @@ datasets:
     return path
 
 
+def test_catalog_hf_entries_are_checked(sources, tmp_path):
+    from datasets_catalog.catalog import CatalogError, parse_catalog
+
+    good = f"datasets:\n  - {{name: v, task: sft, source: hf, hf: {{path: {sources['hf']}, question: q, " \
+           f"input_images: image}}}}\n"
+    spec = parse_catalog(good, tmp_path / "c.yaml").datasets["v"]
+    assert spec.extra_options["hf_source"]["path"] == str(sources["hf"])
+    assert spec.jsonl_path.name == "records.jsonl" and spec.data_dir.name == "images"
+    with pytest.raises(CatalogError, match=r"line 2: dataset 'v', field 'jsonl_path': a 'source: hf' dataset"):
+        parse_catalog(good.replace("source: hf,", "source: hf, jsonl_path: x.jsonl,"), tmp_path / "c.yaml")
+    with pytest.raises(CatalogError, match=r"field 'hf': hf.question is missing"):
+        parse_catalog(good.replace("question: q, ", ""), tmp_path / "c.yaml")
+    with pytest.raises(CatalogError, match=r"field 'source': must be 'jsonl'"):
+        parse_catalog(good.replace("source: hf", "source: hub"), tmp_path / "c.yaml")
+
+
 @pytest.fixture(scope="module")
 def ingested(sources, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("ingest")
-    m = materialize(_mapping(sources["hf"], work / "cache"), "umv", "sft")
-    catalog = load_catalog(_catalog(work, m.jsonl_path, m.data_dir, sources["jsonl"]))
+    catalog = load_catalog(_catalog(work, sources["hf"], sources["jsonl"]))
     report = run_ingest(catalog, out=work / "shards", executor="local", progress=False, log=lambda s: None)
-    assert report.ok, report
+    assert report.ok and [d.status for d in report.datasets] == ["built", "built"], report
+    again = run_ingest(catalog, out=work / "shards", executor="local", progress=False, log=lambda s: None)
+    assert [d.status for d in again.datasets] == ["up to date", "up to date"]   # cache reused, no rebuild
     return work / "shards"
 
 

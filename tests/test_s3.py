@@ -179,9 +179,10 @@ def _read_remote(folder: RemotePath):
 
 
 def _ingest(catalog, out, **kw):
-    from pipelines.storage_ingest import run_ingest_remote
+    """The public entry point (jobs/ingest.py --out s3://...), in-process chunk execution."""
+    from pipelines.ingest import run_ingest
 
-    return run_ingest_remote(catalog, out=out, executor="local", progress=False, log=lambda s: None, **kw)
+    return run_ingest(catalog, out=out, executor="local", progress=False, log=lambda s: None, **kw)
 
 
 def test_ingest_to_s3_matches_local_and_is_idempotent(bucket, small_catalog):
