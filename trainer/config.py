@@ -110,7 +110,8 @@ class TrainingArguments:
     num_replicate: int = _f(1, "HYBRID_SHARD replicas")
     num_shard: Optional[int] = _f(None, "HYBRID_SHARD shard group size (default: world_size / num_replicate)")
     sharding_strategy: str = _f("HYBRID_SHARD", "FULL_SHARD | HYBRID_SHARD | NO_SHARD (GPU only)")
-    backward_prefetch: str = _f("BACKWARD_PRE", "FSDP backward prefetch")
+    backward_prefetch: str = _f("BACKWARD_PRE", "FSDP1 option, accepted for script compatibility (FSDP2 prefetches "
+                                                "on its own)")
     cpu_offload: bool = _f(False, "FSDP CPU offload of parameters")
     activation_checkpointing: bool = _f(True, "checkpoint decoder/ViT layers on GPU")
     freeze_llm: bool = _f(False, "freeze language_model")
@@ -120,6 +121,11 @@ class TrainingArguments:
     copy_init_moe: bool = _f(True, "copy und weights into *_moe_gen twins at init")
     use_flex: bool = _f(False, "flex attention packing (pad to max_num_tokens)")
     deterministic: bool = _f(False, "deterministic torch algorithms (exact-resume drills)")
+    wandb_project: Optional[str] = _f(None, "accepted for upstream scripts; W&B is not used (TensorBoard is)")
+    wandb_name: Optional[str] = _f(None, "accepted for upstream scripts; W&B is not used")
+    wandb_runid: Optional[str] = _f(None, "accepted for upstream scripts; W&B is not used")
+    wandb_resume: Optional[str] = _f(None, "accepted for upstream scripts; W&B is not used")
+    wandb_offline: bool = _f(False, "accepted for upstream scripts; W&B is not used")
 
 
 @dataclass

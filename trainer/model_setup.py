@@ -51,8 +51,10 @@ def build_model_config(cfg: TrainConfig, vocab_size: int):
         mc = ModelConfig.tiny(vocab_size=vocab_size, **over)
     if cfg.model.vit_patch_size is not None:
         mc.vit.patch_size = cfg.model.vit_patch_size
-    if cfg.run.use_gpu:
-        mc.attn_backend = "auto"
+    if cfg.train.use_flex:
+        mc.attn_backend = "flex"     # packs are padded to max_num_tokens with split_lens/attn_modes only
+    elif cfg.run.use_gpu:
+        mc.attn_backend = "auto"     # flash-attn varlen when installed, else flex
     return mc
 
 
