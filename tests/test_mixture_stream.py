@@ -149,10 +149,17 @@ def test_passes_reshuffle(mix, tok):
     assert sorted(first) == sorted(second) and first != second
 
 
-@pytest.mark.parametrize("window", [1, 4])
-def test_world_size_two_into_three_continues_the_pass_without_duplicates_or_gaps(catalog, tok, window):
+def _streams(mix, tok, world_size, num_workers, seed):
+    return [stream(mix, tok, rank=r, world_size=world_size, worker_id=w, num_workers=num_workers, seed=seed)
+            for r in range(world_size) for w in range(num_workers)]
+
+
+@pytest.mark.parametrize("window,old_topology,new_topology", [(1, (2, 1), (3, 1)), (4, (2, 1), (3, 1)),
+                                                               (1, (1, 2), (3, 2)), (1, (3, 1), (1, 1))])
+def test_world_size_two_into_three_continues_the_pass_without_duplicates_or_gaps(catalog, tok, window, old_topology,
+                                                                                 new_topology):
     mix = config(catalog, f"shuffle_window_blocks: {window}\n{MIX}", f"mix_w{window}.yaml")
-    old = [stream(mix, tok, rank=r, world_size=2, seed=11) for r in range(2)]
+    old = _streams(mix, tok, *old_topology, seed=11)
     for s in old:
         s.drawn_log = []
         s.log_draws(s.drawn_log)
@@ -166,7 +173,7 @@ def test_world_size_two_into_three_continues_the_pass_without_duplicates_or_gaps
     for s, st in zip(old, states):
         inflight = {(g, v) for g, v, _ in st["buffer"] + ([st["pending"]] if st["pending"] else [])}
         trained_old += [d for d in s.drawn_log if (d.group, d.v) not in inflight]
-    new = [stream(mix, tok, rank=r, world_size=3, seed=11) for r in range(3)]
+    new = _streams(mix, tok, *new_topology, seed=11)
     for s in new:
         s.load_state_dict(states)
         s.drawn_log = []
@@ -177,10 +184,10 @@ def test_world_size_two_into_three_continues_the_pass_without_duplicates_or_gaps
         got += _pass0(new, new[0].groups[gi].name, ROWS[name])
         assert sorted(got) == sorted(f"{name}:{i}" for i in range(1, ROWS[name] + 1)), (name, Counter(got).most_common(2))
     # and the new streams are themselves exactly resumable
-    plan = new[1].next_plan()
-    again = stream(mix, tok, rank=1, world_size=3, seed=11)
+    plan = new[-1].next_plan()
+    again = _streams(mix, tok, *new_topology, seed=11)[-1]
     again.load_state_dict(plan.state)
-    assert take(again, 5) == take(new[1], 5)
+    assert take(again, 5) == take(new[-1], 5)
 
 
 def test_merge_needs_every_stream(mix, tok):
