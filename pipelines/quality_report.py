@@ -154,6 +154,8 @@ def _plots(report: QualityReport) -> list[tuple[str, bytes]]:
         ("Reject reasons", rp.stacked_bars({n: dict(s.rejects) for n, s in ds.items() if s.rejects},
                                            "Rejected rows per dataset by reason", "rows")),
         ("Image sizes", rp.size_scatter({n: (s.widths, s.heights) for n, s in ds.items()}, "Image size (width x height)")),
+        ("Image long side", rp.histograms({n: [max(w, h) for w, h in zip(s.widths, s.heights)] for n, s in ds.items()},
+                                          "Image long side (px)", "pixels", log_x=True)),
         ("Aspect ratios", rp.histograms({n: [w / h for w, h in zip(s.widths, s.heights) if h] for n, s in ds.items()},
                                         "Aspect ratio (width / height)", "aspect ratio", log_x=True)),
         ("VAE tokens per image", rp.histograms({n: s.vae_tokens for n, s in ds.items()}, "VAE tokens per image",

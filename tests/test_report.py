@@ -153,7 +153,7 @@ def test_html_is_self_contained_with_embedded_png_plots(leaky_shards):
     parser.feed(page)
     plots = [i for i in parser.imgs if i.get("class") == "plot"]
     thumbs = [i for i in parser.imgs if i.get("class") == "thumbimg"]
-    assert len(plots) == 8 and len(thumbs) == 3 + 3 + 2  # other_train has two rows
+    assert len(plots) == 9 and len(thumbs) == 3 + 3 + 2  # other_train has two rows
     assert not parser.links
     for img in parser.imgs:
         assert img["src"].startswith("data:image/png;base64,")
