@@ -5,7 +5,7 @@ several (grouped form: `dataset_names: {group: [names]}` -> groups named `{key}_
 top-level keys are ours:
 
     catalog: catalog/radiology.yaml   # the dataset catalog; default <project root>/catalog/radiology.yaml
-    shards: shards                    # shard folder; default: the catalog's output_dir
+    shards: shards                    # shard folder or s3://bucket/prefix; default: the catalog's output_dir
     seed: 42                          # data seed; default: the `seed` argument of MixtureStream
     weight_unit: samples              # or `tokens`: weights are shares of packed tokens
     train: {...}                      # the trainer's section; ignored here
@@ -31,6 +31,14 @@ GROUP_KEYS = ("dataset_names", "image_transform_args", "vit_image_transform_args
               "num_used_data", "shuffle_lines", "shuffle_seed", "resume_data_status", "frame_sampler_args")
 DEFAULT_CATALOG = "catalog/radiology.yaml"
 DEFAULT_SHUFFLE_WINDOW_BLOCKS = 4
+
+
+def _shards_location(base: Path, shards: str):
+    """A local shard folder (relative to the config), or an object-storage prefix (`s3://bucket/prefix`,
+    read through pyarrow.fs; see docs/cluster.md)."""
+    from pipelines import storage
+
+    return storage.as_path(shards) if storage.is_remote(shards) else _resolve(base, shards)
 
 
 class MixtureConfigError(ValueError):
@@ -137,7 +145,7 @@ class MixtureConfig:
         train = raw.get("train") or {}
         return cls(groups=tuple(groups), path=path,
                    catalog=_resolve(base, catalog) if catalog else None,
-                   shards=_resolve(base, shards) if shards else None,
+                   shards=_shards_location(base, shards) if shards else None,
                    seed=seed, weight_unit=unit, shuffle_window_blocks=window,
                    train=dict(train) if isinstance(train, dict) else {})
 

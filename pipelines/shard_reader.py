@@ -14,6 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .storage import parquet_source   # local paths as they are; s3://... through pyarrow.fs
+
 
 @dataclass
 class ShardLayout:
@@ -34,7 +36,7 @@ class ShardLayout:
     def scan(cls, files: list[Path]) -> "ShardLayout":
         rg_file, rg_index, rg_rows, rg_bytes = [], [], [], []
         for fi, path in enumerate(files):
-            meta = pq.ParquetFile(path).metadata
+            meta = pq.ParquetFile(parquet_source(path)).metadata
             for ri in range(meta.num_row_groups):
                 rg_file.append(fi)
                 rg_index.append(ri)
@@ -64,7 +66,7 @@ class RowGroupCache:
     def _file(self, path: Path) -> pq.ParquetFile:
         f = self._files.get(path)
         if f is None:
-            f = pq.ParquetFile(path)
+            f = pq.ParquetFile(parquet_source(path))
             self._files[path] = f
             if len(self._files) > 32:
                 self._files.popitem(last=False)

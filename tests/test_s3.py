@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -253,12 +254,66 @@ def test_interrupted_ingest_to_s3_never_looks_complete(bucket, small_catalog, mo
     assert len(copies) == 2
     assert not storage.is_complete(out / "vqa", "_manifest.json")   # old marker gone before any new part
     monkeypatch.setattr(storage, "copy_file", real_copy)
+    from pipelines.mixture_config import MixtureConfigError
+    from pipelines.mixture_sources import resolve_sources
+
+    with pytest.raises(MixtureConfigError, match="no shards for dataset 'vqa'"):
+        resolve_sources(_mixture(catalog, str(out), "after_crash.yaml"))   # the stream refuses the half-new prefix
 
     # 3. the rerun cleans the dead run's staging and publishes a complete dataset again
     report = _ingest(catalog, out, only=["vqa"])
     assert report.ok and report.datasets[0].status == "built"
     assert storage.is_complete(out / "vqa", "_manifest.json")
     assert not [n for n, _ in storage.files_under(out) if n.startswith(".staging-")]
+
+
+
+# -- the mixture stream reading shards from object storage -----------------------------------------------
+
+def _mixture(catalog, shards: str, name: str):
+    from pipelines.mixture_config import MixtureConfig
+    from tests.shard_factory import write_config
+
+    return MixtureConfig.from_yaml(write_config(Path(catalog.path).parent / name, f"""
+catalog: {catalog.path}
+shards: {shards}
+seed: 7
+SftJSONLIterableDataset_Ver1: {{dataset_names: [vqa], weight: 2}}
+SftJSONLIterableDataset_TextOnly: {{dataset_names: [txt], weight: 1}}
+"""))
+
+
+def test_stream_reads_shards_from_s3_like_from_disk(bucket, small_catalog):
+    import torch
+
+    from datasets_catalog.tokenizer import TextTokenizer
+    from pipelines.mixture import MixtureStream
+    from pipelines.mixture_config import MixtureConfigError
+    from pipelines.mixture_sources import resolve_sources
+    from pipelines.packing_config import PackingConfig
+
+    catalog, local = small_catalog
+    out = bucket / "shards"
+    remote_cfg = _mixture(catalog, str(out), "remote.yaml")          # the URI carries the endpoint
+    with pytest.raises(MixtureConfigError, match="no shards for dataset 'vqa'"):
+        resolve_sources(remote_cfg)                                  # nothing published yet: refused
+    assert _ingest(catalog, out).ok
+    packing = PackingConfig(expected_num_tokens=512, max_num_tokens=768, max_num_tokens_per_sample=512,
+                            prefer_buffer_before=256, max_buffer_size=4)
+    tok = TextTokenizer.builtin()
+    streams = [MixtureStream(c, packing, tok) for c in (_mixture(catalog, str(local), "local.yaml"), remote_cfg)]
+    assert isinstance(streams[1].groups[0].datasets[0].shard_dir, RemotePath)
+    plans = [[[m.sample.sample_id for m in s.next_plan().members] for _ in range(6)] for s in streams]
+    assert plans[0] == plans[1] and sum(map(len, plans[0])) >= 6
+    batches = [next(iter(s)) for s in streams]                        # rows with image bytes, packed
+    for name in ("packed_text_ids", "packed_position_ids", "sample_lens"):
+        a, b = getattr(batches[0], name), getattr(batches[1], name)
+        assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b), name
+    # a state saved while reading from disk resumes reading from S3 (paths are not part of the state)
+    resumed = MixtureStream(remote_cfg, packing, tok)
+    resumed.load_state_dict(streams[0].state_dict())
+    assert [m.sample.sample_id for m in resumed.next_plan().members] == \
+        [m.sample.sample_id for m in streams[0].next_plan().members]
 
 
 # -- checkpoints -------------------------------------------------------------------------------------------
