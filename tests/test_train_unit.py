@@ -335,7 +335,7 @@ def test_prefetch_thread_keeps_order_and_hides_latency():
             time.sleep(0.02)
             yield i
 
-    p = Prefetcher(slow, depth=4, mode="thread")
+    p = Prefetcher(lambda i, n: slow(), depth=4, mode="thread")
     got, waits = [], []
     time.sleep(0.15)           # "compute" while the loader fills the queue
     for _ in range(4):
@@ -351,7 +351,7 @@ def test_prefetch_surfaces_loader_errors():
         yield 1
         raise OSError("corrupt shard")
 
-    p = Prefetcher(broken, depth=2, mode="thread")
+    p = Prefetcher(lambda i, n: broken(), depth=2, mode="thread")
     assert next(p)[0] == 1
     with pytest.raises(RuntimeError, match="corrupt shard"):
         next(p)

@@ -1,5 +1,11 @@
 """The per-rank batch source: the mixture stream (pipelines.mixture) behind a picklable factory, so it can
-be built inside a background loader process and restored from a checkpoint's exact stream state."""
+be built inside background loader processes and restored from a checkpoint's exact stream state.
+
+With N loader processes per rank, loader slot k runs the stream's worker k of N (each reads its own share).
+torch's DataLoader hands batches out round-robin, so the trainer remembers, per slot, the state attached to
+the last batch it *consumed* from that slot, plus which slot comes next; on resume the slots are rotated so
+the first batch comes from that slot. Resume is exact for any N, as long as N does not change.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,33 +14,76 @@ from typing import Any, Iterator, Optional
 from pipelines.packing_config import PackingConfig
 
 
+LOADER_FORMAT = "medloom-loader-v1"
+
+
+@dataclass
+class LoaderState:
+    """What a checkpoint stores per rank: every loader slot's stream state and the next slot to consume."""
+    num_slots: int = 1
+    next_slot: int = 0
+    states: list[Optional[dict]] = field(default_factory=lambda: [None])
+
+    @classmethod
+    def fresh(cls, num_slots: int) -> "LoaderState":
+        return cls(num_slots, 0, [None] * num_slots)
+
+    def consumed(self, batch) -> None:
+        slot = int((batch.metrics or {}).get("loader_slot", 0))
+        self.states[slot] = batch.stream_state
+        self.next_slot = (slot + 1) % self.num_slots
+
+    def to_json(self) -> dict:
+        return {"format": LOADER_FORMAT, "num_slots": self.num_slots, "next_slot": self.next_slot,
+                "states": list(self.states)}
+
+    @classmethod
+    def from_json(cls, data: Optional[dict], num_slots: int) -> "LoaderState":
+        if data is None:
+            return cls.fresh(num_slots)
+        if data.get("format") != LOADER_FORMAT:          # a bare stream state: one slot
+            data = {"num_slots": 1, "next_slot": 0, "states": [data]}
+        if int(data["num_slots"]) != num_slots:
+            raise ValueError(f"the checkpoint's data stream ran with {data['num_slots']} loader slot(s) per rank, "
+                             f"this run has {num_slots}: resume with --dataloader_workers "
+                             f"{max(1, int(data['num_slots']))} (0 and 1 both mean one slot)")
+        return cls(num_slots, int(data["next_slot"]), list(data["states"]))
+
+
 @dataclass
 class StreamFactory:
-    """Builds `MixtureStream` for one rank, restores `state`, and yields PackedBatch forever."""
+    """`factory(i, n)` builds the `MixtureStream` of loader process i of n for one rank (slot (i + offset) mod
+    n, restored from its saved state) and yields PackedBatch forever, tagged with their slot."""
     mixture_path: str
     packing: PackingConfig
     tokenizer_spec: Optional[str]
     rank: int
     world_size: int
     seed: int
-    state: Optional[dict[str, Any]] = None
+    loader: LoaderState = field(default_factory=LoaderState)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def build(self):
+    def build(self, slot: int = 0):
         from datasets_catalog.tokenizer import TextTokenizer
         from pipelines.mixture import MixtureStream
         from pipelines.mixture_config import MixtureConfig
 
         cfg = MixtureConfig.from_yaml(self.mixture_path)
         tok = TextTokenizer.load(self.tokenizer_spec)
+        n = self.loader.num_slots
         stream = MixtureStream(cfg, self.packing, tok, rank=self.rank, world_size=self.world_size,
-                               worker_id=0, num_workers=1, seed=self.seed, **self.extra)
-        if self.state is not None:
-            stream.load_state_dict(self.state)
+                               worker_id=slot, num_workers=n, seed=self.seed, **self.extra)
+        if self.loader.states[slot] is not None:
+            stream.load_state_dict(self.loader.states[slot])
         return stream
 
-    def __call__(self) -> Iterator[Any]:
-        return iter(self.build())
+    def __call__(self, index: int = 0, count: int = 1) -> Iterator[Any]:
+        if count != self.loader.num_slots:
+            raise ValueError(f"{count} loader processes for {self.loader.num_slots} stream slots")
+        slot = (index + self.loader.next_slot) % count
+        for batch in self.build(slot):
+            batch.metrics = {**(batch.metrics or {}), "loader_slot": slot}
+            yield batch
 
 
 def generation_groups(mixture_path: str) -> list[str]:

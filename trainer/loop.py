@@ -7,6 +7,7 @@ last step instead).
 """
 from __future__ import annotations
 
+import copy
 import os
 import random
 import time
@@ -21,6 +22,7 @@ import torch.distributed as dist
 
 from trainer import checkpointing as ck
 from trainer.config import TrainConfig, training_args_json
+from trainer.data import LoaderState
 from trainer.ema import ema_update, make_ema
 from trainer.loss import all_reduce_sum, compute_loss, global_denominators
 from trainer.metrics import MetricsSink, Window, peak_tflops_from_name, summarise
@@ -84,7 +86,7 @@ def _maybe_fail(cfg: TrainConfig, rank: int, step: int) -> None:
 
 def train_loop(cfg: TrainConfig | dict, *, reporter: Optional[Reporter] = None,
                ray_checkpoint: Optional[Path] = None,
-               batch_factory: Optional[Callable[[Optional[dict], int, int], Callable[[], Iterator]]] = None,
+               batch_factory: Optional[Callable[[Optional[dict], int, int], Callable[[int, int], Iterator]]] = None,
                model_builder: Optional[Callable[[TrainConfig], Any]] = None,
                groups: Optional[list[str]] = None, print_fn: Callable[[str], None] = print) -> LoopResult:
     """Train until total_steps (or stop_at_step). `batch_factory(state, rank, world)` and `model_builder(cfg)`
@@ -187,6 +189,11 @@ def train_loop(cfg: TrainConfig | dict, *, reporter: Optional[Reporter] = None,
         log(f"resumed train state at step {start_step}")
 
     # -- data ---------------------------------------------------------------------------------------
+    slots = max(1, cfg.data.dataloader_workers)
+    try:
+        loader_state = LoaderState.from_json(stream_state, slots)
+    except ValueError as exc:
+        raise ck.ResumeError(f"{plan.source}: {exc}") from None
     mixture_groups = groups
     if batch_factory is None:
         from trainer.data import StreamFactory, group_names
@@ -195,13 +202,14 @@ def train_loop(cfg: TrainConfig | dict, *, reporter: Optional[Reporter] = None,
         mixture_groups = mixture_groups or group_names(cfg.mixture_path)
         factory: Callable[[], Iterator] = StreamFactory(
             mixture_path=str(cfg.mixture_path), packing=packing_config(cfg, mc), tokenizer_spec=tokenizer_spec(cfg),
-            rank=rank, world_size=world, seed=cfg.data.data_seed, state=stream_state)
+            rank=rank, world_size=world, seed=cfg.data.data_seed,
+            loader=copy.deepcopy(loader_state))
     else:
         factory = batch_factory(stream_state, rank, world)
     mixture_groups = mixture_groups or []
     mode = "process" if cfg.data.dataloader_workers > 0 else "thread"
     prefetch = Prefetcher(factory, depth=cfg.data.prefetch_factor * max(1, t.gradient_accumulation_steps),
-                          mode=mode, pin_memory=use_cuda)
+                          mode=mode, workers=slots, pin_memory=use_cuda)
 
     # -- outputs ------------------------------------------------------------------------------------
     if is_main:
@@ -219,12 +227,11 @@ def train_loop(cfg: TrainConfig | dict, *, reporter: Optional[Reporter] = None,
     trainable = [p for p in model.parameters() if p.requires_grad]
     total_wait = total_time = 0.0
     window_start = time.perf_counter()
-    last_state = stream_state
     end_step = min(t.total_steps, t.stop_at_step or t.total_steps)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else None
 
     def save(step_done: int) -> Path:
-        return _save_checkpoint(cfg, par, ema, optimizer, scheduler, mc, tokenizer, step_done, last_state,
+        return _save_checkpoint(cfg, par, ema, optimizer, scheduler, mc, tokenizer, step_done, loader_state.to_json(),
                                 rank, world, is_main)
 
     try:
@@ -262,7 +269,8 @@ def train_loop(cfg: TrainConfig | dict, *, reporter: Optional[Reporter] = None,
             scheduler.step()
             ema_update(ema, model, t.ema)
             optimizer.zero_grad(set_to_none=True)
-            last_state = batches[-1].stream_state
+            for b in batches:
+                loader_state.consumed(b)
             step += 1
             if use_cuda:
                 torch.cuda.synchronize(device)

@@ -22,20 +22,23 @@ def _identity(x: Any) -> Any:
 
 
 class _FactoryDataset(torch.utils.data.IterableDataset):
-    def __init__(self, factory: Callable[[], Iterator[Any]]) -> None:
+    def __init__(self, factory: Callable[[int, int], Iterator[Any]]) -> None:
         super().__init__()
         self.factory = factory
 
     def __iter__(self) -> Iterator[Any]:
         torch.set_num_threads(1)
-        return iter(self.factory())
+        info = torch.utils.data.get_worker_info()
+        index, count = (info.id, info.num_workers) if info is not None else (0, 1)
+        return iter(self.factory(index, count))
 
 
 class Prefetcher:
-    """`next(p)` returns (batch, seconds waited). `mode`: "thread" or "process"."""
+    """`next(p)` returns (batch, seconds waited). `mode`: "thread" (one source, `factory(0, 1)`) or "process"
+    (`workers` DataLoader processes, process i iterating `factory(i, workers)`; batches come out round-robin)."""
 
-    def __init__(self, factory: Callable[[], Iterator[Any]], *, depth: int = 2, mode: str = "thread",
-                 pin_memory: bool = False, timeout: float = 600.0) -> None:
+    def __init__(self, factory: Callable[[int, int], Iterator[Any]], *, depth: int = 2, mode: str = "thread",
+                 workers: int = 1, pin_memory: bool = False, timeout: float = 600.0) -> None:
         self.mode = mode
         self.depth = max(1, depth)
         self._closed = False
@@ -46,15 +49,15 @@ class Prefetcher:
             self._thread.start()
         elif mode == "process":
             self._loader = torch.utils.data.DataLoader(
-                _FactoryDataset(factory), batch_size=None, num_workers=1, prefetch_factor=self.depth,
+                _FactoryDataset(factory), batch_size=None, num_workers=max(1, workers), prefetch_factor=self.depth,
                 collate_fn=_identity, pin_memory=pin_memory, timeout=timeout, persistent_workers=False)
             self._it = iter(self._loader)
         else:
             raise ValueError(f"unknown prefetch mode {mode!r}")
 
-    def _run(self, factory: Callable[[], Iterator[Any]]) -> None:
+    def _run(self, factory: Callable[[int, int], Iterator[Any]]) -> None:
         try:
-            for item in factory():
+            for item in factory(0, 1):
                 while not self._stop.is_set():
                     try:
                         self._q.put(item, timeout=0.1)
