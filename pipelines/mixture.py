@@ -363,12 +363,18 @@ class MixtureStream:
                             num_tokens=int(row["num_tokens"]), row=row, data_dir=s.data_dir, draw_key=s.draw_key)
 
     def materialise(self, plan: PackPlan):
+        """The `PackedBatch` of a decided pack (reads its rows, then `build_batch`)."""
+        return self.build_batch(plan, [self.full_sample(d) for d in plan.members])
+
+    def build_batch(self, plan: PackPlan, samples: Sequence[StreamSample]):
+        """Tensors of a decided pack from its full rows: a pure function of (plan, samples), safe to run in
+        a worker thread (touches no stream state and no cache)."""
         from .packing import build_packed_batch   # the packer (issue 3, packing half)
 
-        samples = [self.full_sample(d) for d in plan.members]
         batch = build_packed_batch(samples, self.packing, self.tokenizer, self.seed)
-        batch.batch_data_indexes = [{"sample_id": s.sample_id, "dataset": s.dataset, "group": s.group}
-                                    for s in samples]
+        # the samples actually packed (one whose image could not be decoded is listed in skipped_samples)
+        batch.batch_data_indexes = [{"sample_id": d["sample_id"], "dataset": d["dataset"], "group": d["group"]}
+                                    for d in batch.batch_data_indexes]
         # the packer's real counts (after CFG dropout) win over the plan's
         batch.metrics = {**plan.metrics, **(batch.metrics or {})}
         batch.stream_state = plan.state
@@ -377,6 +383,16 @@ class MixtureStream:
     def __iter__(self):
         while True:
             yield self.materialise(self.next_plan())
+
+    def batches(self, threads: int = 2, lookahead: int | None = None):
+        """Endless batches, identical to `iter(self)`, built `lookahead` packs ahead by `threads` threads.
+
+        Returns a `PrefetchingBatches`: iterate it, and checkpoint its `state_dict()` (or the last consumed
+        batch's `stream_state`), never this stream's own `state_dict()`, which runs ahead by the look-ahead.
+        """
+        from .mixture_prefetch import PrefetchingBatches
+
+        return PrefetchingBatches(self, threads=threads, lookahead=lookahead)
 
 
 def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:

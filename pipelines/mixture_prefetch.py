@@ -1,0 +1,104 @@
+"""Threaded look-ahead over a `MixtureStream`: the same batches, built a few packs ahead in a thread pool.
+
+Why: building a pack's tensors (image decode, bicubic resize, normalise, patchify, dense masks) is ~95% of
+a pack's cost, and almost all of it runs in C code that releases the GIL (PIL decode and resize, torch
+fills and copies). So a loader process can build several packs at once with threads, without the memory
+and start-up cost of more loader processes.
+
+Determinism: the main thread alone decides packs (`next_plan`, metadata only) and reads their shard rows,
+in stream order, exactly as the sequential path does; a worker thread only runs the pure function
+`build_packed_batch(samples, packing, tokenizer, seed)` of one decided pack. Batches are handed out in
+pack order, so the output is bit-for-bit the sequential `iter(stream)` output whatever the thread timing.
+
+Resume: `state_dict()` is the position after the last batch *handed out* (its `stream_state`), not the
+underlying stream's position, which runs up to `lookahead` packs ahead. Loading a state drops the
+look-ahead and restarts from that state, so a resumed run yields exactly the batches an uninterrupted
+one would have.
+"""
+from __future__ import annotations
+
+import copy
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:   # pragma: no cover
+    from .mixture import MixtureStream
+    from .packed_batch import PackedBatch
+
+
+class PrefetchingBatches:
+    """Iterator of `PackedBatch`es of `stream`, `lookahead` packs ahead, built by `threads` threads.
+
+    `threads=0` builds in the calling thread (no pool, no look-ahead): the sequential reference path.
+    """
+
+    def __init__(self, stream: "MixtureStream", threads: int = 2, lookahead: int | None = None) -> None:
+        if threads < 0:
+            raise ValueError(f"threads must be >= 0, got {threads}")
+        self.stream = stream
+        self.threads = threads
+        self.lookahead = 0 if threads == 0 else max(1, lookahead if lookahead is not None else threads + 1)
+        self._pool = (ThreadPoolExecutor(max_workers=threads, thread_name_prefix="medloom-pack")
+                      if threads else None)
+        self._queue: deque[Future] = deque()
+        self._state = stream.state_dict()
+
+    # -- iteration ---------------------------------------------------------------------------------
+    def __iter__(self) -> "PrefetchingBatches":
+        return self
+
+    def _submit(self) -> None:
+        plan = self.stream.next_plan()                              # main thread: stream order
+        samples = [self.stream.full_sample(d) for d in plan.members]  # row cache is not shared with workers
+        self._queue.append(self._pool.submit(self.stream.build_batch, plan, samples))
+
+    def __next__(self) -> "PackedBatch":
+        if self._pool is None:
+            batch = self.stream.materialise(self.stream.next_plan())
+        else:
+            if not self._queue:
+                self._submit()                  # the first pack starts building before the others are read
+            while len(self._queue) < self.lookahead:
+                self._submit()
+            batch = self._queue.popleft().result()   # re-raises a build error at its place in the order
+        self._state = batch.stream_state
+        return batch
+
+    # -- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the last batch handed out (what a checkpoint must store)."""
+        return copy.deepcopy(self._state)
+
+    def load_state_dict(self, state: Any) -> None:
+        """Drop the look-ahead and continue from `state` (same forms as `MixtureStream.load_state_dict`)."""
+        self._drain()
+        self.stream.load_state_dict(state)
+        self._state = self.stream.state_dict()
+
+    def _drain(self) -> None:
+        while self._queue:
+            fut = self._queue.popleft()
+            if not fut.cancel():
+                try:
+                    fut.result()
+                except Exception:   # a dropped look-ahead pack's error is not the caller's any more
+                    pass
+
+    def close(self) -> None:
+        """Stop the threads (pending look-ahead is discarded)."""
+        self._drain()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __enter__(self) -> "PrefetchingBatches":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:   # best effort: idle threads would otherwise live until exit
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
