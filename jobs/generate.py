@@ -107,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     vit = parse_transform(args.vit_transform, "--vit_transform")
     size = _size(args.size)
 
-    from model.inference.api import ImageGenerator
+    from model.inference.api import ImageGenerator, open_image
 
+    image = open_image(args.image) if (args.image and not batch_mode) else None   # fail before loading the model
     gen = ImageGenerator(args.model_path, device=args.device, dtype=args.dtype, use_ema=not args.use_model_weights,
                          vae_transform=vae, vit_transform=vit)
     options = dict(cfg_text_scale=args.cfg_text_scale, cfg_img_scale=args.cfg_img_scale,
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         for err in summary.errors:
             print(f"  {err}")
         return 1 if summary.failed else 0
-    result = gen.infer_single(args.image, args.instruction, **options)
+    result = gen.infer_single(image, args.instruction, **options)
     save_png(result.image, args.out)
     if args.save_latent:
         save_latent(result.latent, result.height, result.width, args.save_latent)

@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     if batch_mode and not args.input.is_file():
         raise InferenceError(f"--input {args.input}: no such file")
 
-    from model.inference.api import VQAInferencer
+    from model.inference.api import VQAInferencer, open_image
 
+    images = [open_image(i) for i in args.image] if not batch_mode else []   # fail before loading the model
     inf = VQAInferencer(args.model_path, device=args.device, dtype=args.dtype,
                         use_ema=not args.use_model_weights, vit_transform=vit)
     options = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         for err in summary.errors:
             print(f"  {err}")
         return 1 if summary.failed else 0
-    answer = inf.infer_single(args.image or None, args.prompt, **options)
+    answer = inf.infer_single(images or None, args.prompt, **options)
     print(json.dumps({"answer": answer}, ensure_ascii=False) if args.json else answer)
     return 0
 

@@ -107,13 +107,14 @@ def test_generate_cli_reproduces_the_memorised_edit(demo_ckpt, tmp_path):
     assert np.abs(png - np.asarray(decode_latent(model, generated, 64, 64)).astype(int)).max() <= 1
 
 
-def test_generate_cli_user_mistakes(demo_ckpt, tmp_path):
+def test_cli_user_mistakes(demo_ckpt, tmp_path):
+    """One line, exit 2, no traceback (the API-level messages are tested in test_inference_core)."""
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG broken")
     r = _run("generate.py", "--model_path", demo_ckpt, "--image", bad, "--instruction", "Edit.", "--out",
-             tmp_path / "o.png")
+             tmp_path / "o.png", "--understanding", "none", "--num_timesteps", "2")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert f"image {bad}: cannot be read" in r.stderr
+    assert f"image {bad}: cannot be read" in r.stderr and not (tmp_path / "o.png").exists()
     r = _run("vqa.py", "--model_path", tmp_path, "--prompt", "hi")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "missing llm_config.json" in r.stderr and "must contain" in r.stderr
