@@ -6,8 +6,6 @@ import base64
 import hashlib
 import io
 import json
-import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -99,21 +97,17 @@ def test_leakage_warnings_for_the_ingest_summary(leaky_shards, tmp_path):
     assert leakage_warnings(tmp_path / "nowhere") == []
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "jobs" / "report.py"), *args], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT)
-
-
 def test_cli_strict_exits_nonzero_naming_both_rows(leaky_shards, tmp_path, capsys):
+    """In-process main() (the real subprocess run is in test_report_ingest.py)."""
     out = tmp_path / "r.html"
-    strict = _run(str(leaky_shards), "--out", str(out), "--strict", "--thumbnails", "2")
-    assert strict.returncode == 1, strict.stderr
-    leak_lines = [line for line in strict.stdout.splitlines() if line.startswith("LEAKAGE")]
+    job = _load_job()
+    assert job.main([str(leaky_shards), "--out", str(out), "--strict", "--thumbnails", "2"]) == 1
+    captured = capsys.readouterr()
+    leak_lines = [line for line in captured.out.splitlines() if line.startswith("LEAKAGE")]
     assert len(leak_lines) == 2
     assert any("chest_train:1" in line and "chest_val:1" in line for line in leak_lines)
     assert any("chest_train:2" in line and "chest_val:3" in line for line in leak_lines)
-    assert "leakage" in strict.stderr and out.is_file()
-    job = _load_job()  # the other exits in-process (same main(), no interpreter start-up)
+    assert "leakage" in captured.err and out.is_file()
     assert job.main([str(leaky_shards), "--out", str(out), "--json", "--thumbnails", "0"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["duplicate_groups"] == {"leakage": 2, "cross_dataset": 1, "within_dataset": 1}

@@ -69,7 +69,8 @@ def leaky(tmp_path_factory) -> Path:
 
 def test_report_strict_names_both_rows_of_each_leak(leaky, tmp_path):
     out = tmp_path / "report.html"
-    run = subprocess.run([sys.executable, str(ROOT / "jobs" / "report.py"), str(leaky), "--out", str(out), "--strict"],
+    run = subprocess.run([sys.executable, str(ROOT / "jobs" / "report.py"), str(leaky), "--out", str(out), "--strict",
+                          "--thumbnails", "1"],
                          capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert run.returncode == 1, run.stdout + run.stderr
     leaks = [line for line in run.stdout.splitlines() if line.startswith("LEAKAGE:")]
