@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import storage
+from pipelines import storage, storage_checkpoints
 from tests.test_s3 import s3_server  # noqa: F401  (the localhost S3 server fixture)
 
 pytestmark = pytest.mark.slow
@@ -122,6 +122,7 @@ text_only: {{dataset_names: [txt], weight: 1}}
 train:
   model: tiny
   from_scratch: true
+  visual_gen: false           # VQA + text only: no generation dataset in this mixture
   warmup_steps: 1
   log_every: 1
   expected_num_tokens: 384
@@ -153,12 +154,18 @@ train:
         assert len(ingest_nodes) == 2 and sum(ingest["nodes"].values()) == 6, ingest["nodes"]
         assert storage.is_complete(bucket / "shards" / "vqa", "_manifest.json")
 
+        # checkpoints to S3 too: the run directory stays local ($MEDLOOM_LOCAL_RUNS), complete checkpoints
+        # are mirrored to s3://.../runs/mix/checkpoints with COMPLETE.json last
         runs = tmp_path / "runs"
         summary = _run([sys.executable, "jobs/train.py", "--config", str(mix), "--address", address,
-                        "--num_workers", "2", "--placement_strategy", "STRICT_SPREAD", "--storage_path", str(runs),
-                        "--total_steps", "2", "--save_every", "2", "--dataloader_workers", "0", "--json"],
-                       env, timeout=400)
+                        "--num_workers", "2", "--placement_strategy", "STRICT_SPREAD",
+                        "--storage_path", f"s3://{bucket.bucket}/runs", "--total_steps", "2", "--save_every", "2",
+                        "--dataloader_workers", "0", "--json"], {**env, "MEDLOOM_LOCAL_RUNS": str(runs)},
+                       timeout=400)
         assert summary["error"] is None and summary["metrics"]["step"] == 2, summary
+        remote = bucket / "runs" / "mix" / "checkpoints"
+        assert summary["remote_checkpoint_dir"] == remote.display()
+        assert storage_checkpoints.newest_remote_complete(remote) == remote / "0000002"
         workers = [json.loads(line) for line in (runs / "mix" / "workers.jsonl").read_text().splitlines()]
         assert sorted(w["rank"] for w in workers) == [0, 1]
         train_nodes = {w["node_id"] for w in workers}
