@@ -14,8 +14,9 @@ onto our record fields by a catalog entry.
         conversations: null           # or: a column already holding [{from, value}] (or {role, content}) turns
         input_images: [image]         # Image (or list-of-Image) columns -> input_img / image
         output_images: []             # -> output_img
-        template: "{image_tags}{question}"   # the human turn; {column} placeholders and {image_tags}
-                                      # ("<image>\\n" per input image; the default omits it for t2i)
+        template: "{image_tags}{question}"   # the human turn: {question} / {answer} are the mapped columns'
+                                      # values, {any_column} a column's, {image_tags} "<image>\\n" per input
+                                      # image (the default for t2i is "{question}": its prompts take no tags)
         cache_dir: null               # where the records are materialised (default: <project>/shards/_hf_cache/<name>)
 
 How: the rows are read with pyarrow straight from the files (nothing is fetched from a hub:
@@ -302,9 +303,10 @@ def _check_columns(cfg: HFSourceConfig, table: HFTable, template: str) -> None:
             raise HFSourceError("hf", f"hf.{key} names column {column!r}, which {cfg.path} does not have; its "
                                       f"columns are: {', '.join(names)}")
     for name in _template_fields(template):
-        if name != "image_tags" and name not in names:
+        if name not in ("image_tags", "question", "answer") and name not in names:
             raise HFSourceError("hf", f"hf.template uses {{{name}}}, which is not a column of {cfg.path} (columns: "
-                                      f"{', '.join(names)}; {{image_tags}} is the image tags)")
+                                      f"{', '.join(names)}; {{question}} / {{answer}} are the mapped columns' "
+                                      f"values and {{image_tags}} the image tags)")
 
 
 # -- rows -> records -------------------------------------------------------------------------------------
@@ -407,6 +409,9 @@ def row_to_record(row: dict[str, Any], cfg: HFSourceConfig, record_style: str, t
     else:
         values = {k: ("" if v is None else v) for k, v in row.items()}
         values["image_tags"] = f"{IMAGE_TAG}\n" * len(inputs)
+        values["question"] = values.get(cfg.question, "")          # whatever the mapped columns are called
+        if cfg.answer:
+            values["answer"] = values.get(cfg.answer, "")
         messages = [{"from": "human", "value": template.format_map(values)}]
         answer = row.get(cfg.answer) if cfg.answer else None
         if answer is not None:

@@ -202,3 +202,40 @@ def test_duckdb_queries_shards_in_place(ingested):
     want = df.groupby("dataset").num_tokens.agg(["count", "mean"])
     assert [(d, n, pytest.approx(m)) for _, d, n, m in got] == [
         (d, int(r["count"]), pytest.approx(r["mean"])) for d, r in want.iterrows()]
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="{}<>"), min_size=1,
+                max_size=40)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(task=st.sampled_from(["sft", "vlm_sft", "t2i", "edit"]), question=_text, answer=_text,
+       n_images=st.integers(min_value=1, max_value=3))
+def test_mapped_rows_are_valid_records_of_their_task(tmp_path_factory, task, question, answer, n_images):
+    """Whatever the text, a row with its images and an answer maps onto a record the JSONL validator accepts
+    for the task kind, with the question and answer as the turns and one tag per input image (none for t2i)."""
+    from datasets_catalog.records import parse_record
+    from datasets_catalog.task_kinds import resolve_task_kind
+
+    kind = resolve_task_kind(task)
+    images = tmp_path_factory.mktemp("img")
+    row = {"q": question, "a": answer, "img": [{"bytes": CT, "path": f"i{k}.png"} for k in range(n_images)],
+           "target": {"bytes": MR, "path": "target.jpg"}, "note": 7}
+    n_in = {"t2i": 0, "edit": 1}.get(task, n_images)
+    cfg = hf_source.HFSourceConfig(path=str(images), question="q", answer=None if task == "t2i" else "a",
+                                   input_images=("img",) if n_in else (),
+                                   output_images=("target",) if task in ("t2i", "edit") else ())
+    if task == "edit":
+        row["img"] = row["img"][:1]
+    template = hf_source.default_template(task)
+    record = hf_source.row_to_record(row, cfg, kind.record_style, kind.name,
+                                     hf_source._ImageWriter(images, images), template, frozenset())
+    parsed = parse_record(json.loads(json.dumps(record)), kind)     # through JSON, as the ingest reads it
+    assert len(parsed.input_images) == n_in and parsed.messages[0].value.endswith(question)
+    assert parsed.messages[0].value.count("<image>") == n_in
+    if cfg.answer:
+        assert parsed.messages[1].value == answer
+    assert record.get("note") == 7                                   # unmapped columns travel as extras
