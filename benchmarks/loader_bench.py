@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -66,25 +67,36 @@ def build_catalog(root: Path, rows: int, distinct: int | None, embed: bool = Tru
 
 # -- ours ----------------------------------------------------------------------------------------------
 class Ours:
-    def __init__(self, config: Path) -> None:
+    """The mixture stream; `threads=0`: sequential (`iter(stream)`), else `stream.batches(threads)`."""
+
+    def __init__(self, config: Path, threads: int = 0, lookahead: int | None = None) -> None:
         from pipelines.mixture import MixtureStream
         from pipelines.mixture_config import MixtureConfig
 
         t0 = time.perf_counter()
         self.stream = MixtureStream(MixtureConfig.from_yaml(config), PACKING, TextTokenizer.builtin(), seed=1)
         self.open_s = time.perf_counter() - t0
+        self.threads = threads
         self.split = {"decide_s": 0.0, "read_rows_s": 0.0, "build_tensors_s": 0.0}
+        self.prefetch = self.stream.batches(threads=threads, lookahead=lookahead) if threads else None
+
+    def pause(self) -> None:
+        """End of a time slice: finish the look-ahead already started, so that no work of ours runs in the
+        baseline's slice (its packs are counted when consumed, in a later slice: conservative for us)."""
+        if self.prefetch is not None:
+            self.prefetch.wait_idle()
 
     def __iter__(self):
-        import pipelines.packing as packing
-
+        if self.prefetch is not None:   # time split not separable across threads: CPU time is reported
+            yield from self.prefetch
+            return
         while True:
             a = time.perf_counter()
             plan = self.stream.next_plan()
             b = time.perf_counter()
             samples = [self.stream.full_sample(d) for d in plan.members]
             c = time.perf_counter()
-            batch = packing.build_packed_batch(samples, PACKING, self.stream.tokenizer, self.stream.seed)
+            batch = self.stream.build_batch(plan, samples)
             d = time.perf_counter()
             self.split["decide_s"] += b - a
             self.split["read_rows_s"] += c - b
@@ -92,31 +104,50 @@ class Ours:
             yield batch
 
 
-def compare(config: Path, root: Path, seconds: float, rounds: int) -> dict:
-    """Alternate the two loaders in `rounds` slices so that load drift on a shared machine hits both."""
-    t = time.perf_counter()
-    ours = Ours(config)
-    ours_it = iter(ours)
-    first = next(ours_it)
-    ours_first = time.perf_counter() - t
-    t = time.perf_counter()
-    base = UpstreamBaseline(root, TextTokenizer.builtin())
-    base_it = iter(base)
-    first_b = next(base_it)
-    base_first = time.perf_counter() - t
-    totals = {"ours": [first.sequence_length, ours_first, 1], "baseline": [first_b.sequence_length, base_first, 1]}
+def compare(config: Path, root: Path, seconds: float, rounds: int, threads: int = 0) -> dict:
+    """Alternate the loaders in `rounds` slices so that load drift on a shared machine hits all of them.
+
+    Loaders: the baseline, our stream sequential, and (threads > 0) our stream with threaded look-ahead.
+    Wall time and process CPU time (all threads) are both charged to the loader whose slice it is.
+    """
+    loaders: dict[str, object] = {}
+    iters: dict[str, object] = {}
+    totals: dict[str, list[float]] = {}
+    first_s: dict[str, float] = {}
+    names = ["ours"] + (["ours_threads"] if threads else []) + ["baseline"]
+    for name in names:
+        t, c = time.perf_counter(), time.process_time()
+        if name == "baseline":
+            loaders[name] = UpstreamBaseline(root, TextTokenizer.builtin())
+        else:
+            loaders[name] = Ours(config, threads if name == "ours_threads" else 0)
+        iters[name] = iter(loaders[name])
+        first = next(iters[name])
+        first_s[name] = time.perf_counter() - t
+        if hasattr(loaders[name], "pause"):
+            loaders[name].pause()
+        totals[name] = [first.sequence_length, first_s[name], 1, time.process_time() - c]
+    gc.collect()
+    gc.freeze()   # setup objects (configs, footers, JSONL lines) are long-lived: keep the GC off them
     for _ in range(rounds):
-        for name, it in (("ours", ours_it), ("baseline", base_it)):
-            start = time.perf_counter()
+        for name in names:
+            it = iters[name]
+            start, cpu = time.perf_counter(), time.process_time()
             while time.perf_counter() - start < seconds / rounds:
                 totals[name][0] += next(it).sequence_length
                 totals[name][2] += 1
+            if hasattr(loaders[name], "pause"):
+                loaders[name].pause()
             totals[name][1] += time.perf_counter() - start
+            totals[name][3] += time.process_time() - cpu
     out = {}
-    for name, (tokens, secs, packs) in totals.items():
-        out[name] = {"packs": packs, "tokens": tokens, "seconds": round(secs, 2), "tokens_per_s": tokens / secs,
-                     "first_batch_s": ours_first if name == "ours" else base_first}
-    out["ours"]["time_split"] = {k: round(v, 2) for k, v in ours.split.items()}
+    for name, (tokens, secs, packs, cpu) in totals.items():
+        out[name] = {"packs": packs, "tokens": tokens, "seconds": round(secs, 2), "cpu_seconds": round(cpu, 2),
+                     "tokens_per_s": tokens / secs, "tokens_per_cpu_s": tokens / cpu, "first_batch_s": first_s[name]}
+    out["ours"]["time_split"] = {k: round(v, 2) for k, v in loaders["ours"].split.items()}
+    if threads:
+        out["ours_threads"]["time_split"] = {"threads": threads, "lookahead": loaders["ours_threads"].prefetch.lookahead}
+    base = loaders["baseline"]
     out["baseline"]["time_split"] = {"read_decode_count_s": round(base.prep_s, 2),
                                      "build_tensors_s": round(base.build_s, 2)}
     return out
@@ -238,6 +269,16 @@ def child(mode: str, config: str, packs: int) -> None:
     t0 = time.perf_counter()
     stream = MixtureStream(MixtureConfig.from_yaml(config), PACKING, TextTokenizer.builtin(), seed=1)
     t_open = time.perf_counter() - t0
+    if mode == "threads":   # first batch through the threaded look-ahead (2 threads)
+        it = stream.batches(threads=2)
+        next(it)
+        first = time.perf_counter() - t0
+        for _ in range(packs - 1):
+            next(it)
+        it.close()
+        print(json.dumps({"first_batch_s": first, "open_s": t_open, "first_plan_s": float("nan"),
+                          "peak_rss_mb": rss_mb(), "rss_after_imports_mb": rss_imports, "packs": packs}))
+        return
     plan = stream.next_plan()
     t_plan = time.perf_counter() - t0
     if mode == "full":
@@ -263,6 +304,9 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=60.0, help="seconds per loader")
     p.add_argument("--rounds", type=int, default=6, help="alternating slices per loader (load drift)")
     p.add_argument("--big-rows", type=int, default=1_000_000, help="rows of the large metadata-only catalog")
+    p.add_argument("--threads", type=int, default=2,
+                   help="also run the stream with this many look-ahead build threads (0: sequential only)")
+    p.add_argument("--skip-memory", action="store_true", help="throughput only (no RSS / first-batch children)")
     p.add_argument("--work", help="working folder (default: a temporary one)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--child", nargs=2, metavar=("MODE", "CONFIG"), help=argparse.SUPPRESS)
@@ -292,22 +336,37 @@ def main() -> int:
                     "--big-rows", str(args.big_rows)], check=True)
     small, mid, big = (work / "throughput" / "mix.yaml", work / "rows10k" / "mix.yaml", work / "rows1m" / "mix.yaml")
     setup = time.perf_counter() - t
-    both = compare(small, small.parent, args.seconds, args.rounds)
-    ours, base = both["ours"], both["baseline"]
-    memory = {"full_10k": run_child("full", mid, 20), "full_1m": run_child("full", big, 20),
-              "meta_10k": run_child("meta", mid, 200), "meta_1m": run_child("meta", big, 200)}
+    load_before = os.getloadavg()
+    both = compare(small, small.parent, args.seconds, args.rounds, args.threads)
+    load_after = os.getloadavg()
+    base = both["baseline"]
+    memory = {} if args.skip_memory else {
+        "full_10k": run_child("full", mid, 20), "full_1m": run_child("full", big, 20),
+        "threads_1m": run_child("threads", big, 20),
+        "meta_10k": run_child("meta", mid, 200), "meta_1m": run_child("meta", big, 200)}
+    ratios = {name: both[name]["tokens_per_s"] / base["tokens_per_s"] for name in both if name != "baseline"}
+    cpu_ratios = {name: both[name]["tokens_per_cpu_s"] / base["tokens_per_cpu_s"] for name in both
+                  if name != "baseline"}
     result = {"machine": f"{os.cpu_count()} CPU(s), {sys.platform}", "setup_s": round(setup, 1),
-              "packing": PACKING.to_dict(), "ours": ours, "baseline": base,
-              "throughput_ratio": ours["tokens_per_s"] / base["tokens_per_s"], "memory": memory}
+              "load_average": {"before": [round(x, 2) for x in load_before],
+                               "after": [round(x, 2) for x in load_after]},
+              "packing": PACKING.to_dict(), **both, "throughput_ratio": max(ratios.values()),
+              "throughput_ratios": ratios, "cpu_efficiency_ratios": cpu_ratios, "memory": memory}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"machine: {result['machine']}; synthetic catalogs built in {setup:.1f} s under {work}")
-        print(f"{'loader':<28} {'packs':>6} {'tokens/s':>10} {'first batch s':>14}")
-        for name, r in (("mixture stream (shards)", ours), ("upstream-style baseline", base)):
-            print(f"{name:<28} {r['packs']:>6} {r['tokens_per_s']:>10.0f} {r['first_batch_s']:>14.2f}"
-                  + f"   time split {r['time_split']}")
-        print(f"throughput ratio (ours / baseline): {result['throughput_ratio']:.2f}x")
+        print(f"machine: {result['machine']}; load average (1/5/15 min) {result['load_average']['before']} "
+              f"before, {result['load_average']['after']} after; synthetic catalogs built in {setup:.1f} s "
+              f"under {work}")
+        print(f"{'loader':<34} {'packs':>6} {'tokens/s':>10} {'tokens/CPU-s':>13} {'first batch s':>14}")
+        labels = {"ours": "mixture stream (sequential)", "ours_threads": f"mixture stream ({args.threads} threads)",
+                  "baseline": "upstream-style baseline"}
+        for name, r in both.items():
+            print(f"{labels[name]:<34} {r['packs']:>6} {r['tokens_per_s']:>10.0f} {r['tokens_per_cpu_s']:>13.0f} "
+                  f"{r['first_batch_s']:>14.2f}   {r['time_split']}")
+        for name in ratios:
+            print(f"ratio {labels[name]} / baseline: {ratios[name]:.2f}x tokens/s, "
+                  f"{cpu_ratios[name]:.2f}x tokens per CPU-second")
         for k, m in memory.items():
             print(f"{k:<10} first batch {m['first_batch_s']:.2f} s (open {m['open_s']:.2f} s, first pack decided "
                   f"{m['first_plan_s']:.2f} s), peak RSS {m['peak_rss_mb']:.0f} MB (imports alone "

@@ -97,6 +97,8 @@ def load_image_rgb(data: bytes | None, path: Path | str | None, meta: str | None
                 raise
             except Exception as exc:  # decoders raise library-specific errors; report them uniformly
                 raise ImageDecodeError(f"cannot decode image {where} with the {decoder.name} decoder: {exc}") from exc
+            if image.mode == "RGB" and image.info.get("transparency") is None:
+                return image   # freshly decoded and ours: no RGB copy (pil_img2rgb would convert = copy)
             return pil_img2rgb(image)
     raise ImageDecodeError(f"no decoder recognises image {where}")  # pragma: no cover - PIL accepts all
 

@@ -45,21 +45,24 @@ def prepare_attention_mask_per_sample(split_lens: Sequence[int], attn_modes: Seq
                                       device: torch.device | str = "cpu") -> torch.Tensor:
     """Float [S, S] mask of one sample: 0 where attention is allowed, -inf where it is blocked.
 
-    Upstream's two passes, written straight into the float mask (no [S, S] bool intermediate):
+    Upstream's two passes, written straight into the float mask (no [S, S] bool intermediate), row block
+    by row block so that each element is written about once (no initial fill of the whole matrix):
     1. causal or full inside each split, plus every earlier column of the sample;
     2. a noise split's columns are blanked for every other row, later ones included; its own block stays open.
     """
     _check(split_lens, attn_modes)
     size = int(sum(split_lens))
-    mask = torch.full((size, size), NEG_INF, dtype=torch.float32, device=device)
+    mask = torch.empty((size, size), dtype=torch.float32, device=device)
     start = 0
     for length, mode in zip(split_lens, attn_modes):
         end = start + length
-        mask[start:end, :start] = 0
+        rows = mask[start:end]
+        rows[:, :start] = 0
+        rows[:, end:] = NEG_INF
         if mode == "causal":
-            mask[start:end, start:end] = torch.full((length, length), NEG_INF, device=device).triu_(1)
+            rows[:, start:end].fill_(NEG_INF).triu_(1)
         else:
-            mask[start:end, start:end] = 0
+            rows[:, start:end] = 0
         start = end
     start = 0
     for length, mode in zip(split_lens, attn_modes):

@@ -65,6 +65,12 @@ class PrefetchingBatches:
         self._state = batch.stream_state
         return batch
 
+    def wait_idle(self) -> None:
+        """Block until every pack already in the look-ahead is built (they stay queued, in order). For
+        benchmarks that alternate loaders: the background work is charged to this loader's time slice."""
+        for fut in list(self._queue):
+            fut.exception()
+
     # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The position after the last batch handed out (what a checkpoint must store)."""
@@ -101,4 +107,7 @@ class PrefetchingBatches:
     def __del__(self) -> None:   # best effort: idle threads would otherwise live until exit
         pool = getattr(self, "_pool", None)
         if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+            try:
+                pool.shutdown(wait=False, cancel_futures=True)
+            except Exception:   # interpreter shutdown: modules already torn down
+                pass

@@ -389,9 +389,12 @@ def build_packed_batch_from_plans(samples: Sequence[StreamSample], plans: Sequen
     if status.vae_images:
         max_h = max(t.shape[1] for t in status.vae_images)
         max_w = max(t.shape[2] for t in status.vae_images)
-        padded = torch.zeros((len(status.vae_images), 3, max_h, max_w), dtype=torch.float32)
-        for i, image in enumerate(status.vae_images):
-            padded[i, :, :image.shape[1], :image.shape[2]] = image
+        padded = torch.empty((len(status.vae_images), 3, max_h, max_w), dtype=torch.float32)
+        for i, image in enumerate(status.vae_images):   # each element written once: image, then zero margins
+            h, w = image.shape[1], image.shape[2]
+            padded[i, :, :h, :w] = image
+            padded[i, :, :h, w:] = 0
+            padded[i, :, h:, :] = 0
         batch.padded_images = padded
         batch.patchified_vae_latent_shapes = list(status.vae_latent_shapes)
         batch.packed_latent_position_ids = torch.cat(status.latent_position_ids).long()
