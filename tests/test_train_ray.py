@@ -72,13 +72,16 @@ def test_ray_job_submit_on_a_real_cluster(tmp_path):
 
     ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
     mix = write_mixture(tmp_path / "data")
-    port, dash = _free_port(), _free_port()
+    port, dash, agent, agent_grpc, metrics, rt_env = (_free_port() for _ in range(6))
     temp_dir = tempfile.mkdtemp(prefix="rayjob_", dir="/tmp")      # short: Ray's socket paths are length-limited
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "disabled"
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=4", f"--temp-dir={temp_dir}",
          "--include-dashboard=true", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+         # own agent ports: the default job-agent port 52365 may belong to another Ray on this machine
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}",
          "--object-store-memory=300000000", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -97,7 +100,7 @@ def test_ray_job_submit_on_a_real_cluster(tmp_path):
              "python", "jobs/train.py", "--config", str(mix), "--storage_path", str(storage), "--num_workers", "2",
              "--total_steps", "6", "--save_every", "2", "--log_every", "2", "--dataloader_workers", "0",
              "--max_failures", "1", "--inject_failure_at_step", "3", "--inject_failure_rank", "1", "--json"])
-        for _ in range(30):   # the job agent registers a little after the dashboard answers
+        for _ in range(15):   # the job agent registers a little after the dashboard answers
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
             out = proc.stdout + proc.stderr
             if "No available agent" not in out:

@@ -261,6 +261,25 @@ def test_newest_complete_ignores_incomplete_and_non_numeric(tmp_path):
     assert ck.newest_complete(tmp_path).name == "0000010"
 
 
+@settings(max_examples=20, deadline=None)
+@given(st.dictionaries(st.integers(0, 10**6), st.booleans(), max_size=6), st.integers(1, 3))
+def test_newest_complete_and_rotation_properties(table, keep):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        for step, complete in table.items():
+            _fake_ckpt(root, step, complete)
+        complete = sorted(s for s, c in table.items() if c)
+        newest = ck.newest_complete(root)
+        assert (newest is None and not complete) or int(newest.name) == complete[-1]
+        ck.rotate(root, keep)
+        left = [s for s, _ in ck.numeric_checkpoints(root)]
+        assert [s for s in left if s in complete] == complete[-keep:]
+        # incomplete directories survive only when newer than the newest complete one
+        assert all(table[s] or not complete or s > complete[-1] for s in left)
+
+
 def test_finalize_refuses_missing_files_and_is_atomic(tmp_path):
     tmp = ck.prepare_temp(tmp_path, 5)
     (tmp / ck.MODEL_FILE).write_text("x")
