@@ -71,8 +71,9 @@ def sample_plan(sample: StreamSample) -> SamplePlan:
 class _SampleImages:
     """Decodes each image of a row at most once; resizes per use (VAE and ViT targets differ)."""
 
-    def __init__(self, sample: StreamSample) -> None:
+    def __init__(self, sample: StreamSample, jpeg_draft: bool = False) -> None:
         self.sample = sample
+        self.jpeg_draft = jpeg_draft
         self._decoded: dict[ImageSlot, Any] = {}
 
     def record(self, slot: ImageSlot) -> dict[str, Any]:
@@ -102,7 +103,15 @@ class _SampleImages:
         if data is None and not self.sample.data_dir:
             raise PackingError(f"sample {self.sample.sample_id}: image {rec.get('path')!r} has no stored bytes "
                                f"and the sample has no data_dir to resolve it")
-        return load_image_rgb(data, path, rec.get("meta"))
+        draft = None
+        if self.jpeg_draft:   # never below either stored target: both uses (VAE, ViT) share one decode
+            sizes = [(int(rec.get(f"{w}_width") or 0), int(rec.get(f"{w}_height") or 0)) for w in ("vae", "vit")]
+            draft = (max(s[0] for s in sizes), max(s[1] for s in sizes))
+            if min(draft) <= 0:
+                draft = None
+        if draft is None:
+            return load_image_rgb(data, path, rec.get("meta"))
+        return load_image_rgb(data, path, rec.get("meta"), draft_size=draft)
 
 
 @dataclass
@@ -159,7 +168,7 @@ def _pack_sample(sample: StreamSample, plan: SamplePlan, text_ids: list[list[int
     special = tokenizer.special
     cfg_rng = sample_generator(seed, sample.draw_key, CFG)
     t_rng = sample_generator(seed, sample.draw_key, TIMESTEP)
-    images = _SampleImages(sample)
+    images = _SampleImages(sample, config.jpeg_draft)
     texts = iter(text_ids)
     split_lens: list[int] = []
     attn_modes: list[str] = []

@@ -23,6 +23,7 @@ class PackingConfig:
     max_latent_size: int = 32
     len2weight_mode: Literal["token", "sample", "square"] = "square"
     build_nested_masks: bool = True      # dense per-sample masks (SDPA path); off for flash/flex-only runs
+    jpeg_draft: bool = False             # decode JPEGs >= 2x the largest target at reduced DCT scale (not upstream-exact)
 
     def __post_init__(self) -> None:
         if self.expected_num_tokens > self.max_num_tokens:

@@ -102,3 +102,25 @@ def test_a_new_format_plugs_in_by_sniffing_bytes():
         unregister_decoder("fake")
     with pytest.raises(ImageDecodeError):
         load_image_rgb(b"FAKEIMG42", None)
+
+
+def _smooth_jpeg(w: int, h: int) -> bytes:
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = 128 + 80 * np.sin(xx / w * 5) * np.cos(yy / h * 3)
+    arr = np.stack([base, 255 - base, base * 0.5 + 40], -1).clip(0, 255).astype(np.uint8)
+    return encode(Image.fromarray(arr), "JPEG", quality=92)
+
+
+def test_jpeg_draft_decodes_at_reduced_scale_never_below_the_target_and_stays_close():
+    data = _smooth_jpeg(400, 320)
+    full = load_image_rgb(data, None)
+    assert full.size == (400, 320)
+    assert load_image_rgb(data, None, draft_size=(100, 80)).size == (100, 80)      # 1/4 scale
+    assert load_image_rgb(data, None, draft_size=(150, 100)).size == (200, 160)    # 1/2: 1/4 would be < 150
+    assert load_image_rgb(data, None, draft_size=(300, 80)).size == (400, 320)     # less than 2x: full decode
+    a = image_to_tensor(full, 96, 80)
+    b = image_to_tensor(load_image_rgb(data, None, draft_size=(96, 80)), 96, 80)
+    assert a.shape == b.shape and not torch.equal(a, b)                            # approximate, not exact
+    assert (a - b).abs().mean() * 127.5 < 2.0                                      # < 2 grey levels on average
+    png = encode(Image.open(io.BytesIO(data)).convert("RGB"))                      # other formats: untouched
+    assert load_image_rgb(png, None, draft_size=(100, 80)).size == (400, 320)

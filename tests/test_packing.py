@@ -389,3 +389,22 @@ def test_an_undecodable_image_skips_that_sample_visibly(tmp_path):
         build_packed_batch([good[0], bad], CONFIG, TOK, seed=4, on_image_error="raise")
     with pytest.raises(PackingError, match="no sample"):
         build_packed_batch([bad], CONFIG, TOK, seed=4)
+
+
+def test_jpeg_draft_is_off_by_default_and_when_on_keeps_shapes_and_stays_close():
+    """PackingConfig.jpeg_draft: large JPEGs decoded at reduced DCT scale (approximate pixels, same layout)."""
+    yy, xx = np.mgrid[0:256, 0:320].astype(np.float32)
+    arr = np.stack([128 + 90 * np.sin(xx / 40), 128 + 90 * np.cos(yy / 30), xx / 2], -1).clip(0, 255)
+    buf = io.BytesIO()
+    Image.fromarray(arr.astype(np.uint8)).save(buf, "JPEG", quality=92)
+    rec = {**image(320, 256, vae=(64, 48), vit=(56, 42)), "bytes": buf.getvalue(), "format": "JPEG"}
+    s = sample("edit", [("human", "Make it red"), ("gpt", "Done")], [rec], [dict(rec)])
+    assert not CONFIG.jpeg_draft
+    exact = build_packed_batch([s], CONFIG, TOK, seed=0)
+    want = image_to_tensor(load_image_rgb(rec["bytes"], None), 64, 48)
+    assert torch.equal(exact.padded_images[0], want)                       # default: upstream-exact pixels
+    drafted = build_packed_batch([s], replace(CONFIG, jpeg_draft=True), TOK, seed=0)
+    assert drafted.split_lens == exact.split_lens and drafted.padded_images.shape == exact.padded_images.shape
+    assert not torch.equal(drafted.padded_images, exact.padded_images)
+    assert (drafted.padded_images - exact.padded_images).abs().mean() * 127.5 < 2.0
+    assert (drafted.packed_vit_tokens - exact.packed_vit_tokens).abs().mean() * 127.5 < 2.0
