@@ -31,10 +31,11 @@ def main(argv: list[str] | None = None) -> int:
         MixtureConfigError = ConfigError  # type: ignore
     try:
         cfg = resolve_paths(load_config(argv))
-        from trainer.data import generation_groups
+        from trainer.data import generation_groups, mandatory_coverage
 
         gen = generation_groups(cfg.mixture_path) if cfg.mixture_path else None
-        validate(cfg, gen)
+        cover = mandatory_coverage(cfg.mixture_path) if cfg.mixture_path else None
+        validate(cfg, gen, cover)
         plan = plan_resume(checkpoint_dir=cfg.checkpoint_dir, auto_resume=cfg.train.auto_resume,
                            resume_from=cfg.train.resume_from, model_path=cfg.model.model_path,
                            finetune_from_ema=cfg.train.finetune_from_ema,

@@ -115,6 +115,14 @@ def test_validate_refuses_unsafe(overrides, groups, message):
         validate(_ok_cfg(**overrides), groups)
 
 
+def test_fsdp_over_ranks_needs_mandatory_groups():
+    cfg = _ok_cfg(num_workers=2, parallelism="fsdp")
+    with pytest.raises(ConfigError, match="mark such a group `is_mandatory: true`"):
+        validate(cfg, ["t2i"], {"vit": False, "gen": True})
+    validate(cfg, ["t2i"], {"vit": True, "gen": True})
+    validate(_ok_cfg(num_workers=2), ["t2i"], {"vit": False, "gen": False})      # DDP on CPU: no constraint
+
+
 def test_visual_gen_off_needs_no_generation_dataset():
     validate(_ok_cfg(visual_gen=False), [])
 

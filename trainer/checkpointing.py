@@ -187,7 +187,8 @@ def plan_resume(*, checkpoint_dir: Path, auto_resume: bool, resume_from: Optiona
     worker failure); the newest complete checkpoint in checkpoint_dir when auto_resume; resume_from; the
     model_path weights (fine-tuning: upstream left the model at random init here); else random init."""
     if ray_checkpoint is not None and is_complete(ray_checkpoint):
-        return ResumePlan(ray_checkpoint, MODEL_FILE, EMA_FILE, True, True, "restart after failure (Ray Train)")
+        return ResumePlan(ray_checkpoint, MODEL_FILE, EMA_FILE, True, True,
+                          "restart after failure (Ray Train's latest checkpoint of this run)")
     if auto_resume:
         newest = newest_complete(checkpoint_dir)
         if newest is not None:

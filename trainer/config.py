@@ -368,9 +368,10 @@ def help_text() -> str:
 
 
 # ---- validation ----------------------------------------------------------------------------------
-def validate(cfg: TrainConfig, generation_groups: Optional[list[str]] = None) -> None:
-    """Refuse unsafe or contradictory settings. `generation_groups`: mixture groups with noised VAE targets
-    (None = the mixture was not inspected)."""
+def validate(cfg: TrainConfig, generation_groups: Optional[list[str]] = None,
+             mandatory: Optional[dict[str, bool]] = None) -> None:
+    """Refuse unsafe or contradictory settings. `generation_groups`: mixture groups with noised VAE targets;
+    `mandatory`: {"vit": bool, "gen": bool} coverage by mandatory groups (None = mixture not inspected)."""
     t, m, d, r = cfg.train, cfg.model, cfg.data, cfg.run
     if not cfg.mixture_path:
         raise ConfigError("no dataset mixture: pass --config CONFIG.yaml (or --dataset_config_file)")
@@ -428,6 +429,17 @@ def validate(cfg: TrainConfig, generation_groups: Optional[list[str]] = None) ->
             "visual_gen is True but the mixture has no generation dataset (t2i, edit, counterfactual, "
             "sft_recon_*): every batch would lack MSE targets and ranks would skip collectives. Add one, "
             "or pass --visual_gen False")
+    fsdp = r.parallelism == "fsdp" or (r.parallelism == "auto" and r.use_gpu)
+    if fsdp and r.num_workers > 1 and mandatory is not None:
+        need = [k for k, on in (("vit", t.visual_und), ("gen", t.visual_gen)) if on and not mandatory.get(k)]
+        if need:
+            what = {"vit": "an image-understanding group whose samples always carry ViT tokens (edit, "
+                           "counterfactual, sft_recon_v1/v2, vlm_sft)",
+                    "gen": "a generation group (t2i, edit, counterfactual, sft_recon_*)"}
+            raise ConfigError(
+                f"FSDP over {r.num_workers} ranks needs every rank to run the same units in every step, so each "
+                f"pack must contain {' and '.join(what[k] for k in need)}: mark such a group `is_mandatory: true` "
+                f"in the mixture (UniMedVL's TRAINING.md rule), or use --parallelism ddp")
     if r.use_gpu and t.sharding_strategy == "HYBRID_SHARD":
         shard = t.num_shard or max(1, r.num_workers // t.num_replicate)
         if t.num_replicate * shard != r.num_workers:
