@@ -74,11 +74,26 @@ class Parallel:
     mesh: Any = None
 
     def no_sync(self):
+        """Skip gradient reduction on non-final micro-steps of an accumulation window."""
         import contextlib
 
         if self.kind == "ddp":
             return self.step_module.no_sync()
+        if self.kind == "fsdp":
+            return _fsdp_no_sync(self.step_module)
         return contextlib.nullcontext()
+
+
+class _fsdp_no_sync:
+    def __init__(self, root: nn.Module) -> None:
+        self.root = root
+
+    def __enter__(self):
+        self.root.set_requires_gradient_sync(False)   # FSDP2: accumulate unsharded grads, no reduce-scatter
+
+    def __exit__(self, *exc):
+        self.root.set_requires_gradient_sync(True)
+        return False
 
 
 def wrap_ddp(model: nn.Module, freeze_vae: bool) -> Parallel:
