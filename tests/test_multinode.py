@@ -102,10 +102,6 @@ def _run(cmd: list[str], env: dict, timeout: float) -> dict:
 
 
 def test_two_nodes_ingest_and_train(tmp_path, s3_server):  # noqa: F811
-    from trainer.config import RunArguments
-
-    if "placement_strategy" not in RunArguments.__dataclass_fields__:   # TEMPORARY until the hooks land
-        pytest.skip("trainer placement_strategy hook not merged yet")
     from tests.shard_factory import make_catalog, tiny, write_config
 
     bucket = storage.as_path(f"s3://medloom-mn-{uuid.uuid4().hex[:8]}", endpoint=s3_server)

@@ -370,10 +370,6 @@ def test_checkpoints_round_trip_through_s3(bucket, tmp_path, monkeypatch):
 def test_training_reads_s3_shards_and_resumes_from_s3_checkpoints(bucket, tmp_path, monkeypatch):
     """The whole chain in-process (world size 1, no Ray): ingest to S3, train from the S3 shards with
     --storage_path s3://..., then a "fresh machine" (empty local run dir) resumes from the S3 checkpoint."""
-    from trainer.config import RunArguments
-
-    if "placement_strategy" not in RunArguments.__dataclass_fields__:   # TEMPORARY until the hooks land
-        pytest.skip("trainer storage hooks not merged yet")
     from datasets_catalog.catalog import load_catalog
     from pipelines import storage_checkpoints as sc
     from tests.test_train_loop import write_mixture

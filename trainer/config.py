@@ -135,7 +135,11 @@ class RunArguments:
     use_gpu: bool = _f(False, "one GPU per worker (NCCL + FSDP); CPU: gloo + DDP")
     parallelism: str = _f("auto", "auto (FSDP2 on GPU, DDP on CPU) | ddp | fsdp (FSDP2 also runs on CPU/gloo)")
     cpus_per_worker: Optional[float] = _f(None, "CPUs reserved per worker (default: 0.5 on CPU, 4 on GPU)")
-    storage_path: str = _f("runs", "Ray Train storage path; the run directory is storage_path/name")
+    storage_path: str = _f("runs", "Ray Train storage path; the run directory is storage_path/name. An s3:// URI "
+                                   "keeps the run directory local ($MEDLOOM_LOCAL_RUNS or ./runs) and mirrors "
+                                   "every complete checkpoint to storage_path/name/checkpoints (docs/cluster.md)")
+    placement_strategy: str = _f("PACK", "Ray placement of the workers: PACK (fill a node first), SPREAD, or "
+                                         "STRICT_SPREAD (one worker per node)")
     name: Optional[str] = _f(None, "run name (default: the config file's stem)")
     address: Optional[str] = _f(None, "Ray cluster address (auto = join the running cluster; default: "
                                       "RAY_ADDRESS, else an embedded local Ray)")
@@ -192,7 +196,9 @@ class TrainConfig:
     def results_dir(self) -> Path:
         if self.train.results_dir:
             return Path(self.train.results_dir).resolve()
-        return (Path(self.run.storage_path) / self.run_name).resolve()
+        from pipelines.storage_checkpoints import local_runs_root   # s3:// storage: a local run dir
+
+        return (local_runs_root(self.run.storage_path) / self.run_name).resolve()
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -373,6 +379,9 @@ def validate(cfg: TrainConfig, generation_groups: Optional[list[str]] = None,
     """Refuse unsafe or contradictory settings. `generation_groups`: mixture groups with noised VAE targets;
     `mandatory`: {"vit": bool, "gen": bool} coverage by mandatory groups (None = mixture not inspected)."""
     t, m, d, r = cfg.train, cfg.model, cfg.data, cfg.run
+    if r.placement_strategy not in ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"):
+        raise ConfigError(f"placement_strategy must be PACK, SPREAD, STRICT_SPREAD or STRICT_PACK, got "
+                          f"{r.placement_strategy!r}")
     if not cfg.mixture_path:
         raise ConfigError("no dataset mixture: pass --config CONFIG.yaml (or --dataset_config_file)")
     if t.total_steps < 1:
@@ -457,7 +466,7 @@ def resolve_paths(cfg: TrainConfig, base: Optional[Path] = None) -> TrainConfig:
     base = Path(base or Path.cwd())
     for name in PATH_ARGS:
         value = cfg.get(name)
-        if value:
+        if value and "://" not in str(value):   # URIs (s3://...) are left as they are
             cfg.set(name, str((base / Path(value).expanduser()).resolve()))
     return cfg
 

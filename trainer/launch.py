@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from pipelines.storage_checkpoints import local_runs_root, remote_checkpoint_root
 from trainer.config import TrainConfig, resolve_paths
 
 
@@ -42,6 +43,7 @@ def train_func(config: dict) -> None:
         sys.path.insert(0, config["_repo_root"])
     from trainer.loop import train_loop
 
+    _record_worker(config["cfg"])
     ckpt = ray.train.get_checkpoint()
     ray_ckpt = Path(ckpt.path) if ckpt is not None else None
 
@@ -51,6 +53,23 @@ def train_func(config: dict) -> None:
         sys.stdout.flush()
 
     train_loop(config["cfg"], reporter=RayReporter(), ray_checkpoint=ray_ckpt, print_fn=echo)
+
+
+def _record_worker(cfg: dict) -> None:
+    """One line per worker start in results_dir/workers.jsonl: rank and the Ray node it was placed on."""
+    import json
+    import socket
+
+    import ray
+    import ray.train
+
+    ctx = ray.train.get_context()
+    line = {"rank": ctx.get_world_rank(), "world_size": ctx.get_world_size(), "local_rank": ctx.get_local_rank(),
+            "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid()}
+    results = Path(cfg["train"]["results_dir"])
+    results.mkdir(parents=True, exist_ok=True)
+    with open(results / "workers.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 def init_ray(cfg: TrainConfig) -> str:
@@ -79,10 +98,11 @@ def build_trainer(cfg: TrainConfig):
 
     r = cfg.run
     cpus = r.cpus_per_worker if r.cpus_per_worker is not None else (4.0 if r.use_gpu else 0.5)
-    scaling = ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker={"CPU": cpus})
+    scaling = ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker={"CPU": cpus},
+                            placement_strategy=r.placement_strategy)
     run_config = RunConfig(
         name=cfg.run_name,
-        storage_path=str(Path(r.storage_path).resolve()),
+        storage_path=str(local_runs_root(r.storage_path)),   # s3://: checkpoints are mirrored by the loop
         failure_config=FailureConfig(max_failures=r.max_failures),
         # rotation is the loop's job (max_checkpoints, complete checkpoints only)
         checkpoint_config=CheckpointConfig(num_to_keep=None),
@@ -97,11 +117,13 @@ def launch(cfg: TrainConfig) -> dict[str, Any]:
     resolve_paths(cfg)
     if cfg.train.results_dir is None:
         # the run dir must be the Ray experiment dir so checkpoints are reported without a copy
-        cfg.train.results_dir = str((Path(cfg.run.storage_path) / cfg.run_name).resolve())
+        cfg.train.results_dir = str(cfg.results_dir)
     where = init_ray(cfg)
     trainer = build_trainer(cfg)
     result = trainer.fit()
     ckpt = result.checkpoint
+    remote = remote_checkpoint_root(cfg.run.storage_path, cfg.run_name)
     return {"ray": where, "results_dir": str(cfg.results_dir), "checkpoint_dir": str(cfg.checkpoint_dir),
+            "remote_checkpoint_dir": remote.display() if remote is not None else None,
             "last_checkpoint": ckpt.path if ckpt is not None else None,
             "metrics": dict(result.metrics or {}), "error": repr(result.error) if result.error else None}

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipelines.storage_checkpoints import mirror_checkpoint, remote_checkpoint_root, restore_newest
 from trainer import checkpointing as ck
 from trainer.config import TrainConfig, training_args_json
 from trainer.data import LoaderState
@@ -122,6 +123,13 @@ def train_loop(cfg: TrainConfig | dict, *, reporter: Optional[Reporter] = None,
         model, mc, tokenizer = model_builder(cfg)
     from trainer.model_setup import apply_freeze_flags, packing_config
 
+    remote_ckpts = remote_checkpoint_root(r.storage_path, cfg.run_name)   # --storage_path s3://...
+    if remote_ckpts is not None and t.auto_resume and ray_checkpoint is None:
+        if is_main:
+            restored = restore_newest(remote_ckpts, cfg.checkpoint_dir)
+            if restored is not None:
+                log(f"restored checkpoint {restored.name} from {remote_ckpts.display()}")
+        barrier()
     plan = ck.plan_resume(checkpoint_dir=cfg.checkpoint_dir, auto_resume=t.auto_resume, resume_from=t.resume_from,
                           model_path=cfg.model.model_path, finetune_from_ema=t.finetune_from_ema,
                           resume_model_only=t.resume_model_only, resume_model_optimizer=t.resume_model_optimizer,
@@ -429,5 +437,8 @@ def _save_checkpoint(cfg: TrainConfig, par: Parallel, ema, optimizer, scheduler,
     if is_main:
         final = ck.finalize(root, step, files, {"world_size": world})
         ck.rotate(root, cfg.train.max_checkpoints)
+        remote = remote_checkpoint_root(cfg.run.storage_path, cfg.run_name)
+        if remote is not None:   # object storage: upload the complete checkpoint, COMPLETE.json last
+            mirror_checkpoint(final, remote, cfg.train.max_checkpoints)
     barrier()
     return final if is_main else (root / ck.step_dir_name(step))
