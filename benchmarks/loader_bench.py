@@ -1,13 +1,18 @@
 #!/usr/bin/env python
 """Loader benchmark: the mixture stream over shards against an upstream-style loader, in one run.
 
-    python benchmarks/loader_bench.py [--rows 400] [--seconds 20] [--big-rows 1000000] [--json]
+    python benchmarks/loader_bench.py [--rows 400] [--seconds 60] [--rounds 6] [--threads 2] [--big-rows 1000000]
+                                      [--work DIR] [--skip-memory] [--json]
+    python benchmarks/loader_bench.py --draft-diff      # JPEG draft decoding: pixel difference and speed
 
 1. Throughput (packed tokens/s, one process): a three-dataset mixture (sft, edit, t2i; real PNGs) read by
    `MixtureStream` from shards, against a baseline doing what upstream UniMedVL does: the whole JSONL in
    memory, a seeded shuffle, `json.loads` per sample, open and decode each image file per sample (also for
    samples the packer then drops), tokenise to count tokens, the upstream PackedDataset loop (overflow
    dropped), and the same tensor building (`build_packed_batch`: same transforms, same packing settings).
+   Our stream runs twice: sequential (`iter(stream)`) and with threaded look-ahead (`stream.batches(threads)`).
+   The loaders alternate in slices; wall time and process CPU time (all threads) of a slice are charged to
+   its loader, and the look-ahead is finished inside our own slice (never runs in the baseline's).
 2. Time to first batch and peak RSS, each in a fresh process: full stream on a 10,000-row catalog, and
    metadata-only packs (`next_plan`) on 10,000- and 1,000,000-row catalogs (RSS must not grow with rows).
 """
@@ -253,6 +258,61 @@ class UpstreamBaseline:
             packing.load_image_rgb = real
 
 
+# -- JPEG draft: pixel difference and speed (PackingConfig.jpeg_draft) -------------------------------------
+def draft_diff() -> list[dict]:
+    """Full decode + bicubic resize vs JPEG draft decode + the same resize, on smooth synthetic photos with
+    edges and noise (JPEG q90), default transforms; differences in 0-255 pixel units. Bicubic vs bilinear
+    resize of the full decode is printed as a yardstick for 'resize noise'."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image, ImageDraw, ImageFilter
+
+    from datasets_catalog.transforms import DEFAULT_VAE_ARGS, DEFAULT_VIT_ARGS
+    from pipelines.image_decode import image_to_tensor, load_image_rgb
+
+    def photo(w: int, h: int, seed: int) -> bytes:
+        r = np.random.default_rng(seed)
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        base = 128 + 60 * np.sin(xx / w * 6 + seed) * np.cos(yy / h * 4)
+        img = Image.fromarray(np.clip(np.stack([base, base * 0.9 + 10, base * 0.8 + 20], -1), 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        for _ in range(25):
+            x0, y0, s = int(r.integers(0, w)), int(r.integers(0, h)), int(r.integers(10, max(11, w // 5)))
+            draw.ellipse([x0, y0, x0 + s, y0 + s], fill=tuple(int(v) for v in r.integers(0, 255, 3)))
+        arr = np.asarray(img.filter(ImageFilter.GaussianBlur(1.5))).astype(np.float32) + r.normal(0, 6, (h, w, 3))
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+        return buf.getvalue()
+
+    rows = []
+    for w, h in [(600, 600), (1024, 1024), (2048, 1536), (2500, 2048), (3000, 3000)]:
+        data = photo(w, h, w)
+        for name, targs in (("vae", DEFAULT_VAE_ARGS), ("vit", DEFAULT_VIT_ARGS)):
+            tw, th = targs.target_size(w, h)
+            full_t, draft_t = [], []
+            for _ in range(3):
+                t = time.perf_counter()
+                full = image_to_tensor(load_image_rgb(data, None), tw, th)
+                full_t.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                small = load_image_rgb(data, None, draft_size=(tw, th))
+                drafted = image_to_tensor(small, tw, th)
+                draft_t.append(time.perf_counter() - t)
+            d = (full - drafted).abs().flatten() * 127.5
+            src = load_image_rgb(data, None)
+            bil = np.asarray(src.resize((tw, th), Image.Resampling.BILINEAR), dtype=np.float32)
+            bic = np.asarray(src.resize((tw, th), Image.Resampling.BICUBIC), dtype=np.float32)
+            rows.append({"source": f"{w}x{h}", "target": f"{name} {tw}x{th}", "dct_scale": f"1/{w // small.size[0]}",
+                         "max_abs": float(d.max()), "mean_abs": float(d.mean()),
+                         "p99_9": float(torch.quantile(d[:1_000_000], 0.999)),
+                         "full_ms": min(full_t) * 1000, "draft_ms": min(draft_t) * 1000,
+                         "bicubic_vs_bilinear_max": float(np.abs(bil - bic).max()),
+                         "bicubic_vs_bilinear_mean": float(np.abs(bil - bic).mean())})
+    return rows
+
+
 # -- memory and first batch, in fresh processes ------------------------------------------------------
 def child(mode: str, config: str, packs: int) -> None:
     import torch
@@ -307,6 +367,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2,
                    help="also run the stream with this many look-ahead build threads (0: sequential only)")
     p.add_argument("--skip-memory", action="store_true", help="throughput only (no RSS / first-batch children)")
+    p.add_argument("--draft-diff", action="store_true",
+                   help="only measure JPEG draft decoding (PackingConfig.jpeg_draft): pixel difference and speed")
     p.add_argument("--work", help="working folder (default: a temporary one)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--child", nargs=2, metavar=("MODE", "CONFIG"), help=argparse.SUPPRESS)
@@ -315,6 +377,18 @@ def main() -> int:
     args = p.parse_args()
     if args.child:
         child(args.child[0], args.child[1], args.packs)
+        return 0
+    if args.draft_diff:
+        rows = draft_diff()
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            print(f"{'source':<10} {'target':<14} {'scale':>5} {'max':>5} {'mean':>6} {'p99.9':>6} {'full ms':>8} "
+                  f"{'draft ms':>8}   bicubic vs bilinear max/mean (0-255 units)")
+            for r in rows:
+                print(f"{r['source']:<10} {r['target']:<14} {r['dct_scale']:>5} {r['max_abs']:5.0f} {r['mean_abs']:6.2f} "
+                      f"{r['p99_9']:6.1f} {r['full_ms']:8.1f} {r['draft_ms']:8.1f}   "
+                      f"{r['bicubic_vs_bilinear_max']:.0f}/{r['bicubic_vs_bilinear_mean']:.2f}")
         return 0
     if args.build:
         work = Path(args.build)

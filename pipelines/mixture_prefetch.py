@@ -42,6 +42,7 @@ class PrefetchingBatches:
         self._pool = (ThreadPoolExecutor(max_workers=threads, thread_name_prefix="medloom-pack")
                       if threads else None)
         self._queue: deque[Future] = deque()
+        self._warm = False
         self._state = stream.state_dict()
 
     # -- iteration ---------------------------------------------------------------------------------
@@ -57,11 +58,17 @@ class PrefetchingBatches:
         if self._pool is None:
             batch = self.stream.materialise(self.stream.next_plan())
         else:
-            if not self._queue:
-                self._submit()                  # the first pack starts building before the others are read
-            while len(self._queue) < self.lookahead:
+            if not self._queue and not self._warm:   # first call (or after a resume): one pack, no look-ahead
                 self._submit()
-            batch = self._queue.popleft().result()   # re-raises a build error at its place in the order
+                batch = self._queue.popleft().result()
+                self._warm = True
+            else:                                    # read the next packs' rows while the workers build
+                if not self._queue:
+                    self._submit()
+                head = self._queue.popleft()
+                while len(self._queue) < self.lookahead:
+                    self._submit()
+                batch = head.result()                # re-raises a build error at its place in the order
         self._state = batch.stream_state
         return batch
 
@@ -79,6 +86,7 @@ class PrefetchingBatches:
     def load_state_dict(self, state: Any) -> None:
         """Drop the look-ahead and continue from `state` (same forms as `MixtureStream.load_state_dict`)."""
         self._drain()
+        self._warm = False
         self.stream.load_state_dict(state)
         self._state = self.stream.state_dict()
 
