@@ -159,7 +159,8 @@ def run_ingest_remote(catalog: Catalog, out: str | RemotePath, only: list[str] |
         out = storage.as_path(out)
         out.mkdir(parents=True, exist_ok=True)
     except (storage.StorageError, OSError) as exc:
-        raise IngestError(f"cannot use output {out}: {exc}") from None
+        shown = out.display() if isinstance(out, RemotePath) else out   # never print credentials from a query
+        raise IngestError(f"cannot use output {shown}: {exc}") from None
     try:
         tokenizer = TextTokenizer.load(catalog.tokenizer)
     except (OSError, ValueError, KeyError) as exc:
