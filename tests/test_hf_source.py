@@ -97,11 +97,14 @@ def test_mapping_errors_are_actionable(sources, tmp_path):
         materialize(_mapping(sources["hf"], tmp_path / "c", template="{modality}: {question}"), "umv", "sft")
 
 
-def test_parquet_files_and_save_to_disk_give_the_same_records(sources, tmp_path):
+def test_parquet_arrow_and_save_to_disk_give_the_same_records(sources, tmp_path):
     a = materialize(_mapping(sources["hf"], tmp_path / "a"), "umv", "sft")
     b = materialize(_mapping(sources["parquet"], tmp_path / "b", split="train"), "umv", "sft")
     assert a.rebuilt and b.rebuilt and a.rows == b.rows == len(ROWS)
     assert a.jsonl_path.read_text() == b.jsonl_path.read_text()
+    arrow = next((sources["hf"] / "train").glob("*.arrow"))          # a bare Arrow file (features in its schema)
+    c = materialize(_mapping(arrow, tmp_path / "c"), "umv", "sft")
+    assert c.jsonl_path.read_text() == a.jsonl_path.read_text()
     assert sorted(p.name for p in a.data_dir.iterdir()) == ["broken.png", "ct_chest.png", "mr_brain.jpg"]
     again = materialize(_mapping(sources["hf"], tmp_path / "a"), "umv", "sft")
     assert not again.rebuilt and again.jsonl_path.stat().st_mtime_ns == a.jsonl_path.stat().st_mtime_ns
