@@ -13,8 +13,9 @@
    Our stream runs twice: sequential (`iter(stream)`) and with threaded look-ahead (`stream.batches(threads)`).
    The loaders alternate in slices; wall time and process CPU time (all threads) of a slice are charged to
    its loader, and the look-ahead is finished inside our own slice (never runs in the baseline's).
-2. Time to first batch and peak RSS, each in a fresh process: full stream on a 10,000-row catalog, and
-   metadata-only packs (`next_plan`) on 10,000- and 1,000,000-row catalogs (RSS must not grow with rows).
+2. Time to first batch and peak RSS, each in a fresh process: full stream (sequential) on 10,000- and
+   1,000,000-row catalogs, the 2-thread look-ahead on the 1,000,000-row one, and metadata-only packs
+   (`next_plan`) on both (RSS must not grow with rows).
 """
 from __future__ import annotations
 
