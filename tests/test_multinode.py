@@ -98,7 +98,14 @@ def _run(cmd: list[str], env: dict, timeout: float) -> dict:
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
-    return json.loads(proc.stdout[proc.stdout.index("{"):])
+    lines = proc.stdout.splitlines()
+    for i in reversed(range(len(lines))):          # the summary: the last JSON document starting a line
+        if lines[i].startswith("{"):
+            try:
+                return json.loads("\n".join(lines[i:]))
+            except ValueError:
+                continue
+    raise AssertionError(f"no JSON summary in the output:\n{out[-5000:]}")
 
 
 def test_two_nodes_ingest_and_train(tmp_path, s3_server):  # noqa: F811
