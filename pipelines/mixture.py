@@ -366,12 +366,12 @@ class MixtureStream:
         """The `PackedBatch` of a decided pack (reads its rows, then `build_batch`)."""
         return self.build_batch(plan, [self.full_sample(d) for d in plan.members])
 
-    def build_batch(self, plan: PackPlan, samples: Sequence[StreamSample]):
+    def build_batch(self, plan: PackPlan, samples: Sequence[StreamSample], tokenizer: TextTokenizer | None = None):
         """Tensors of a decided pack from its full rows: a pure function of (plan, samples), safe to run in
-        a worker thread (touches no stream state and no cache)."""
+        a worker thread (touches no stream state and no cache; pass a thread-safe `tokenizer` there)."""
         from .packing import build_packed_batch   # the packer (issue 3, packing half)
 
-        batch = build_packed_batch(samples, self.packing, self.tokenizer, self.seed)
+        batch = build_packed_batch(samples, self.packing, tokenizer or self.tokenizer, self.seed)
         # the samples actually packed (one whose image could not be decoded is listed in skipped_samples)
         batch.batch_data_indexes = [{"sample_id": d["sample_id"], "dataset": d["dataset"], "group": d["group"]}
                                     for d in batch.batch_data_indexes]

@@ -18,6 +18,7 @@ one would have.
 from __future__ import annotations
 
 import copy
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,26 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:   # pragma: no cover
     from .mixture import MixtureStream
     from .packed_batch import PackedBatch
+
+
+class _LockedTokenizer:
+    """The stream's tokenizer with encode calls serialised: a transformers fast tokenizer may raise
+    'Already borrowed' when two threads use it at once. Tokenising is ~2% of a pack, so the lock is cheap."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._lock = threading.Lock()
+
+    def encode(self, text: str) -> list[int]:
+        with self._lock:
+            return self._tokenizer.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        with self._lock:
+            return self._tokenizer.encode_batch(texts)
+
+    def __getattr__(self, name: str) -> Any:   # special ids, name, ...: read-only
+        return getattr(self._tokenizer, name)
 
 
 class PrefetchingBatches:
@@ -42,6 +63,8 @@ class PrefetchingBatches:
         self._pool = (ThreadPoolExecutor(max_workers=threads, thread_name_prefix="medloom-pack")
                       if threads else None)
         self._queue: deque[Future] = deque()
+        self._tokenizer = _LockedTokenizer(stream.tokenizer)
+        self._error: BaseException | None = None   # a read/plan error met while topping up, raised in order
         self._warm = False
         self._state = stream.state_dict()
 
@@ -52,12 +75,24 @@ class PrefetchingBatches:
     def _submit(self) -> None:
         plan = self.stream.next_plan()                              # main thread: stream order
         samples = [self.stream.full_sample(d) for d in plan.members]  # row cache is not shared with workers
-        self._queue.append(self._pool.submit(self.stream.build_batch, plan, samples))
+        self._queue.append(self._pool.submit(self.stream.build_batch, plan, samples, self._tokenizer))
+
+    def _top_up(self) -> None:
+        """Fill the look-ahead. An error deciding or reading a later pack is kept and raised only when that
+        pack is due, so the batches before it are still handed out (as the sequential path would)."""
+        while self._error is None and len(self._queue) < self.lookahead:
+            try:
+                self._submit()
+            except Exception as exc:
+                self._error = exc
 
     def __next__(self) -> "PackedBatch":
         if self._pool is None:
             batch = self.stream.materialise(self.stream.next_plan())
         else:
+            if not self._queue and self._error is not None:
+                error, self._error = self._error, None
+                raise error
             if not self._queue and not self._warm:   # first call (or after a resume): one pack, no look-ahead
                 self._submit()
                 batch = self._queue.popleft().result()
@@ -66,8 +101,7 @@ class PrefetchingBatches:
                 if not self._queue:
                     self._submit()
                 head = self._queue.popleft()
-                while len(self._queue) < self.lookahead:
-                    self._submit()
+                self._top_up()
                 batch = head.result()                # re-raises a build error at its place in the order
         self._state = batch.stream_state
         return batch
@@ -86,6 +120,7 @@ class PrefetchingBatches:
     def load_state_dict(self, state: Any) -> None:
         """Drop the look-ahead and continue from `state` (same forms as `MixtureStream.load_state_dict`)."""
         self._drain()
+        self._error = None
         self._warm = False
         self.stream.load_state_dict(state)
         self._state = self.stream.state_dict()

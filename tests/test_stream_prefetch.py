@@ -102,3 +102,22 @@ def test_zero_threads_is_the_sequential_path(cfg, tok, sequential):
         assert_same_batch(b, next(it))
     with pytest.raises(ValueError, match="threads"):
         _stream(cfg, tok).batches(threads=-1)
+
+
+def test_an_error_deciding_a_later_pack_surfaces_in_order(cfg, tok, sequential):
+    """The look-ahead meets the error early; the batches before it are still handed out first."""
+    s = _stream(cfg, tok)
+    real, calls = s.next_plan, []
+
+    def failing_next_plan():
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("shard vanished")
+        return real()
+
+    s.next_plan = failing_next_plan
+    with s.batches(threads=2, lookahead=3) as it:
+        for b in sequential[:4]:
+            assert_same_batch(b, next(it))
+        with pytest.raises(RuntimeError, match="shard vanished"):
+            next(it)
