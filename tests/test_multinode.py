@@ -54,8 +54,11 @@ class Node:
         self.temp_dir = temp_dir
         self.log = Path(temp_dir) / "start.log"
         ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+        # own agent / metrics ports: the defaults (52365, ...) may belong to another Ray on this machine
+        ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                 f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
         self.proc = subprocess.Popen([ray_bin, "start", "--block", f"--temp-dir={temp_dir}",
-                                      "--object-store-memory=150000000", "--disable-usage-stats", *args],
+                                      "--object-store-memory=150000000", "--disable-usage-stats", *ports, *args],
                                      env=env, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
