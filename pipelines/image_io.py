@@ -300,16 +300,3 @@ def _pil_probe(data: bytes, path: Path, context: ProbeContext) -> ImageProbe:
 
 
 register_format(FormatHandler("pil", _pil_sniff, _pil_probe), first=False)
-
-
-# -- decoding for readers -----------------------------------------------------------------------------
-
-def decode_rgb(data: bytes) -> Image.Image:
-    """Decode embedded bytes to RGB the way upstream's pil_img2rgb does (transparency over white)."""
-    image = Image.open(io.BytesIO(data))
-    if image.mode == "RGBA" or (image.mode in ("P", "LA", "L") and "transparency" in image.info):
-        image = image.convert("RGBA")
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        white.alpha_composite(image)
-        return white.convert("RGB")
-    return image.convert("RGB")

@@ -281,9 +281,10 @@ def convert_pil_image(img: Image.Image, keep_16bit: bool = False) -> tuple[Image
 
 
 def _over_white(rgba: Image.Image) -> Image.Image:
-    """Transparent pixels over white, as upstream's pil_img2rgb (and image_decode) does at train time."""
-    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(background, rgba).convert("RGB")
+    """Transparent pixels over white: the trainer's own conversion, so ingest and training agree."""
+    from pipelines.image_decode import pil_img2rgb  # lazy: image_decode imports this package's hooks
+
+    return pil_img2rgb(rgba)
 
 
 def needs_conversion(mode: str) -> bool:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from datasets_catalog.catalog import load_catalog
 from pipelines import image_io
-from pipelines.image_io import FormatHandler, ImageError, ImageProbe, decode_rgb, probe_image, \
+from pipelines.image_io import FormatHandler, ImageError, ImageProbe, probe_image, \
     register_format, resolve_image_path
 from pipelines.ingest import run_ingest
 
@@ -83,10 +83,12 @@ def test_resolve_image_path(tmp_path):
         assert info.value.reason == "path_escapes_data_dir"
 
 
-def test_decode_rgb_composites_transparency_over_white():
+def test_readers_composite_transparency_over_white():
+    from pipelines.image_decode import load_image_rgb
+
     buf = io.BytesIO()
     Image.new("RGBA", (2, 2), (0, 0, 0, 0)).save(buf, "PNG")
-    assert decode_rgb(buf.getvalue()).getpixel((0, 0)) == (255, 255, 255)
+    assert load_image_rgb(buf.getvalue(), None).getpixel((0, 0)) == (255, 255, 255)
 
 
 @pytest.fixture
