@@ -303,35 +303,92 @@ def _metadata(spec: DatasetSpec, catalog_path: Path) -> dict[str, Any]:
             "description": spec.description}
 
 
-def _refresh(destination: Path, manifest: dict, updates: dict) -> dict:
+ManifestWriter = Callable[[Any, dict], None]   # (dataset folder or prefix, manifest) -> None
+
+
+def _refresh(destination, manifest: dict, updates: dict, write: ManifestWriter) -> dict:
     """Rewrite an up-to-date dataset's manifest when only metadata (or the JSONL's mtime) changed."""
     if all(manifest.get(k) == v for k, v in updates.items()):
         return manifest
     manifest = {**manifest, **updates}
-    st.write_manifest(destination, manifest)
+    write(destination, manifest)
     return manifest
 
 
-def plan_dataset(spec: DatasetSpec, out_dir: Path, tokenizer_name: str, reference_images: bool,
-                 verify_images: bool, force: bool, catalog_path: Path = Path("?")
-                 ) -> tuple[_Plan | None, dict | None]:
-    """(plan, None) when the dataset must be built, (None, manifest) when it is up to date."""
+def plan_dataset(spec: DatasetSpec, out_dir, tokenizer_name: str, reference_images: bool,
+                 verify_images: bool, force: bool, catalog_path: Path = Path("?"),
+                 write_manifest: ManifestWriter = st.write_manifest) -> tuple[_Plan | None, dict | None]:
+    """(plan, None) when the dataset must be built, (None, manifest) when it is up to date.
+
+    `out_dir` is a local folder or a `storage.RemotePath`; the caller sets `plan.staging`.
+    """
     destination = out_dir / spec.name
     previous = st.read_manifest(destination)
     settings = st.settings_of(spec, tokenizer_name, reference_images, verify_images)
-    digest = st.folder_digest(spec.data_dir, exclude=out_dir)
+    digest = st.folder_digest(spec.data_dir, exclude=out_dir if isinstance(out_dir, Path) else None)
     metadata = _metadata(spec, catalog_path)
     if previous and previous.get("status") == "ok" and not force:
         sha = st.quick_source_sha(spec.jsonl_path, previous)
         if sha is not None and previous.get("fingerprint") == st.fingerprint(sha, digest, settings):
-            return None, _refresh(destination, previous, metadata)
+            return None, _refresh(destination, previous, metadata, write_manifest)
     scan = st.scan_source(spec.jsonl_path, spec.rows_per_shard)
     fp = st.fingerprint(scan.sha256, digest, settings)
     if previous and previous.get("status") == "ok" and not force and previous.get("fingerprint") == fp:
         # touched but identical bytes: remember the new mtime so the next run skips the re-hash
         source = {**previous["source"], "size": scan.size, "mtime_ns": scan.mtime_ns}
-        return None, _refresh(destination, previous, {**metadata, "source": source})
+        return None, _refresh(destination, previous, {**metadata, "source": source}, write_manifest)
     return _Plan(spec, destination, out_dir / "?", scan, digest, settings, fp), None
+
+
+def chunk_tasks(plan: _Plan, catalog: Catalog, reference_images: bool, verify_images: bool) -> list[ChunkTask]:
+    """The chunk tasks of one dataset to build (the unit of parallel work), into `plan.staging`."""
+    spec = plan.spec
+    tasks = [ChunkTask(
+        dataset=spec.name, task=spec.task.name, jsonl_path=str(spec.jsonl_path),
+        data_dir=str(spec.data_dir) if spec.data_dir else None, offset=offset, length=length,
+        first_line=first_line, chunk_index=index, staging_dir=str(plan.staging),
+        image_transform_args=spec.image_transform_args.to_dict(),
+        vit_image_transform_args=spec.vit_image_transform_args.to_dict(),
+        max_image_pixels=spec.max_image_pixels, tokenizer=catalog.tokenizer,
+        reference_images=reference_images, verify_images=verify_images,
+        extra_options=spec.extra_options,
+    ) for index, (offset, length, first_line) in enumerate(plan.scan.chunks)]
+    plan.expected_chunks = len(tasks)
+    return tasks
+
+
+def execute_chunks(plans: list[_Plan], tasks: list[ChunkTask], executor: str, address: str | None,
+                   say: Callable[[str], None], stream: TextIO | None, progress: bool,
+                   discard_staging: Callable[[_Plan], None]) -> dict[str, int]:
+    """Run every chunk (Ray Data or in-process), collect results into their plans; {node id: chunks}.
+
+    If any chunk did not come back, every plan's staging is discarded and the error propagates: nothing
+    half-built is ever published.
+    """
+    by_name = {plan.spec.name: plan for plan in plans}
+    nodes: dict[str, int] = {}
+    if not tasks:
+        return nodes
+    bar = Progress(sum(p.scan.lines for p in plans), len(tasks), stream, enabled=progress)
+
+    def on_result(result: dict) -> None:
+        by_name[result["dataset"]].results.append(result)
+        if result.get("node_id"):
+            nodes[result["node_id"]] = nodes.get(result["node_id"], 0) + 1
+        bar.update(result)
+
+    try:
+        if executor == "ray":
+            _run_chunks(tasks, on_result, address, say)
+        else:
+            for task in tasks:
+                on_result(process_chunk(task).to_dict())
+    finally:
+        bar.close()
+        if any(len(p.results) != p.expected_chunks for p in plans):
+            for plan in plans:
+                discard_staging(plan)
+    return nodes
 
 
 def run_ingest(catalog: Catalog, out: str | Path | None = None, only: list[str] | None = None,
@@ -382,44 +439,11 @@ def run_ingest(catalog: Catalog, out: str | Path | None = None, only: list[str] 
 
     tasks: list[ChunkTask] = []
     for plan in plans:
-        spec = plan.spec
-        for index, (offset, length, first_line) in enumerate(plan.scan.chunks):
-            tasks.append(ChunkTask(
-                dataset=spec.name, task=spec.task.name, jsonl_path=str(spec.jsonl_path),
-                data_dir=str(spec.data_dir) if spec.data_dir else None, offset=offset, length=length,
-                first_line=first_line, chunk_index=index, staging_dir=str(plan.staging),
-                image_transform_args=spec.image_transform_args.to_dict(),
-                vit_image_transform_args=spec.vit_image_transform_args.to_dict(),
-                max_image_pixels=spec.max_image_pixels, tokenizer=catalog.tokenizer,
-                reference_images=reference_images, verify_images=verify_images,
-                extra_options=spec.extra_options,
-            ))
-        plan.expected_chunks = len(plan.scan.chunks)
-        say(f"[ingest] {spec.name}: building ({spec.task.name}, {plan.scan.lines:,} lines, "
-            f"{len(plan.scan.chunks)} chunk(s))")
-
-    by_name = {plan.spec.name: plan for plan in plans}
-    nodes: dict[str, int] = {}
-    if tasks:
-        bar = Progress(sum(p.scan.lines for p in plans), len(tasks), stream, enabled=progress)
-
-        def on_result(result: dict) -> None:
-            by_name[result["dataset"]].results.append(result)
-            if result.get("node_id"):
-                nodes[result["node_id"]] = nodes.get(result["node_id"], 0) + 1
-            bar.update(result)
-
-        try:
-            if executor == "ray":
-                _run_chunks(tasks, on_result, address, say)
-            else:
-                for task in tasks:
-                    on_result(process_chunk(task).to_dict())
-        finally:
-            bar.close()
-            if any(len(p.results) != p.expected_chunks for p in plans):
-                for plan in plans:
-                    shutil.rmtree(plan.staging, ignore_errors=True)
+        tasks.extend(chunk_tasks(plan, catalog, reference_images, verify_images))
+        say(f"[ingest] {plan.spec.name}: building ({plan.spec.task.name}, {plan.scan.lines:,} lines, "
+            f"{plan.expected_chunks} chunk(s))")
+    nodes = execute_chunks(plans, tasks, executor, address, say, stream, progress,
+                           discard_staging=lambda plan: shutil.rmtree(plan.staging, ignore_errors=True))
 
     for plan in plans:
         worker_seconds = sum(r["seconds"] for r in plan.results)   # time spent on this dataset in workers

@@ -23,7 +23,7 @@ from typing import Callable, TextIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datasets_catalog.catalog import Catalog, DatasetSpec
+from datasets_catalog.catalog import Catalog
 from datasets_catalog.tokenizer import TextTokenizer
 
 from . import ingest_state as st
@@ -47,37 +47,9 @@ def process_chunk_remote(task: ChunkTask) -> ChunkResult:
         shutil.rmtree(local, ignore_errors=True)
 
 
-def _plan(spec: DatasetSpec, out: RemotePath, tokenizer_name: str, reference_images: bool, verify_images: bool,
-          force: bool, catalog_path: Path):
-    """`ingest.plan_dataset` for a remote output: (plan, None) to build, (None, manifest) when up to date
-    (metadata-only changes rewrite the manifest in place, as on disk)."""
-    from .ingest import _metadata, _Plan
-
-    destination = out / spec.name
-    previous = st.read_manifest(destination)   # None when missing: then the prefix is not a complete dataset
-    settings = st.settings_of(spec, tokenizer_name, reference_images, verify_images)
-    digest = st.folder_digest(spec.data_dir)
-    metadata = _metadata(spec, catalog_path)
-    if previous and previous.get("status") == "ok" and not force:
-        sha = st.quick_source_sha(spec.jsonl_path, previous)
-        if sha is not None and previous.get("fingerprint") == st.fingerprint(sha, digest, settings):
-            return None, _refresh(destination, previous, metadata)
-    scan = st.scan_source(spec.jsonl_path, spec.rows_per_shard)
-    fp = st.fingerprint(scan.sha256, digest, settings)
-    if previous and previous.get("status") == "ok" and not force and previous.get("fingerprint") == fp:
-        source = {**previous["source"], "size": scan.size, "mtime_ns": scan.mtime_ns}
-        return None, _refresh(destination, previous, {**metadata, "source": source})
-    staging = out / f"{st.STAGING_PREFIX}{spec.name}-{uuid.uuid4().hex[:12]}"
-    return _Plan(spec, destination, staging, scan, digest, settings, fp), None
-
-
-def _refresh(destination: RemotePath, manifest: dict, updates: dict) -> dict:
-    """Rewrite a complete dataset's manifest in place (one PUT: it is replaced whole, never missing)."""
-    if all(manifest.get(k) == v for k, v in updates.items()):
-        return manifest
-    manifest = {**manifest, **updates}
+def _write_manifest(destination: RemotePath, manifest: dict) -> None:
+    """Replace a complete dataset's manifest in one PUT: it is replaced whole, never missing."""
     storage.write_text_atomic(destination / st.MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
-    return manifest
 
 
 def _assemble(staging: RemotePath, results: list[dict]) -> tuple[list[dict], dict[str, str], int]:
@@ -148,8 +120,8 @@ def run_ingest_remote(catalog: Catalog, out: str | RemotePath, only: list[str] |
                       progress: bool = True, stream: TextIO | None = None, log: Callable[[str], None] | None = None,
                       executor: str = "ray"):  # -> pipelines.ingest.IngestReport
     """`run_ingest` with `out` on object storage (see the module doc). Same arguments, same report."""
-    from .ingest import STATUS_UP_TO_DATE, DatasetReport, IngestError, IngestReport, Progress, _run_chunks, \
-        prepare_sources
+    from .ingest import STATUS_UP_TO_DATE, DatasetReport, IngestError, IngestReport, chunk_tasks, \
+        execute_chunks, plan_dataset, prepare_sources
 
     if executor not in ("ray", "local"):
         raise ValueError(f"executor must be 'ray' or 'local', got {executor!r}")
@@ -172,52 +144,23 @@ def run_ingest_remote(catalog: Catalog, out: str | RemotePath, only: list[str] |
     reports: dict[str, DatasetReport] = {}
     plans = []
     for spec in specs:
-        plan, manifest = _plan(spec, out, tokenizer.name, reference_images, verify_images, force, catalog.path)
+        plan, manifest = plan_dataset(spec, out, tokenizer.name, reference_images, verify_images, force,
+                                      catalog.path, write_manifest=_write_manifest)
         if plan is None:
             reports[spec.name] = DatasetReport.from_manifest(manifest, STATUS_UP_TO_DATE, (out / spec.name).display(),
                                                              "inputs and settings unchanged: nothing to do")
             say(f"[ingest] {spec.name}: up to date (inputs and settings unchanged), skipped")
             continue
+        plan.staging = out / f"{st.STAGING_PREFIX}{spec.name}-{uuid.uuid4().hex[:12]}"
         plans.append(plan)
 
     tasks: list[ChunkTask] = []
     for plan in plans:
-        spec = plan.spec
-        for index, (offset, length, first_line) in enumerate(plan.scan.chunks):
-            tasks.append(ChunkTask(
-                dataset=spec.name, task=spec.task.name, jsonl_path=str(spec.jsonl_path),
-                data_dir=str(spec.data_dir) if spec.data_dir else None, offset=offset, length=length,
-                first_line=first_line, chunk_index=index, staging_dir=str(plan.staging),
-                image_transform_args=spec.image_transform_args.to_dict(),
-                vit_image_transform_args=spec.vit_image_transform_args.to_dict(),
-                max_image_pixels=spec.max_image_pixels, tokenizer=catalog.tokenizer,
-                reference_images=reference_images, verify_images=verify_images, extra_options=spec.extra_options))
-        plan.expected_chunks = len(plan.scan.chunks)
-        say(f"[ingest] {spec.name}: building ({spec.task.name}, {plan.scan.lines:,} lines, "
-            f"{len(plan.scan.chunks)} chunk(s)) -> {plan.destination.display()}")
-
-    by_name = {plan.spec.name: plan for plan in plans}
-    nodes: dict[str, int] = {}
-    if tasks:
-        bar = Progress(sum(p.scan.lines for p in plans), len(tasks), stream, enabled=progress)
-
-        def on_result(result: dict) -> None:
-            by_name[result["dataset"]].results.append(result)
-            if result.get("node_id"):
-                nodes[result["node_id"]] = nodes.get(result["node_id"], 0) + 1
-            bar.update(result)
-
-        try:
-            if executor == "ray":
-                _run_chunks(tasks, on_result, address, say)
-            else:
-                for task in tasks:
-                    on_result(process_chunk_remote(task).to_dict())
-        finally:
-            bar.close()
-            if any(len(p.results) != p.expected_chunks for p in plans):
-                for plan in plans:
-                    plan.staging.rmtree()
+        tasks.extend(chunk_tasks(plan, catalog, reference_images, verify_images))
+        say(f"[ingest] {plan.spec.name}: building ({plan.spec.task.name}, {plan.scan.lines:,} lines, "
+            f"{plan.expected_chunks} chunk(s)) -> {plan.destination.display()}")
+    nodes = execute_chunks(plans, tasks, executor, address, say, stream, progress,
+                           discard_staging=lambda plan: plan.staging.rmtree())
 
     for plan in plans:
         reports[plan.spec.name] = _finish(plan, catalog, out, sum(r["seconds"] for r in plan.results), say)
