@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -22,79 +18,11 @@ from pathlib import Path
 import pytest
 
 from pipelines import storage, storage_checkpoints
+from tests.ray_nodes import RayNode, free_port, pids_under, stop_nodes
 from tests.test_s3 import s3_server  # noqa: F401  (the localhost S3 server fixture)
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pids_under(marker: str) -> list[int]:
-    """Processes whose command line names our private Ray temp dir (unique to this test, so only ours)."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if marker in (d / "cmdline").read_bytes().decode(errors="ignore"):
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids
-
-
-class Node:
-    """One `ray start --block` process (own session, own temp dir) and its log."""
-
-    def __init__(self, args: list[str], env: dict, temp_dir: str) -> None:
-        self.temp_dir = temp_dir
-        self.log = Path(temp_dir) / "start.log"
-        ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
-        # own agent / metrics ports: the defaults (52365, ...) may belong to another Ray on this machine
-        ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-                 f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
-        self.proc = subprocess.Popen([ray_bin, "start", "--block", f"--temp-dir={temp_dir}",
-                                      "--object-store-memory=150000000", "--disable-usage-stats", *ports, *args],
-                                     env=env, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-
-    def wait_started(self, deadline: float) -> None:
-        while "Ray runtime started" not in self.log.read_text(errors="ignore"):
-            assert self.proc.poll() is None, f"ray start exited:\n{self.log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"ray start did not finish:\n{self.log.read_text()[-3000:]}"
-            time.sleep(0.5)
-
-    def signal(self, sig: int) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
-
-
-def _stop(nodes: list[Node]) -> None:
-    """Stop only the processes this test started (never `ray stop`: it would kill every Ray on the
-    machine, other people's test clusters included): SIGTERM to each node's process group, then SIGKILL to
-    whatever still names one of our temp dirs."""
-    for node in reversed(nodes):
-        node.signal(signal.SIGTERM)
-    deadline = time.monotonic() + 40
-    for node in nodes:
-        try:
-            node.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            node.signal(signal.SIGKILL)
-    for node in nodes:
-        for pid in _pids_under(node.temp_dir):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(node.temp_dir, ignore_errors=True)
 
 
 def _run(cmd: list[str], env: dict, timeout: float) -> dict:
@@ -141,16 +69,16 @@ train:
     env.update({"RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2", "AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing",
                 "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true",
                 "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)})
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
-    nodes: list[Node] = []
+    nodes: list[RayNode] = []
     try:
         deadline = time.monotonic() + 180
-        nodes.append(Node(["--head", f"--port={port}", "--num-cpus=2", '--resources={"medloom_head": 1}',
-                           "--include-dashboard=false"], env, tempfile.mkdtemp(prefix="mnh_", dir="/tmp")))
+        nodes.append(RayNode(["--head", f"--port={port}", "--num-cpus=2", '--resources={"medloom_head": 1}',
+                              "--include-dashboard=false", "--object-store-memory=150000000"], env))
         nodes[0].wait_started(deadline)     # sequential starts are faster than parallel ones on 2 cores
-        nodes.append(Node([f"--address={address}", "--num-cpus=2", '--resources={"medloom_worker": 1}'], env,
-                          tempfile.mkdtemp(prefix="mnw_", dir="/tmp")))
+        nodes.append(RayNode([f"--address={address}", "--num-cpus=2", '--resources={"medloom_worker": 1}',
+                              "--object-store-memory=150000000"], env))
         nodes[1].wait_started(deadline)
 
         ingest = _run([sys.executable, "jobs/ingest.py", str(catalog), "--out", shards, "--address", address,
@@ -177,6 +105,6 @@ train:
         train_nodes = {w["node_id"] for w in workers}
         assert len(train_nodes) == 2 and train_nodes == ingest_nodes    # one worker on each of the two nodes
     finally:
-        _stop(nodes)
+        stop_nodes(nodes)
     for node in nodes:
-        assert not _pids_under(node.temp_dir)
+        assert not pids_under(node.temp_dir)

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from tests.test_train_loop import write_mixture
+from tests.ray_nodes import RayNode, free_port, ray_binary, stop_nodes
 from trainer import checkpointing as ck
 
 pytestmark = pytest.mark.slow
@@ -25,65 +22,17 @@ def _events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pids_of(marker: str) -> list[int]:
-    """Processes whose command line names our private Ray temp dir (only ours: the dir is unique)."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if marker in (d / "cmdline").read_bytes().decode(errors="ignore"):
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids
-
-
-def _stop_head(head: subprocess.Popen, temp_dir: str) -> None:
-    """Stop only the cluster this test started. (`ray stop` would kill every Ray on the machine, including
-    other people's test clusters, so it is not used.)"""
-    import signal
-    import time
-
-    if head.poll() is None:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-    deadline = time.time() + 20
-    while _pids_of(temp_dir) and time.time() < deadline:
-        time.sleep(0.5)
-    for pid in _pids_of(temp_dir):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def test_ray_job_submit_on_a_real_cluster(tmp_path):
     import time
     import urllib.request
 
-    ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+    ray_bin = ray_binary()
     mix = write_mixture(tmp_path / "data")
-    port, dash, agent, agent_grpc, metrics, rt_env = (_free_port() for _ in range(6))
-    temp_dir = tempfile.mkdtemp(prefix="rayjob_", dir="/tmp")      # short: Ray's socket paths are length-limited
+    port, dash = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "disabled"
-    head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=4", f"--temp-dir={temp_dir}",
-         "--include-dashboard=true", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-         # own agent ports: the default job-agent port 52365 may belong to another Ray on this machine
-         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}",
-         "--object-store-memory=300000000", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    head = RayNode(["--head", f"--port={port}", "--num-cpus=4", "--include-dashboard=true",
+                    f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--object-store-memory=300000000"], env)
     try:
         deadline = time.time() + 120
         while True:   # the job server answers once the dashboard is up
@@ -91,7 +40,7 @@ def test_ray_job_submit_on_a_real_cluster(tmp_path):
                 urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
                 break
             except OSError:
-                assert head.poll() is None, "ray start --head exited"
+                assert head.proc.poll() is None, f"ray start --head exited:\n{head.log.read_text()[-3000:]}"
                 assert time.time() < deadline, "Ray head did not come up in 120 s"
                 time.sleep(1)
         storage = tmp_path / "runs"
@@ -124,5 +73,4 @@ def test_ray_job_submit_on_a_real_cluster(tmp_path):
         assert steps[-1] == 6
         assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     finally:
-        _stop_head(head, temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        stop_nodes([head])
