@@ -5,6 +5,10 @@ scheduler.pt, stream_state.{rank:05d}-of-{W:05d}.json (the exact data-stream sta
 upstream's data_status.pt), train_state.json, training_args.json, the inference files (llm/vit configs,
 tokenizer) and finally `COMPLETE.json`. Everything is written into `.tmp-{step:07d}/` first, the marker
 last, then the directory is renamed: a crash mid-save never leaves a directory that looks complete.
+
+With `--storage_path s3://...` object storage is the checkpoint store and no disk is shared: each rank stages
+and uploads its own files (pipelines/storage_checkpoints.py), and the local folder on rank 0's node is a copy
+of rank 0's part (its marker lists the whole checkpoint, so with several ranks it is not complete locally).
 """
 from __future__ import annotations
 
@@ -76,16 +80,18 @@ def newest_complete(checkpoint_dir: str | Path) -> Optional[Path]:
     return None
 
 
-def rotate(checkpoint_dir: str | Path, keep: int) -> list[Path]:
+def rotate(checkpoint_dir: str | Path, keep: int,
+           complete: Callable[[Path], bool] = is_complete) -> list[Path]:
     """Delete all but the newest `keep` complete checkpoints, plus incomplete dirs older than the newest
-    complete one and stale temp dirs. Returns what was removed."""
+    complete one and stale temp dirs. Returns what was removed. `complete` decides what counts (the local
+    copies of an object-storage run count when they carry a marker)."""
     root = Path(checkpoint_dir)
     removed: list[Path] = []
     ckpts = numeric_checkpoints(root)
-    complete = [(s, p) for s, p in ckpts if is_complete(p)]
-    newest = complete[-1][0] if complete else None
-    doomed = [p for _, p in complete[:-keep]] if keep > 0 else []
-    doomed += [p for s, p in ckpts if newest is not None and s < newest and not is_complete(p)]
+    done = [(s, p) for s, p in ckpts if complete(p)]
+    newest = done[-1][0] if done else None
+    doomed = [p for _, p in done[:-keep]] if keep > 0 else []
+    doomed += [p for s, p in ckpts if newest is not None and s < newest and not complete(p)]
     if root.is_dir():
         doomed += [p for p in root.iterdir() if p.is_dir() and p.name.startswith(TMP_PREFIX)]
     for p in doomed:
@@ -125,10 +131,13 @@ def prepare_temp(checkpoint_dir: str | Path, step: int) -> Path:
     return tmp
 
 
-def finalize(checkpoint_dir: str | Path, step: int, files: list[str], extra: Optional[dict] = None) -> Path:
-    """Rank 0, after every rank wrote its files: check them, write the marker, rename into place."""
+def finalize(checkpoint_dir: str | Path, step: int, files: list[str], extra: Optional[dict] = None,
+             present: Optional[list[str]] = None) -> Path:
+    """Rank 0, after every rank wrote its files: check them, write the marker, rename into place.
+    `present` (default: all of `files`) is what must be in the temp dir: on object storage only rank 0's
+    own files are on this disk, the rest went to the bucket from the other ranks."""
     tmp = temp_dir(checkpoint_dir, step)
-    missing = [f for f in files if not (tmp / f).is_file()]
+    missing = [f for f in (files if present is None else present) if not (tmp / f).is_file()]
     if missing:
         raise RuntimeError(f"checkpoint {tmp} is missing {missing}; not marking it complete")
     write_json(tmp / MARKER, {"step": step, "files": sorted(files), **(extra or {})})
@@ -217,6 +226,14 @@ def plan_resume(*, checkpoint_dir: Path, auto_resume: bool, resume_from: Optiona
             raise ResumeError(f"model_path {src} has no {weights}{hint}")
         return ResumePlan(src, weights, EMA_FILE, False, False, f"fine-tune from {src}/{weights}")
     return ResumePlan(None, reason="random init (--from_scratch)")
+
+
+def plan_fetched(source: Path, reason: str, *, restart: bool, resume_model_only: bool,
+                 resume_model_optimizer: bool) -> ResumePlan:
+    """The plan for a checkpoint fetched from object storage (chosen by rank 0, same on every rank)."""
+    if restart:
+        return ResumePlan(source, MODEL_FILE, EMA_FILE, True, True, reason)
+    return ResumePlan(source, MODEL_FILE, EMA_FILE, not resume_model_only, resume_model_optimizer, reason)
 
 
 def read_train_state(path: Path) -> dict:

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipelines.storage_checkpoints import mirror_checkpoint, remote_checkpoint_root, restore_newest
+from pipelines import storage_checkpoints as sc
+from pipelines.storage_checkpoints import remote_checkpoint_root
 from trainer import checkpointing as ck
 from trainer.config import TrainConfig, training_args_json
 from trainer.data import LoaderState
@@ -28,7 +29,8 @@ from trainer.ema import ema_update, make_ema
 from trainer.loss import all_reduce_sum, compute_loss, global_denominators
 from trainer.metrics import MetricsSink, Window, peak_tflops_from_name, summarise
 from trainer.optim import build_optimizer
-from trainer.parallel import (Parallel, barrier, clip_grad_norm, full_state_dict, load_full_state_dict,
+from trainer.parallel import (Parallel, barrier, broadcast_object, clip_grad_norm, full_state_dict,
+                              load_full_state_dict,
                               load_optimizer_state, optimizer_state_for_save, rank_and_world, wrap_ddp,
                               wrap_ema_fsdp, wrap_fsdp)
 from trainer.prefetch import Prefetcher
@@ -124,16 +126,15 @@ def train_loop(cfg: TrainConfig | dict, *, reporter: Optional[Reporter] = None,
     from trainer.model_setup import apply_freeze_flags, packing_config
 
     remote_ckpts = remote_checkpoint_root(r.storage_path, cfg.run_name)   # --storage_path s3://...
-    if remote_ckpts is not None and t.auto_resume and ray_checkpoint is None:
-        if is_main:
-            restored = restore_newest(remote_ckpts, cfg.checkpoint_dir)
-            if restored is not None:
-                log(f"restored checkpoint {restored.name} from {remote_ckpts.display()}")
-        barrier()
-    plan = ck.plan_resume(checkpoint_dir=cfg.checkpoint_dir, auto_resume=t.auto_resume, resume_from=t.resume_from,
-                          model_path=cfg.model.model_path, finetune_from_ema=t.finetune_from_ema,
-                          resume_model_only=t.resume_model_only, resume_model_optimizer=t.resume_model_optimizer,
-                          ray_checkpoint=ray_checkpoint)
+    fetched: Optional[tuple[int, str]] = None   # (step, URI) of a checkpoint fetched from object storage
+    if remote_ckpts is not None:
+        # object storage is the checkpoint store: rank 0 picks the step, every rank fetches its own files
+        plan, fetched = _plan_remote(cfg, remote_ckpts, ray_checkpoint, is_main)
+    else:
+        plan = ck.plan_resume(checkpoint_dir=cfg.checkpoint_dir, auto_resume=t.auto_resume,
+                              resume_from=t.resume_from, model_path=cfg.model.model_path,
+                              finetune_from_ema=t.finetune_from_ema, resume_model_only=t.resume_model_only,
+                              resume_model_optimizer=t.resume_model_optimizer, ray_checkpoint=ray_checkpoint)
     log(f"start: {plan.reason}")
     for note in plan.notes:
         log(f"note: {note}")
@@ -182,6 +183,8 @@ def train_loop(cfg: TrainConfig | dict, *, reporter: Optional[Reporter] = None,
         if plan.load_optimizer:
             idx, count = par.optimizer_load_shard
             f = plan.source / ck.optimizer_file(idx, count)
+            if fetched is not None and not f.is_file():   # this rank's shard only, fetched by this rank
+                sc.fetch_file(remote_ckpts, fetched[0], f.name, plan.source)
             if f.is_file():
                 load_optimizer_state(optimizer, torch.load(f, map_location="cpu", weights_only=False))
                 sched_file = plan.source / ck.SCHEDULER_FILE
@@ -195,6 +198,11 @@ def train_loop(cfg: TrainConfig | dict, *, reporter: Optional[Reporter] = None,
             scheduler.load_state_dict({"last_step": start_step})
         stream_state = ck.load_stream_state(plan.source, rank, world)
         log(f"resumed train state at step {start_step}")
+    if fetched is not None:   # everything is in memory now: drop the node-local download
+        barrier()
+        import shutil
+
+        shutil.rmtree(plan.source, ignore_errors=True)
 
     # -- data ---------------------------------------------------------------------------------------
     slots = max(1, cfg.data.dataloader_workers)
@@ -231,7 +239,8 @@ def train_loop(cfg: TrainConfig | dict, *, reporter: Optional[Reporter] = None,
     channels = getattr(mc, "latent_channels", 64)
     window = Window(groups=mixture_groups)
     result = LoopResult(start_step=start_step, final_step=start_step,
-                        resumed_from=str(plan.source) if plan.load_train_state else None)
+                        resumed_from=(fetched[1] if fetched is not None else str(plan.source))
+                        if plan.load_train_state else None)
     trainable = [p for p in model.parameters() if p.requires_grad]
     total_wait = total_time = 0.0
     window_start = time.perf_counter()
@@ -239,6 +248,9 @@ def train_loop(cfg: TrainConfig | dict, *, reporter: Optional[Reporter] = None,
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else None
 
     def save(step_done: int) -> Path:
+        if remote_ckpts is not None:
+            return _save_checkpoint_remote(cfg, remote_ckpts, par, ema, optimizer, scheduler, mc, tokenizer,
+                                           step_done, loader_state.to_json(), rank, world, is_main)
         return _save_checkpoint(cfg, par, ema, optimizer, scheduler, mc, tokenizer, step_done, loader_state.to_json(),
                                 rank, world, is_main)
 
@@ -397,10 +409,7 @@ class _null:
 def _save_checkpoint(cfg: TrainConfig, par: Parallel, ema, optimizer, scheduler, mc, tokenizer, step: int,
                      stream_state: Optional[dict], rank: int, world: int, is_main: bool) -> Optional[Path]:
     """Every rank writes its own files into the temp dir; rank 0 the full weights; then rank 0 marks the
-    directory complete and renames it into place (checkpointing.finalize)."""
-    from trainer.checkpointing import save_safetensors
-    from trainer.model_setup import VAE_FILE, save_weights_file, split_vae, write_inference
-
+    directory complete and renames it into place (checkpointing.finalize). Needs a disk all ranks share."""
     root = cfg.checkpoint_dir
     if is_main:
         ck.prepare_temp(root, step)
@@ -408,37 +417,181 @@ def _save_checkpoint(cfg: TrainConfig, par: Parallel, ema, optimizer, scheduler,
     tmp = ck.temp_dir(root, step)
     model_state = full_state_dict(par.model, par.kind)   # collectives under FSDP: every rank calls
     ema_state = full_state_dict(ema, par.kind)
+    _write_rank_files(tmp, par, optimizer, stream_state, rank, world)
+    files = _per_rank_files(par, world)
+    if is_main:
+        files += _write_shared_files(tmp, cfg, model_state, ema_state, scheduler, mc, tokenizer, step, world)
+    barrier()
+    final = None
+    if is_main:
+        final = ck.finalize(root, step, files, {"world_size": world})
+        ck.rotate(root, cfg.train.max_checkpoints)
+    barrier()
+    return final if is_main else (root / ck.step_dir_name(step))
+
+
+def _write_rank_files(folder: Path, par: Parallel, optimizer, stream_state: Optional[dict], rank: int,
+                      world: int) -> list[str]:
+    """This rank's own files: its optimizer shard (if it writes one) and its stream state."""
+    own = []
     if par.optimizer_shard is not None:
         idx, count = par.optimizer_shard
-        ck.save_state_file(optimizer_state_for_save(optimizer), tmp / ck.optimizer_file(idx, count))
-    ck.write_json(tmp / ck.stream_state_file(rank, world), stream_state)
+        ck.save_state_file(optimizer_state_for_save(optimizer), folder / ck.optimizer_file(idx, count))
+        own.append(ck.optimizer_file(idx, count))
+    ck.write_json(folder / ck.stream_state_file(rank, world), stream_state)
+    own.append(ck.stream_state_file(rank, world))
+    return own
+
+
+def _per_rank_files(par: Parallel, world: int) -> list[str]:
+    """Every rank's files a complete checkpoint holds (stream states, optimizer shards)."""
     files = [ck.stream_state_file(i, world) for i in range(world)]
     if par.kind == "fsdp":
         shard_count = par.optimizer_shard[1] if par.optimizer_shard else par.optimizer_load_shard[1]
         files += [ck.optimizer_file(i, shard_count) for i in range(shard_count)]
     else:
         files.append(ck.optimizer_file(0, 1))
-    if is_main:
-        import json
+    return files
 
-        model_main, vae_state = split_vae(model_state, cfg.train.freeze_vae)
-        ema_main, _ = split_vae(ema_state, cfg.train.freeze_vae)
-        save_weights_file(model_main, tmp / ck.MODEL_FILE)
-        save_weights_file(ema_main, tmp / ck.EMA_FILE)
-        if vae_state is not None:  # frozen VAE: ae.safetensors (FLUX names), as checkpoints are loaded
-            save_safetensors(vae_state, tmp / VAE_FILE)
-            files.append(VAE_FILE)
-        ck.save_state_file(scheduler.state_dict(), tmp / ck.SCHEDULER_FILE)
-        ck.write_json(tmp / ck.TRAIN_STATE_FILE, {"step": step, "world_size": world, "train_steps": step})
-        write_inference(tmp, mc, tokenizer, json.loads(training_args_json(cfg)))
-        files += [ck.MODEL_FILE, ck.EMA_FILE, ck.SCHEDULER_FILE, ck.TRAIN_STATE_FILE, ck.TRAINING_ARGS_FILE]
-    barrier()
+
+def _write_shared_files(folder: Path, cfg: TrainConfig, model_state, ema_state, scheduler, mc, tokenizer,
+                        step: int, world: int) -> list[str]:
+    """Rank 0: full weights, EMA, scheduler, train state, inference files. Returns the marker-listed names."""
+    import json
+
+    from trainer.checkpointing import save_safetensors
+    from trainer.model_setup import VAE_FILE, save_weights_file, split_vae, write_inference
+
+    files = []
+    model_main, vae_state = split_vae(model_state, cfg.train.freeze_vae)
+    ema_main, _ = split_vae(ema_state, cfg.train.freeze_vae)
+    save_weights_file(model_main, folder / ck.MODEL_FILE)
+    save_weights_file(ema_main, folder / ck.EMA_FILE)
+    if vae_state is not None:  # frozen VAE: ae.safetensors (FLUX names), as checkpoints are loaded
+        save_safetensors(vae_state, folder / VAE_FILE)
+        files.append(VAE_FILE)
+    ck.save_state_file(scheduler.state_dict(), folder / ck.SCHEDULER_FILE)
+    ck.write_json(folder / ck.TRAIN_STATE_FILE, {"step": step, "world_size": world, "train_steps": step})
+    write_inference(folder, mc, tokenizer, json.loads(training_args_json(cfg)))
+    files += [ck.MODEL_FILE, ck.EMA_FILE, ck.SCHEDULER_FILE, ck.TRAIN_STATE_FILE, ck.TRAINING_ARGS_FILE]
+    return files
+
+
+def _raise_if_any(err: Optional[str], what: str) -> None:
+    """A collective: every rank learns whether any rank failed, and all raise together (nobody is left
+    waiting in a barrier for a rank that died)."""
+    errs = [err]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        errs = [None] * dist.get_world_size()
+        dist.all_gather_object(errs, err)
+    errs = [e for e in errs if e]
+    if errs:
+        raise RuntimeError(f"{what}: " + "; ".join(errs))
+
+
+def _save_checkpoint_remote(cfg: TrainConfig, remote, par: Parallel, ema, optimizer, scheduler, mc, tokenizer,
+                            step: int, stream_state: Optional[dict], rank: int, world: int, is_main: bool) -> Path:
+    """Object storage, no shared disk: every rank stages its own files on its own disk and uploads them;
+    after all uploads (a collective), rank 0 uploads the shared files, seals the checkpoint with
+    COMPLETE.json last, rotates, and keeps its staged part as the local copy it reports to Ray Train."""
+    import shutil
+
+    root = cfg.checkpoint_dir
+    step_dir = remote / ck.step_dir_name(step)
+    begun: tuple[Optional[str], Optional[str]] = (None, None)
+    if is_main:
+        try:   # a re-saved step (restart): withdraw the old attempt before anyone uploads
+            begun = (sc.begin_remote_save(step_dir), None)
+        except Exception as exc:
+            begun = (None, f"rank 0 could not prepare {step_dir.display()}: {exc!r}")
+    save_id, err = broadcast_object(begun)
+    if err:
+        raise RuntimeError(f"checkpoint {step} not saved: {err}")
+    model_state = full_state_dict(par.model, par.kind)   # collectives under FSDP: every rank calls
+    ema_state = full_state_dict(ema, par.kind)
+    staging = ck.prepare_temp(root, step) if is_main else \
+        _fresh_dir(root / f"{ck.TMP_PREFIX}{ck.step_dir_name(step)}-rank{rank:05d}")
+    err = None
+    try:
+        own = _write_rank_files(staging, par, optimizer, stream_state, rank, world)
+        sc.upload_files(staging, own, step_dir)
+    except Exception as exc:
+        err = f"rank {rank} could not upload its files: {exc!r}"
+    if not is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+    _raise_if_any(err, f"checkpoint {step} not saved (no marker written)")   # all ranks' uploads done
+    files = _per_rank_files(par, world)
     final = None
     if is_main:
-        final = ck.finalize(root, step, files, {"world_size": world})
-        ck.rotate(root, cfg.train.max_checkpoints)
-        remote = remote_checkpoint_root(cfg.run.storage_path, cfg.run_name)
-        if remote is not None:   # object storage: upload the complete checkpoint, COMPLETE.json last
-            mirror_checkpoint(final, remote, cfg.train.max_checkpoints)
-    barrier()
+        try:
+            shared = _write_shared_files(staging, cfg, model_state, ema_state, scheduler, mc, tokenizer, step,
+                                         world)
+            sc.upload_files(staging, [f for f in _staged_names(staging) if f not in own], step_dir)
+            files += shared
+            marker = {"step": step, "world_size": world, "save_id": save_id}
+            sc.seal_remote(step_dir, files, marker)               # COMPLETE.json last
+            sc.rotate_remote(remote, cfg.train.max_checkpoints)
+            final = ck.finalize(root, step, files, {**marker, "remote": step_dir.display()},
+                                present=own + shared)
+            ck.rotate(root, cfg.train.max_checkpoints, complete=lambda p: ck.read_marker(p) is not None)
+        except Exception as exc:
+            err = f"rank 0 could not complete it: {exc!r}"
+    _raise_if_any(err, f"checkpoint {step} not saved")
     return final if is_main else (root / ck.step_dir_name(step))
+
+
+def _staged_names(folder: Path) -> list[str]:
+    """Relative names of every file under a staging folder (inference files live in sub-folders)."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def _fresh_dir(path: Path) -> Path:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def _checkpoint_step(path: Optional[Path]) -> Optional[int]:
+    """The step of the checkpoint Ray Train restarts from (its folder is named after it; the folder itself
+    may be on another node's disk)."""
+    if path is None:
+        return None
+    if path.name.isdigit():
+        return int(path.name)
+    marker = ck.read_marker(path)
+    return int(marker["step"]) if marker and "step" in marker else None
+
+
+def _plan_remote(cfg: TrainConfig, remote, ray_checkpoint: Optional[Path], is_main: bool
+                 ) -> tuple[ck.ResumePlan, Optional[tuple[int, str]]]:
+    """Rank 0 picks the remote checkpoint (Ray Train's restart step, else the newest complete one) and
+    broadcasts it, so every rank resumes the same step; each rank fetches the files it needs onto its own
+    disk. Without a remote checkpoint: resume_from / model_path / random init, as on local storage."""
+    t = cfg.train
+    choice = None
+    if is_main:
+        try:
+            picked = sc.choose_remote(remote, _checkpoint_step(ray_checkpoint), t.auto_resume)
+            choice = (picked, ray_checkpoint is not None, None)
+        except Exception as exc:
+            choice = (None, False, f"cannot list {remote.display()}: {exc!r}")
+    picked, restart, err = broadcast_object(choice)
+    if err:
+        raise ck.ResumeError(err)
+    if picked is None:
+        return ck.plan_resume(checkpoint_dir=cfg.checkpoint_dir, auto_resume=False, resume_from=t.resume_from,
+                              model_path=cfg.model.model_path, finetune_from_ema=t.finetune_from_ema,
+                              resume_model_only=t.resume_model_only,
+                              resume_model_optimizer=t.resume_model_optimizer), None
+    step, reason = picked
+    local, ferr = None, None
+    try:
+        local = sc.fetch_checkpoint(remote, step, cfg.checkpoint_dir)
+    except Exception as exc:
+        ferr = f"{exc!r}"
+    _raise_if_any(ferr, f"cannot fetch checkpoint {step} from {remote.display()}")
+    plan = ck.plan_fetched(local, reason, restart=restart, resume_model_only=t.resume_model_only,
+                           resume_model_optimizer=t.resume_model_optimizer)
+    return plan, (step, (remote / ck.step_dir_name(step)).display())
