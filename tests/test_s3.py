@@ -389,13 +389,13 @@ def test_training_reads_s3_shards_and_resumes_from_s3_checkpoints(bucket, tmp_pa
     assert _ingest(load_catalog(catalog_line.split(":", 1)[1].strip()), shards).ok
     mix.write_text(mix.read_text().replace(catalog_line, f"{catalog_line}\nshards: {shards}"))
 
-    def run(node: str, steps: int):
+    def run(node: str, steps: int, *extra: str, ray_checkpoint=None):
         monkeypatch.setenv("MEDLOOM_LOCAL_RUNS", str(tmp_path / node))
         cfg = load_config(["--config", str(mix), "--storage_path", str(bucket / "runs"), "--total_steps",
-                           str(steps), "--save_every", "2", "--dataloader_workers", "0"])
+                           str(steps), "--save_every", "2", "--dataloader_workers", "0", *extra])
         validate(cfg, generation_groups(cfg.mixture_path))
         assert cfg.results_dir == tmp_path / node / "mix"
-        return train_loop(cfg, print_fn=lambda s: None)
+        return train_loop(cfg, print_fn=lambda s: None, ray_checkpoint=ray_checkpoint)
 
     first = run("node_a", 2)
     assert (first.start_step, first.final_step) == (0, 2)
@@ -408,6 +408,16 @@ def test_training_reads_s3_shards_and_resumes_from_s3_checkpoints(bucket, tmp_pa
     assert not list(local_b.glob(".restore-*"))                 # the download is dropped once loaded
     assert sc.newest_remote_complete(remote) == remote / "0000003"
     assert ck_is_complete(local_b / "0000003")                  # world size 1: the local copy is whole
+
+    # Ray Train restarting the group on yet another node: the reported folder (rank 0's old local copy, on
+    # node_a's disk) only names the step; it is fetched from S3, even with auto_resume off, and re-saving
+    # step 3 replaces the old remote copy (withdrawn first, sealed again)
+    third = run("node_c", 3, "--auto_resume", "False",
+                ray_checkpoint=tmp_path / "node_a" / "mix" / "checkpoints" / "0000002")
+    assert (third.start_step, third.final_step) == (2, 3)
+    assert third.resumed_from == (remote / "0000002").display()
+    assert third.history == second.history
+    assert sc.newest_remote_complete(remote) == remote / "0000003"
 
 
 # -- two ranks, no shared disk: every rank uploads and fetches its own checkpoint files --------------------
