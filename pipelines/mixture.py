@@ -197,7 +197,7 @@ class MixtureStream:
         di, row, g = self._locate(gi, v)   # refs are never void
         ds = group.datasets[di]
         rg, off = ds.layout.find(row)
-        path, rgi = ds.layout.files[int(ds.layout.rg_file[rg])], int(ds.layout.rg_index[rg])
+        path, rgi = ds.layout.row_group(rg)
         if ds.recompute is None:
             table = self._meta_cache.table(path, rgi, META_COLUMNS)
             sample_id = table.column(0)[off].as_py()
@@ -242,8 +242,7 @@ class MixtureStream:
             group = self.groups[gi]
             ds = group.datasets[int(group.block_ds[0])]
             rg, _ = ds.layout.find(int(group.block_row[0]))
-            table = self._meta_cache.table(ds.layout.files[int(ds.layout.rg_file[rg])], int(ds.layout.rg_index[rg]),
-                                           META_COLUMNS)
+            table = self._meta_cache.table(*ds.layout.row_group(rg), META_COLUMNS)
             values = table.column(1).to_pylist()
             self._token_prior[gi] = float(sum(values)) / max(1, len(values))
         n, t = self.stats["samples"][gi], self.stats["tokens"][gi]
@@ -354,7 +353,7 @@ class MixtureStream:
         """The drawn sample with its whole shard row (image bytes included), sizes matching the config."""
         ds = self.groups[d.group].datasets[d.ds]
         rg, off = ds.layout.find(d.row)
-        table = self._row_cache.table(ds.layout.files[int(ds.layout.rg_file[rg])], int(ds.layout.rg_index[rg]), None)
+        table = self._row_cache.table(*ds.layout.row_group(rg), None)
         row = table_row(table, off)
         if ds.recompute is not None:
             row = recompute_row(row, ds.task, *ds.recompute, self.tokenizer)

@@ -52,9 +52,8 @@ def never_fit_scan(resolved: ResolvedMixture, limit: int, tokenizer: TextTokeniz
                 continue
             seen.add(ds.name)
             count = 0
-            lay = ds.layout
-            for rg in range(len(lay.rg_rows)):
-                path, rgi = lay.files[int(lay.rg_file[rg])], int(lay.rg_index[rg])
+            for rg in range(len(ds.layout.rg_rows)):
+                path, rgi = ds.layout.row_group(rg)
                 if ds.recompute is None:
                     table = cache.table(path, rgi, ("sample_id", "num_tokens"))
                     mask = pc.greater(table.column("num_tokens"), limit)

@@ -52,6 +52,10 @@ class ShardLayout:
         g = int(np.searchsorted(self.rg_start, row, side="right")) - 1
         return g, int(row - self.rg_start[g])
 
+    def row_group(self, rg: int) -> tuple[Path, int]:
+        """(file, index inside that file) of global row group `rg`: what `RowGroupCache.table` takes."""
+        return self.files[int(self.rg_file[rg])], int(self.rg_index[rg])
+
 
 class RowGroupCache:
     """LRU of decoded row groups (Arrow tables) per column set, bounded by bytes and count."""
@@ -90,10 +94,6 @@ class RowGroupCache:
             _, (_, old) = self._items.popitem(last=False)
             self._bytes -= old
         return table
-
-    @property
-    def nbytes(self) -> int:
-        return self._bytes
 
 
 def table_row(table: pa.Table, offset: int) -> dict[str, Any]:
