@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from datasets_catalog.tokenizer import TextTokenizer
 
@@ -99,8 +99,7 @@ class MixtureStream:
         self.orders = [PassOrder(g.block_len, (self.seed, self.epoch, g.name, g.config.shuffle_seed),
                                  g.config.shuffle_lines, c) for g, c in zip(self.groups, self.chunks)]
         self.mandatory = [g.index for g in self.groups if g.config.is_mandatory]
-        weights = [g.config.weight for g in self.groups]
-        self.weights = [w / sum(weights) for w in weights]
+        self.weights = cfg.weights()
         # a stream works through one chunk (about shuffle_window_blocks row groups, +2 for unaligned edges)
         # per group at a time: hold that many row groups so random order inside a chunk never re-reads
         working_set = len(self.groups) * (cfg.shuffle_window_blocks + 2)
@@ -192,9 +191,10 @@ class MixtureStream:
         block, offset = self.orders[gi].locate(*where)
         return int(group.block_ds[block]), int(group.block_row[block]) + offset, g
 
-    def _fetch(self, gi: int, v: int, draw_key: int) -> Drawn:
+    def _fetch(self, gi: int, v: int, draw_key: int, where: tuple[int, int, int] | None = None) -> Drawn:
+        """The sample at position v of group gi (`where`: its `_locate` result, when already known)."""
         group = self.groups[gi]
-        di, row, g = self._locate(gi, v)   # refs are never void
+        di, row, g = where or self._locate(gi, v)   # refs are never void
         ds = group.datasets[di]
         rg, off = ds.layout.find(row)
         path, rgi = ds.layout.row_group(rg)
@@ -202,33 +202,33 @@ class MixtureStream:
             table = self._meta_cache.table(path, rgi, META_COLUMNS)
             sample_id = table.column(0)[off].as_py()
             num_tokens = int(table.column(1)[off].as_py())
-            meta = {"sample_id": sample_id, "num_tokens": num_tokens}
         else:
             table = self._meta_cache.table(path, rgi, META_COLUMNS + RECOMPUTE_COLUMNS)
-            meta = recompute_row(table_row(table, off), ds.task, *ds.recompute, self.tokenizer)
-            sample_id, num_tokens = meta["sample_id"], int(meta["num_tokens"])
-            meta = {"sample_id": sample_id, "num_tokens": num_tokens}
+            full = recompute_row(table_row(table, off), ds.task, *ds.recompute, self.tokenizer)
+            sample_id, num_tokens = full["sample_id"], int(full["num_tokens"])
         sample = StreamSample(sample_id=sample_id, dataset=ds.name, group=group.name, task=ds.task.name,
-                              num_tokens=num_tokens, row=meta, data_dir=ds.data_dir, draw_key=draw_key)
+                              num_tokens=num_tokens, row={"sample_id": sample_id, "num_tokens": num_tokens},
+                              data_dir=ds.data_dir, draw_key=draw_key)
         return Drawn(gi, v, draw_key, sample, di, row, g, g // self.orders[gi].span)
 
-    def _next_v(self, gi: int) -> int:
-        """This stream's next non-void position of group gi (advances the cursor)."""
+    def _next_v(self, gi: int) -> tuple[int, tuple[int, int, int]]:
+        """This stream's next non-void position of group gi and its `_locate` result (advances the cursor)."""
         while True:
             v = stream_position(self.slot, self.slots, self.chunks[gi], self.cursors[gi])
             self.cursors[gi] += 1
-            if self._locate(gi, v) is not None:
-                return v
+            where = self._locate(gi, v)
+            if where is not None:
+                return v, where
 
     def peek_global(self, gi: int) -> int:
         """Global position of this stream's next draw from group gi (void ones included); for tools."""
         return to_global(self.layers[gi], stream_position(self.slot, self.slots, self.chunks[gi], self.cursors[gi]))
 
     def _draw_from(self, gi: int) -> Drawn:
-        v = self._next_v(gi)
+        v, where = self._next_v(gi)
         key = rng.key(self.seed, "draw", self.epoch, self.generation, self.slot, self.draws) & _MASK63
         self.draws += 1
-        drawn = self._fetch(gi, v, key)
+        drawn = self._fetch(gi, v, key, where)
         for sink in self._draw_sinks:
             sink.append(drawn)
         return drawn
@@ -342,11 +342,6 @@ class MixtureStream:
             "buffer_size": len(self.buffer),
         }
         return PackPlan(members, curr, metrics, self.state_dict())
-
-    def iter_plans(self) -> Iterator[PackPlan]:
-        """Endless metadata-only packs (for jobs/plan.py and jobs/stream.py)."""
-        while True:
-            yield self.next_plan()
 
     # -- materialising -----------------------------------------------------------------------------
     def full_sample(self, d: Drawn) -> StreamSample:
