@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from datasets_catalog.catalog import DatasetSpec
 
+from . import storage
 from .shard_schema import REJECTS_SCHEMA, SCHEMA_VERSION, SHARD_SCHEMA
 
 INGEST_VERSION = 1          # bump when ingest output changes for the same inputs
@@ -169,12 +170,6 @@ def staging_dir(out_dir: Path, name: str) -> Path:
     return path
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def assemble(staging: Path, results: list[dict[str, Any]]) -> tuple[list[dict], int]:
     """Rename chunk files to part-NNNNN.parquet in line order and merge the rejects; returns (shards, rejects)."""
     shards = []
@@ -198,23 +193,17 @@ def assemble(staging: Path, results: list[dict[str, Any]]) -> tuple[list[dict], 
     return shards, rejects.num_rows
 
 
+def _manifest_text(manifest: dict[str, Any]) -> str:
+    return json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n"
+
+
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    _atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
+    storage.write_text_atomic(folder / MANIFEST, _manifest_text(manifest))
 
 
 def publish(staging: Path, manifest: dict[str, Any], destination: Path) -> None:
     """Write the manifest last, then swap the staging folder into `destination` with renames."""
-    write_manifest(staging, manifest)
-    old = None
-    if destination.exists():
-        old = destination.with_name(f"{STAGING_PREFIX}old-{destination.name}-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(destination, old)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staging, destination)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    storage.publish_tree(staging, destination, MANIFEST, _manifest_text(manifest).encode("utf-8"))
 
 
 def now_iso() -> str:

@@ -438,7 +438,8 @@ def publish_tree(staging: AnyPath, destination: AnyPath, marker: str, marker_byt
         write_bytes_atomic(staging / marker, marker_bytes)
         old = None
         if destination.exists():
-            old = destination.with_name(f".old-{destination.name}-{os.getpid()}")
+            # named like a staging folder, so the ingest's stale-staging sweep removes it after a crash
+            old = destination.with_name(f".staging-old-{destination.name}-{os.getpid()}")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(destination, old)
         destination.parent.mkdir(parents=True, exist_ok=True)
