@@ -100,6 +100,25 @@ def _resolve_check(check):
         raise
 
 
+def load_tokenizer(catalog: Catalog) -> TextTokenizer:
+    """The catalog's tokenizer, or one clear IngestError (its name goes into every fingerprint)."""
+    try:
+        return TextTokenizer.load(catalog.tokenizer)
+    except (OSError, ValueError, KeyError) as exc:
+        raise IngestError(f"{catalog.path}: tokenizer {catalog.tokenizer!r} cannot be loaded ({exc}); use "
+                          f"'builtin' or a folder with Qwen2 tokenizer files") from None
+
+
+def reject_limit_exceeded(manifest: dict, spec: DatasetSpec) -> str | None:
+    """Why a built dataset fails its `max_reject_fraction` (the top reasons named), or None if it passes."""
+    fraction = manifest["rows_rejected"] / manifest["rows_read"] if manifest["rows_read"] else 0.0
+    if fraction <= spec.max_reject_fraction:
+        return None
+    top = ", ".join(f"{k} {v}" for k, v in sorted(manifest["rejects_by_reason"].items(), key=lambda kv: -kv[1])[:3])
+    return (f"{manifest['rows_rejected']} of {manifest['rows_read']} rows rejected ({fraction:.0%}), over "
+            f"max_reject_fraction {spec.max_reject_fraction:.0%} ({top})")
+
+
 def prepare_sources(catalog: Catalog, only: list[str] | None) -> list[DatasetSpec]:
     """The selected datasets, with Hugging Face sources (`source: hf`) materialised into their JSONL cache."""
     from .hf_source import HFSourceError, prepare_spec
@@ -417,11 +436,7 @@ def run_ingest(catalog: Catalog, out: str | Path | None = None, only: list[str] 
     except OSError as exc:
         raise IngestError(f"cannot create output folder {out_dir}: {exc.strerror}; pass --out DIR") from None
     st.clean_stale_staging(out_dir)
-    try:
-        tokenizer = TextTokenizer.load(catalog.tokenizer)
-    except (OSError, ValueError, KeyError) as exc:
-        raise IngestError(f"{catalog.path}: tokenizer {catalog.tokenizer!r} cannot be loaded ({exc}); use "
-                          f"'builtin' or a folder with Qwen2 tokenizer files") from None
+    tokenizer = load_tokenizer(catalog)
 
     reports: dict[str, DatasetReport] = {}
     plans: list[_Plan] = []
@@ -463,17 +478,13 @@ def _finish(plan: _Plan, catalog: Catalog, out_dir: Path, seconds: float, say) -
     shards, n_rejects = st.assemble(plan.staging, plan.results)
     manifest = _manifest(plan, catalog, shards, n_rejects, seconds)
     assert manifest["rows_read"] == manifest["rows_written"] + manifest["rows_rejected"]
-    fraction = manifest["rows_rejected"] / manifest["rows_read"] if manifest["rows_read"] else 0.0
-    if fraction > spec.max_reject_fraction:
+    why = reject_limit_exceeded(manifest, spec)
+    if why is not None:
         manifest["status"] = "failed"
         failed = out_dir / st.FAILED_DIR / spec.name
         st.publish(plan.staging, manifest, failed)
-        if plan.destination.exists():   # stale shards of older inputs must not be trained on
-            shutil.rmtree(plan.destination, ignore_errors=True)
-        top = ", ".join(f"{k} {v}" for k, v in sorted(manifest["rejects_by_reason"].items(),
-                                                       key=lambda kv: -kv[1])[:3])
-        message = (f"{manifest['rows_rejected']} of {manifest['rows_read']} rows rejected ({fraction:.0%}), over "
-                   f"max_reject_fraction {spec.max_reject_fraction:.0%} ({top}); see {failed / st.REJECTS}")
+        storage.unpublish(plan.destination, st.MANIFEST)   # stale shards of older inputs must not be trained on
+        message = f"{why}; see {failed / st.REJECTS}"
         say(f"[ingest] {spec.name}: FAILED: {message}")
         return DatasetReport.from_manifest(manifest, STATUS_FAILED, failed, message)
     st.publish(plan.staging, manifest, plan.destination)

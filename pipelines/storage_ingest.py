@@ -24,7 +24,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datasets_catalog.catalog import Catalog
-from datasets_catalog.tokenizer import TextTokenizer
 
 from . import ingest_state as st
 from . import storage
@@ -83,20 +82,19 @@ def _publish(staging: RemotePath, destination: RemotePath, renames: dict[str, st
 
 
 def _finish(plan, catalog: Catalog, out: RemotePath, seconds: float, say):
-    from .ingest import STATUS_BUILT, STATUS_FAILED, DatasetReport, _manifest
+    from .ingest import STATUS_BUILT, STATUS_FAILED, DatasetReport, _manifest, reject_limit_exceeded
 
     spec = plan.spec
     shards, renames, n_rejects = _assemble(plan.staging, plan.results)
     manifest = _manifest(plan, catalog, shards, n_rejects, seconds)
     assert manifest["rows_read"] == manifest["rows_written"] + manifest["rows_rejected"]
-    fraction = manifest["rows_rejected"] / manifest["rows_read"] if manifest["rows_read"] else 0.0
-    if fraction > spec.max_reject_fraction:
+    why = reject_limit_exceeded(manifest, spec)
+    if why is not None:
         manifest["status"] = "failed"
         failed = out / st.FAILED_DIR / spec.name
         _publish(plan.staging, failed, renames, manifest)
         storage.unpublish(plan.destination, st.MANIFEST)   # stale shards of older inputs must not be trained on
-        message = (f"{manifest['rows_rejected']} of {manifest['rows_read']} rows rejected ({fraction:.0%}), over "
-                   f"max_reject_fraction {spec.max_reject_fraction:.0%}; see {(failed / st.REJECTS).display()}")
+        message = f"{why}; see {(failed / st.REJECTS).display()}"
         say(f"[ingest] {spec.name}: FAILED: {message}")
         return DatasetReport.from_manifest(manifest, STATUS_FAILED, failed.display(), message)
     _publish(plan.staging, plan.destination, renames, manifest)
@@ -121,7 +119,7 @@ def run_ingest_remote(catalog: Catalog, out: str | RemotePath, only: list[str] |
                       executor: str = "ray"):  # -> pipelines.ingest.IngestReport
     """`run_ingest` with `out` on object storage (see the module doc). Same arguments, same report."""
     from .ingest import STATUS_UP_TO_DATE, DatasetReport, IngestError, IngestReport, chunk_tasks, \
-        execute_chunks, plan_dataset, prepare_sources
+        execute_chunks, load_tokenizer, plan_dataset, prepare_sources
 
     if executor not in ("ray", "local"):
         raise ValueError(f"executor must be 'ray' or 'local', got {executor!r}")
@@ -133,11 +131,7 @@ def run_ingest_remote(catalog: Catalog, out: str | RemotePath, only: list[str] |
     except (storage.StorageError, OSError) as exc:
         shown = out.display() if isinstance(out, RemotePath) else out   # never print credentials from a query
         raise IngestError(f"cannot use output {shown}: {exc}") from None
-    try:
-        tokenizer = TextTokenizer.load(catalog.tokenizer)
-    except (OSError, ValueError, KeyError) as exc:
-        raise IngestError(f"{catalog.path}: tokenizer {catalog.tokenizer!r} cannot be loaded ({exc}); use "
-                          f"'builtin' or a folder with Qwen2 tokenizer files") from None
+    tokenizer = load_tokenizer(catalog)
 
     specs = prepare_sources(catalog, only)
     clean_stale_staging(out, [s.name for s in specs])
