@@ -24,6 +24,7 @@ from datasets_catalog.task_kinds import resolve_task_kind
 from datasets_catalog.tokenizer import TextTokenizer
 from datasets_catalog.transforms import ImageTransformArgs, resize_target, vae_tokens, vit_tokens
 
+from . import storage
 from .image_io import ImageError, ImageProbe, clear_path_cache, probe_image, resolve_image_path
 from .shard_schema import REJECTS_SCHEMA, SHARD_SCHEMA
 
@@ -261,7 +262,7 @@ class _ShardWriter:
 
 def process_chunk(task: ChunkTask) -> ChunkResult:
     """Process one chunk: write `staging/chunk-NNNNN.parquet` and `staging/_rejects-NNNNN.parquet`."""
-    if "://" in task.staging_dir and not task.staging_dir.startswith("file://"):
+    if storage.is_remote(task.staging_dir):
         from .storage_ingest import process_chunk_remote   # object storage: build locally, then upload
 
         return process_chunk_remote(task)
