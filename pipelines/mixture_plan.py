@@ -31,12 +31,8 @@ def packing_from_config(cfg: MixtureConfig, **overrides: Any) -> PackingConfig:
 
 
 def tokenizer_for(resolved: ResolvedMixture) -> TextTokenizer:
-    spec = resolved.catalog.tokenizer
-    if spec not in (None, "", "builtin", "builtin-byte-level"):
-        from pathlib import Path
-        path = Path(spec)
-        spec = str(path if path.is_absolute() else resolved.catalog.path.resolve().parent / path)
-    return TextTokenizer.load(spec)
+    """The catalog's tokenizer (`load_catalog` already resolved a tokenizer folder to an absolute path)."""
+    return TextTokenizer.load(resolved.catalog.tokenizer)
 
 
 def never_fit_scan(resolved: ResolvedMixture, limit: int, tokenizer: TextTokenizer) -> dict[str, Any]:

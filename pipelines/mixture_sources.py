@@ -140,8 +140,7 @@ def _blocks(group: GroupSource) -> None:
     start, end = group.config.row_range
     ds_idx, rows, lens = [], [], []
     offset = 0   # group-row index of the current dataset's first row
-    for di, ds in enumerate(group.datasets):
-        use = next(u for u in group.config.datasets if u.name == ds.name)
+    for di, (ds, use) in enumerate(zip(group.datasets, group.config.datasets)):   # built in config order
         n = ds.rows if use.limit is None else min(use.limit, ds.rows)
         lo, hi = max(start - offset, 0), n if end is None else min(n, end - offset)
         offset += n
