@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
     remote = remote_checkpoint_root(cfg.run.storage_path, cfg.run_name)
     if remote is not None:
-        print(f"[train] checkpoints are mirrored to {remote.display()}; a newer complete one there is restored "
-              f"before resuming (run dir {cfg.results_dir})")
+        print(f"[train] checkpoints go to {remote.display()} (each rank uploads its own files, COMPLETE.json "
+              f"last; restarts resume from the newest complete one there); local run dir {cfg.results_dir}")
     from trainer.launch import launch
 
     summary = launch(cfg)

@@ -136,8 +136,9 @@ class RunArguments:
     parallelism: str = _f("auto", "auto (FSDP2 on GPU, DDP on CPU) | ddp | fsdp (FSDP2 also runs on CPU/gloo)")
     cpus_per_worker: Optional[float] = _f(None, "CPUs reserved per worker (default: 0.5 on CPU, 4 on GPU)")
     storage_path: str = _f("runs", "Ray Train storage path; the run directory is storage_path/name. An s3:// URI "
-                                   "keeps the run directory local ($MEDLOOM_LOCAL_RUNS or ./runs) and mirrors "
-                                   "every complete checkpoint to storage_path/name/checkpoints (docs/cluster.md)")
+                                   "keeps the run directory (logs, metrics) local ($MEDLOOM_LOCAL_RUNS or ./runs); "
+                                   "checkpoints go to storage_path/name/checkpoints, each rank uploading its own "
+                                   "files, so nodes need no shared disk (docs/cluster.md)")
     placement_strategy: str = _f("PACK", "Ray placement of the workers: PACK (fill a node first), SPREAD, or "
                                          "STRICT_SPREAD (one worker per node)")
     name: Optional[str] = _f(None, "run name (default: the config file's stem)")

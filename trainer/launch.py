@@ -102,7 +102,7 @@ def build_trainer(cfg: TrainConfig):
                             placement_strategy=r.placement_strategy)
     run_config = RunConfig(
         name=cfg.run_name,
-        storage_path=str(local_runs_root(r.storage_path)),   # s3://: checkpoints are mirrored by the loop
+        storage_path=str(local_runs_root(r.storage_path)),   # s3://: each rank uploads its checkpoint files (loop)
         failure_config=FailureConfig(max_failures=r.max_failures),
         # rotation is the loop's job (max_checkpoints, complete checkpoints only)
         checkpoint_config=CheckpointConfig(num_to_keep=None),
