@@ -400,8 +400,7 @@ def upload_tree(local_dir: Path, destination: AnyPath, marker: str | None = None
     if marker is not None:
         (destination / marker).unlink(missing_ok=True)
     if clear_destination:
-        for rel, path in files_under(destination):
-            path.unlink(missing_ok=True) if isinstance(path, RemotePath) else path.unlink()
+        _delete_files(destination)
     names = []
     marker_src = None
     for rel, path in files_under(local_dir):
@@ -469,9 +468,5 @@ def publish_files(files: dict[str, AnyPath], destination: AnyPath, marker: str, 
 
 def unpublish(destination: AnyPath, marker: str) -> None:
     """Withdraw a published folder: marker first (it stops looking complete at once), then the rest."""
-    if isinstance(destination, Path):
-        (destination / marker).unlink(missing_ok=True)
-        shutil.rmtree(destination, ignore_errors=True)
-        return
     (destination / marker).unlink(missing_ok=True)
-    destination.rmtree()
+    rmtree(destination)
