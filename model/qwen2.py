@@ -81,7 +81,9 @@ class Qwen2RotaryEmbedding(nn.Module):
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv = self.inv_freq
-        if inv.device != position_ids.device or inv.is_meta:
+        # model.to(bf16) casts this buffer too; bf16-rounded frequencies shift the angles by up to ~0.5 rad
+        # within a few hundred positions, so recompute in fp32 (upstream's inv_freq stays fp32)
+        if inv.device != position_ids.device or inv.is_meta or inv.dtype != torch.float32:
             inv = self._inv_freq(position_ids.device)
         freqs = position_ids.float()[:, None] * inv[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)

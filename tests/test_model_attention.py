@@ -75,3 +75,16 @@ def test_automatic_backend_choice():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="flash-attn"):
             choose_backend("flash", torch.device("cpu"))
+
+
+def test_rope_tables_keep_fp32_frequencies_after_a_bf16_cast():
+    """model.to(bf16) (GPU inference) casts the inv_freq buffer; the angles must still come from fp32 frequencies."""
+    from model.qwen2 import Qwen2RotaryEmbedding
+
+    rope = Qwen2RotaryEmbedding(64, 1e6)
+    pos = torch.arange(0, 512)
+    cos32, sin32 = rope(pos, torch.bfloat16)
+    rope.to(torch.bfloat16)
+    assert rope.inv_freq.dtype == torch.bfloat16
+    cos16, sin16 = rope(pos, torch.bfloat16)
+    assert torch.equal(cos32, cos16) and torch.equal(sin32, sin16)
