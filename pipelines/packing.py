@@ -109,8 +109,6 @@ class _SampleImages:
             draft = (max(s[0] for s in sizes), max(s[1] for s in sizes))
             if min(draft) <= 0:
                 draft = None
-        if draft is None:
-            return load_image_rgb(data, path, rec.get("meta"))
         return load_image_rgb(data, path, rec.get("meta"), draft_size=draft)
 
 
@@ -153,6 +151,16 @@ class _Status:
                 del current[value:]
             else:
                 setattr(self, name, value)
+
+
+def _special_token(status: _Status, token: int, pos: int, item: PlanItem | None = None) -> None:
+    """One special token (eos, start/end of image) at `pos`, with its CE target when `item.special_token_loss`."""
+    status.packed_text_ids.append(token)
+    status.packed_text_indexes.append(pos)
+    if item is not None and item.special_token_loss == 1:
+        status.ce_loss_indexes.append(pos)
+        status.ce_loss_weights.append(1.0)
+        status.label_ids.append(item.special_token_label)
 
 
 def _check_grid(sample_id: str, what: str, h: int, w: int, limit: int, setting: str) -> None:
@@ -203,12 +211,7 @@ def _pack_sample(sample: StreamSample, plan: SamplePlan, text_ids: list[list[int
                 status.label_ids.extend([*ids, special.eos])
             curr += len(shifted)
             split_len += len(shifted)
-            status.packed_text_ids.append(special.eos)
-            status.packed_text_indexes.append(curr)
-            if item.special_token_loss == 1:
-                status.ce_loss_indexes.append(curr)
-                status.ce_loss_weights.append(1.0)
-                status.label_ids.append(item.special_token_label)
+            _special_token(status, special.eos, curr, item)
             curr += 1
             split_len += 1
             attn_modes.append("causal")
@@ -221,8 +224,7 @@ def _pack_sample(sample: StreamSample, plan: SamplePlan, text_ids: list[list[int
                 rope += 1
                 continue
             image = images.tensor(item.image, "vit")
-            status.packed_text_ids.append(special.start_of_image)
-            status.packed_text_indexes.append(curr)
+            _special_token(status, special.start_of_image, curr)
             curr += 1
             split_len += 1
             tokens = patchify(image, config.vit_patch_size)
@@ -239,12 +241,7 @@ def _pack_sample(sample: StreamSample, plan: SamplePlan, text_ids: list[list[int
             status.vit_position_ids.append(get_flattened_position_ids(
                 image.shape[1], image.shape[2], config.vit_patch_size, config.vit_max_num_patch_per_side,
                 interpolate=config.interpolate_pos))
-            status.packed_text_ids.append(special.end_of_image)
-            status.packed_text_indexes.append(curr)
-            if item.special_token_loss == 1:
-                status.ce_loss_indexes.append(curr)
-                status.ce_loss_weights.append(1.0)
-                status.label_ids.append(item.special_token_label)
+            _special_token(status, special.end_of_image, curr, item)
             curr += 1
             split_len += 1
             attn_modes.append("full")
@@ -257,8 +254,7 @@ def _pack_sample(sample: StreamSample, plan: SamplePlan, text_ids: list[list[int
                 rope += 1
                 continue
             image = images.tensor(item.image, "vae")
-            status.packed_text_ids.append(special.start_of_image)
-            status.packed_text_indexes.append(curr)
+            _special_token(status, special.start_of_image, curr)
             curr += 1
             split_len += 1
             status.vae_images.append(image)
@@ -280,12 +276,7 @@ def _pack_sample(sample: StreamSample, plan: SamplePlan, text_ids: list[list[int
             status.timesteps.extend([timestep] * n)
             curr += n
             split_len += n
-            status.packed_text_ids.append(special.end_of_image)
-            status.packed_text_indexes.append(curr)
-            if item.special_token_loss == 1:
-                status.ce_loss_indexes.append(curr)
-                status.ce_loss_weights.append(1.0)
-                status.label_ids.append(item.special_token_label)
+            _special_token(status, special.end_of_image, curr, item)
             curr += 1
             split_len += 1
             if split_start:

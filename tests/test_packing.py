@@ -13,7 +13,7 @@ from PIL import Image
 from datasets_catalog.plan import ImageSlot, ImageTokens, SamplePlan, packed_length
 from datasets_catalog.tokenizer import TextTokenizer
 from pipelines.image_decode import image_to_tensor, load_image_rgb
-from pipelines.masks import allowed_pairs, attention_allowed_per_sample
+from pipelines.masks import allowed_pairs
 from pipelines.packed_batch import PackedBatch
 from pipelines.packing import (
     PackingError, build_packed_batch, build_packed_batch_from_plans, len2weight, patchify, sample_plan,
