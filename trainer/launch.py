@@ -108,8 +108,10 @@ def build_trainer(cfg: TrainConfig):
         checkpoint_config=CheckpointConfig(num_to_keep=None),
     )
     payload = {"cfg": cfg.to_dict(), "_repo_root": str(Path(__file__).resolve().parent.parent)}
+    # GPU: NCCL for the FSDP collectives plus gloo for the loop's CPU reductions (loss denominators, metrics,
+    # broadcast of the resume choice); a plain "nccl" group has no CPU backend and fails on them
     return TorchTrainer(train_func, train_loop_config=payload, scaling_config=scaling, run_config=run_config,
-                        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"))
+                        torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl" if r.use_gpu else "gloo"))
 
 
 def launch(cfg: TrainConfig) -> dict[str, Any]:
