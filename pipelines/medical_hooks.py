@@ -188,9 +188,7 @@ def with_keep_dicom_tags(catalog: Any, keywords: Iterable[str]):
         return catalog
     datasets = {}
     for name, spec in catalog.datasets.items():
-        current = spec.extra_options.get("keep_dicom_tags") or []
-        if isinstance(current, str):
-            current = [t for t in current.replace(" ", ",").split(",") if t]
+        current = validate_dicom_keywords(spec.extra_options.get("keep_dicom_tags") or [])
         merged = list(validate_dicom_keywords([*current, *extra]))
         datasets[name] = replace(spec, extra_options={**spec.extra_options, "keep_dicom_tags": merged})
     return replace(catalog, datasets=datasets)

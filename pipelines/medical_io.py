@@ -173,11 +173,13 @@ def parse_axis(value: Any) -> int:
     raise ValueError(f"axis must be axial, coronal, sagittal or 0/1/2 (RAS axes), got {value!r}")
 
 
-def validate_dicom_keywords(keywords: Iterable[str]) -> tuple[str, ...]:
-    """Check an allow-list of DICOM keywords (e.g. ["SeriesDescription"]); sequences are refused because
-    they can carry nested identifiers."""
+def validate_dicom_keywords(keywords: Iterable[str] | str) -> tuple[str, ...]:
+    """Check an allow-list of DICOM keywords (e.g. ["SeriesDescription"], or "A, B" text); sequences are
+    refused because they can carry nested identifiers."""
     from pydicom.datadict import dictionary_VR, tag_for_keyword
 
+    if isinstance(keywords, str):
+        keywords = [t for t in keywords.replace(" ", ",").split(",") if t]
     out: list[str] = []
     for kw in keywords:
         if not isinstance(kw, str) or tag_for_keyword(kw) is None:
@@ -271,9 +273,7 @@ class MedicalOptions:
                 raise ValueError(msg if msg.startswith(key) else f"{key}: {msg}") from None
 
         tags = data.get("keep_dicom_tags", ())
-        if isinstance(tags, str):
-            tags = [t for t in tags.replace(" ", ",").split(",") if t]
-        if not isinstance(tags, (list, tuple)):
+        if not isinstance(tags, (str, list, tuple)):
             raise ValueError(f"keep_dicom_tags must be a list of DICOM keywords, got {tags!r}")
         volume = wrap("volume", lambda: _as_int(data.get("volume", 0), "volume"))
         if volume < 0:
@@ -289,13 +289,6 @@ class MedicalOptions:
             keep_dicom_tags=validate_dicom_keywords(tags),
             max_pixels=max_pixels,
         )
-
-    def with_extra_tags(self, keywords: Iterable[str]) -> "MedicalOptions":
-        """Add command-line `--keep-dicom-tags` to the catalog's allow-list."""
-        from dataclasses import replace
-
-        merged = validate_dicom_keywords(list(self.keep_dicom_tags) + list(keywords))
-        return replace(self, keep_dicom_tags=merged)
 
     def fingerprint(self) -> dict[str, Any]:
         """JSON-able form (for manifests and rebuild-on-change)."""
