@@ -41,6 +41,8 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import storage
+
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -485,13 +487,9 @@ def materialize(cfg: HFSourceConfig, record_style: str, task_name: str) -> Mater
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
             rows += 1
     images = sum(1 for p in (tmp / IMAGES_DIR).rglob("*") if p.is_file())
-    (tmp / SOURCE_FILE).write_text(json.dumps({"digest": digest, "rows": rows, "images": images,
-                                               "source": cfg.path, "split": cfg.split}, indent=2) + "\n")
-    old = cache.with_name(f".{cache.name}.old-{os.getpid()}")
-    if cache.exists():
-        os.replace(cache, old)
-    os.replace(tmp, cache)
-    shutil.rmtree(old, ignore_errors=True)
+    marker = json.dumps({"digest": digest, "rows": rows, "images": images, "source": cfg.path,
+                         "split": cfg.split}, indent=2) + "\n"
+    storage.publish_tree(tmp, cache, SOURCE_FILE, marker.encode("utf-8"))
     return Materialized(cache / RECORDS_FILE, cache / IMAGES_DIR, rows, images, True)
 
 
