@@ -3,7 +3,6 @@ groups, loss normalisation, checkpoint directories, metrics maths, background pr
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from types import SimpleNamespace

@@ -11,7 +11,6 @@ Also: gathering full state dicts for saving, and optimizer state <-> plain local
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -256,9 +255,3 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     except ImportError:  # pragma: no cover
         pass
     return norm
-
-
-def local_device() -> torch.device:
-    if torch.cuda.is_available() and os.environ.get("MEDLOOM_FORCE_CPU") != "1":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
-    return torch.device("cpu")

@@ -15,8 +15,6 @@ Uncond passes are skipped when their scale does not apply (outside cfg_interval,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
-
 import torch
 from PIL import Image
 
@@ -145,15 +143,4 @@ def decode_latent(model: UnifiedModel, tokens: torch.Tensor, height: int, width:
     image = vae.decode(latent.to(device=param.device, dtype=param.dtype)).float()
     image = (image * 0.5 + 0.5).clamp(0, 1)[0].permute(1, 2, 0) * 255
     return Image.fromarray(image.to(torch.uint8).cpu().numpy())
-
-
-def output_size(image: Image.Image | None, vae_args, default: Sequence[int] = (1024, 1024)) -> tuple[int, int]:
-    """(height, width) of the generated image: the input's size under the VAE resize rule (its aspect ratio
-    kept), or `default` for text-to-image."""
-    from .kv_cache import resize_for
-
-    if image is None:
-        return int(default[0]), int(default[1])
-    width, height = resize_for(image, vae_args)
-    return height, width
 
