@@ -35,10 +35,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from datasets_catalog.plan import ImageSlot, ImageTokens, Message, build_plan, packed_length  # noqa: E402
 from datasets_catalog.task_kinds import resolve_task_kind  # noqa: E402
 from datasets_catalog.tokenizer import TextTokenizer  # noqa: E402
-from datasets_catalog.transforms import ImageTransformArgs, vae_tokens, vit_tokens  # noqa: E402
+from datasets_catalog.transforms import ImageTransformArgs  # noqa: E402
+from pipelines.mixture_recompute import recompute_row  # noqa: E402
 from pipelines.packing_config import PackingConfig  # noqa: E402
 from pipelines.sample import StreamSample  # noqa: E402
 
@@ -195,7 +195,6 @@ class UpstreamBaseline:
         line = src["lines"][src["order"][src["pos"]]]
         src["pos"] += 1
         record = json.loads(line)
-        messages = [Message(m["from"], m["value"]) for m in record["message"]]
         structs = {}
         decoded = {}
         for role, key in (("input", "input_img"), ("output", "output_img")):
@@ -205,19 +204,13 @@ class UpstreamBaseline:
                 image = load_image_rgb(None, path)            # open + decode every sample's images
                 decoded[str(path)] = image
                 w, h = image.size
-                vw, vh = VAE.target_size(w, h)
-                tw, th = VIT.target_size(w, h)
-                structs[role].append({"path": im["path"], "width": w, "height": h, "vae_width": vw,
-                                      "vae_height": vh, "vae_tokens": vae_tokens(vw, vh), "vit_width": tw,
-                                      "vit_height": th, "vit_tokens": vit_tokens(tw, th), "bytes": None,
-                                      "meta": None, "format": "PNG"})
-        plan = build_plan(src["kind"], messages, len(structs["input"]), len(structs["output"]))
-        texts = [len(self.tok.encode(it.text)) for it in plan.items if it.type == "text"]
-        images = {ImageSlot(r, j): ImageTokens(s["vae_tokens"], s["vit_tokens"])
-                  for r in structs for j, s in enumerate(structs[r])}
-        num_tokens = packed_length(plan, texts, images)
-        row = {"messages": record["message"], "input_images": structs["input"], "output_images": structs["output"],
-               "num_tokens": num_tokens, "_decoded": decoded}
+                structs[role].append({"path": im["path"], "width": w, "height": h, "bytes": None, "meta": None,
+                                      "format": "PNG"})
+        # resize targets, plan, tokenisation and packed length: the same rule ingest applies
+        row = recompute_row({"messages": record["message"], "input_images": structs["input"],
+                             "output_images": structs["output"]}, src["kind"], VAE, VIT, self.tok)
+        row["_decoded"] = decoded
+        num_tokens = row["num_tokens"]
         self.draws += 1
         self.prep_s += time.perf_counter() - t0
         return StreamSample(f"{src['name']}:{self.draws}", src["name"], src["name"], src["kind"].name, num_tokens,
@@ -229,7 +222,7 @@ class UpstreamBaseline:
 
         real = packing.load_image_rgb
         current: dict[str, object] = {}
-        packing.load_image_rgb = lambda data, path, meta=None: current.get(str(path)) or real(data, path, meta)
+        packing.load_image_rgb = lambda data, path, meta=None, **kw: current.get(str(path)) or real(data, path, meta, **kw)
         try:
             buffer: list[StreamSample] = []
             while True:
