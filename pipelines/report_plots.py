@@ -27,23 +27,6 @@ def _empty(ax, text: str = "no data") -> None:
     ax.set_yticks([])
 
 
-def bar_chart(counts: Mapping[str, int], title: str, xlabel: str = "", horizontal: bool = True) -> bytes:
-    fig, ax = plt.subplots(figsize=(FIGSIZE[0], max(2.2, 0.35 * len(counts) + 1.0)))
-    if not counts:
-        _empty(ax)
-    else:
-        labels = list(counts)
-        values = [counts[k] for k in labels]
-        if horizontal:
-            ax.barh(labels[::-1], values[::-1], color="#4c72b0")
-            ax.set_xlabel(xlabel)
-        else:
-            ax.bar(labels, values, color="#4c72b0")
-            ax.set_ylabel(xlabel)
-    ax.set_title(title)
-    return _png(fig)
-
-
 def stacked_bars(table: Mapping[str, Mapping[str, int]], title: str, xlabel: str) -> bytes:
     """One horizontal bar per outer key, stacked by inner key (e.g. dataset x reject reason)."""
     fig, ax = plt.subplots(figsize=(FIGSIZE[0], max(2.2, 0.4 * len(table) + 1.2)))
