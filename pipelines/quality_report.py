@@ -13,13 +13,12 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines import storage
 from pipelines.report_scan import (  # noqa: F401 - re-exported API
     DuplicateGroup, LeakagePair, ShardScan, find_duplicates, find_leakage, leakage_pairs, leakage_warnings,
     scan_shards,
@@ -212,19 +211,5 @@ def write_report(shards_dir: str | Path, out: str | Path, seed: int = 0, thumbna
                  only: list[str] | None = None) -> QualityReport:
     """Build the report and write the HTML atomically (temp file in the same folder, then rename)."""
     report = build_report(shards_dir, seed=seed, thumbnails=thumbnails, only=only)
-    text = render_html(report)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is meant to be shared
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    storage.write_text_atomic(Path(out), render_html(report))
     return report
