@@ -32,6 +32,7 @@ POS_EMBED_KEYS = ("latent_pos_embed.pos_embed", "vit_pos_embed.pos_embed")
 PATCH_WEIGHT_KEY = "vit_model.vision_model.embeddings.patch_embedding.weight"
 VIT_LAYER_RE = re.compile(r"^vit_model\.vision_model\.encoder\.layers\.(\d+)\.")
 COMPONENTS = ("language_model", "vit_model", "vae_model")
+VAE_FILES = ("ae.safetensors", "vae_model.safetensors")   # a frozen VAE's file next to the weights
 GEN_PREFIXES = ("vae2llm.", "llm2vae.", "time_embedder.", "latent_pos_embed.", "vae_model.")
 UND_PREFIXES = ("vit_model.", "connector.", "vit_pos_embed.")
 MAX_KEYS_LISTED = 12
@@ -71,16 +72,20 @@ def checkpoint_state_dict(model: torch.nn.Module, include_vae: bool | None = Non
     if include_vae is None:
         vae = getattr(model, "vae_model", None)
         include_vae = vae is not None and any(p.requires_grad for p in vae.parameters())
-    out, seen = {}, {}
-    for key, value in model.state_dict().items():
-        if not include_vae and key.startswith("vae_model."):
-            continue
+    return _untied((k, v) for k, v in model.state_dict().items() if include_vae or not k.startswith("vae_model."))
+
+
+def _untied(items) -> dict[str, torch.Tensor]:
+    """Detached tensors; a second tensor on already-seen storage (tied weights) is cloned, since safetensors
+    refuses shared storage."""
+    out, seen = {}, set()
+    for key, value in items:
         t = value.detach()
         ptr = (t.device, t.untyped_storage().data_ptr()) if not t.is_meta else None
         if ptr is not None and ptr in seen:
-            t = t.clone()  # tied weights: safetensors refuses shared storage
+            t = t.clone()
         elif ptr is not None:
-            seen[ptr] = key
+            seen.add(ptr)
         out[key] = t
     return out
 
@@ -120,12 +125,7 @@ def save_weights(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor], p
     if isinstance(model_or_state, torch.nn.Module):
         state = checkpoint_state_dict(model_or_state, include_vae)
     else:
-        state, seen = {}, set()
-        for key, value in model_or_state.items():
-            t = value.detach()
-            ptr = (t.device, t.untyped_storage().data_ptr())
-            state[key] = t.clone() if ptr in seen else t  # tied weights: safetensors refuses shared storage
-            seen.add(ptr)
+        state = _untied(model_or_state.items())
     _atomic_save(state, path, metadata)
     return path
 
@@ -331,8 +331,7 @@ def load_model_from_dir(directory: str | Path, use_ema: bool = True, strict: boo
         model = UnifiedModel(config).to(device)
     load_weights(model, state, strict=strict)
     if config.visual_gen and not any(k.startswith("vae_model.") for k in state):
-        vae_file = next((directory / n for n in ("ae.safetensors", "vae_model.safetensors")
-                         if (directory / n).exists()), None)
+        vae_file = next((directory / n for n in VAE_FILES if (directory / n).exists()), None)
         if vae_file is None:
             if strict:
                 raise CheckpointError(f"{directory}: visual_gen is on but there is no VAE: expected ae.safetensors "

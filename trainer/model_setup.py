@@ -107,14 +107,14 @@ def load_weights_into(model: nn.Module, directory: Path, filename: str) -> tuple
     """Non-strict load of directory/filename through model.checkpoint (pos-embed tables dropped, DDP prefixes
     stripped). A VAE kept outside the weights file (frozen) comes from the directory's ae.safetensors or
     vae_model.safetensors, as UniMedVL loads it."""
-    from model.checkpoint import load_vae_weights, load_weights, read_weights
+    from model.checkpoint import VAE_FILES, load_vae_weights, load_weights, read_weights
 
     directory = Path(directory)
     state = read_weights(directory / filename)
     report = load_weights(model, state, strict=False)
     vae = getattr(model, "vae_model", None)
     if vae is not None and not any(k.startswith("vae_model.") for k in state):
-        for name in (VAE_FILE, "vae_model.safetensors"):
+        for name in VAE_FILES:
             if (directory / name).is_file():
                 load_vae_weights(vae, directory / name, strict=False)
                 break

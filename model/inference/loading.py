@@ -12,13 +12,12 @@ from pathlib import Path
 import torch
 
 from datasets_catalog.tokenizer import TextTokenizer
-from model.checkpoint import CheckpointError, load_model_from_dir
+from model.checkpoint import VAE_FILES, CheckpointError, load_model_from_dir
 from model.config import ConfigError
 from model.unified import UnifiedModel
 
 WEIGHT_FILES = ("ema.safetensors", "model.safetensors")
 COMPONENT_FILES = ("language_model.safetensors",)
-VAE_FILES = ("ae.safetensors", "vae_model.safetensors")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json", "medloom_tokenizer.json")
 MUST_CONTAIN = ("a checkpoint directory must contain llm_config.json, vit_config.json, ema.safetensors "
                 "(or model.safetensors), ae.safetensors (for image generation) and the tokenizer files "
