@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from .hooks import resolve_hook
 from .task_kinds import TaskKind, UnknownTaskKind, resolve_task_kind
 from .transforms import DEFAULT_VAE_ARGS, DEFAULT_VIT_ARGS, ImageTransformArgs
 
@@ -60,16 +61,10 @@ OPTION_VALIDATORS: list[str] = ["pipelines.medical_io:validate_catalog_options"]
 
 
 def _validate_extra(ctx: "_Ctx", extra: dict[str, Any]) -> None:
-    import importlib
-
     for entry in OPTION_VALIDATORS:
-        module_name, _, function = entry.partition(":")
-        try:
-            validator = getattr(importlib.import_module(module_name), function)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue
-            raise
+        validator = resolve_hook(entry)
+        if validator is None:
+            continue
         try:
             validator(extra)
         except (ValueError, TypeError) as exc:

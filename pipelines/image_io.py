@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
 import io
 import os
 import stat
@@ -23,6 +22,7 @@ from typing import Any, Callable
 
 from PIL import Image, UnidentifiedImageError
 
+from datasets_catalog.hooks import resolve_hook
 from datasets_catalog.records import RecordError
 
 
@@ -73,14 +73,9 @@ def load_extensions() -> None:
         return
     _extensions_loaded = True
     for entry in EXTENSION_HOOKS:
-        module_name, _, function = entry.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue
-            raise
-        getattr(module, function)()
+        hook = resolve_hook(entry)
+        if hook is not None:
+            hook()
 
 
 def register_format(handler: FormatHandler, first: bool = True) -> None:

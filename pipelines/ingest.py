@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from datasets_catalog.catalog import Catalog, DatasetSpec
+from datasets_catalog.hooks import resolve_hook
 from datasets_catalog.tokenizer import TextTokenizer
 
 from . import ingest_state as st
@@ -84,20 +85,6 @@ class IngestReport:
 POST_INGEST_CHECKS: list[Callable[[Path, IngestReport], list[str]] | str] = [
     "pipelines.medical_io:ingest_leakage_check",
 ]
-
-
-def _resolve_check(check):
-    if not isinstance(check, str):
-        return check
-    import importlib
-
-    module_name, _, function = check.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), function)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name:
-            return None
-        raise
 
 
 def load_tokenizer(catalog: Catalog) -> TextTokenizer:
@@ -467,7 +454,7 @@ def run_ingest(catalog: Catalog, out: str | Path | None = None, only: list[str] 
     report = IngestReport(str(out_dir), [reports[s.name] for s in specs], time.perf_counter() - started,
                           nodes=nodes)
     for check in POST_INGEST_CHECKS:
-        function = _resolve_check(check)
+        function = resolve_hook(check)
         if function is not None:
             report.warnings.extend(function(out_dir, report))
     return report
