@@ -158,7 +158,10 @@ class AutoEncoder(nn.Module):
         mean, logvar = moments.chunk(2, dim=1)
         z = mean
         if sample:
-            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            # drawn on the generator's device: inference seeds CPU generators (device-independent draws) while
+            # the model may sit on CUDA, where torch.randn refuses a CPU generator
+            where = generator.device if generator is not None else mean.device
+            eps = torch.randn(mean.shape, generator=generator, device=where, dtype=mean.dtype).to(mean.device)
             z = mean + torch.exp(0.5 * logvar) * eps
         return self.scale_factor * (z - self.shift_factor)
 
