@@ -157,7 +157,13 @@ def convert(source: str, config_text: str | None = None, base: Path | None = Non
             task_map: dict[str, str] | None = None, filename: str = "<dataset_info.py>") -> LegacyResult:
     """Build catalog data (a dict ready for YAML) from dataset_info.py text and an optional training YAML."""
     registry, info, warnings = read_dataset_info(source, filename)
-    config = yaml.safe_load(config_text) if config_text else None
+    try:
+        config = yaml.safe_load(config_text) if config_text else None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        raise LegacyError(f"training YAML{where}: not valid YAML ({getattr(exc, 'problem', None) or exc}); "
+                          f"fix the syntax there") from None
     if config is not None and not isinstance(config, dict):
         raise LegacyError("the training YAML must be a mapping of registry names to groups")
     selection = _selection(config)

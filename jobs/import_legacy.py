@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datasets_catalog.catalog import CatalogError, parse_catalog  # noqa: E402
 from datasets_catalog.legacy import LegacyError, convert, to_yaml  # noqa: E402
+from pipelines.storage import write_text_atomic  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,11 +31,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise LegacyError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        source = Path(args.dataset_info).read_text(encoding="utf-8")
-        config = Path(args.config).read_text(encoding="utf-8") if args.config else None
+        source = _read_text(args.dataset_info)
+        config = _read_text(args.config) if args.config else None
         task_map = {}
         for item in args.task_map:
             if "=" not in item:
@@ -52,13 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, LegacyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
     for warning in result.warnings:
         print(f"note: {warning}", file=sys.stderr)
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out)
+        write_text_atomic(out, text)
         print(f"wrote {out} ({len(result.catalog['datasets'])} datasets)", file=sys.stderr)
     else:
         print(text, end="")

@@ -96,3 +96,14 @@ def test_errors(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "import_legacy.py"), str(tmp_path / "nope.py")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+
+
+def test_bad_training_yaml_and_non_utf8_input_are_one_clear_error(tmp_path):
+    info = 'DATASET_INFO = {"x": {"a": {"jsonl_path": "a.jsonl"}}}\n'
+    with pytest.raises(LegacyError, match="training YAML, line 2: not valid YAML"):
+        convert(info, "a: [1,\n")
+    (tmp_path / "info.py").write_text(info)
+    (tmp_path / "binary.yaml").write_bytes(b"a: \xff\xfe\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "import_legacy.py"), str(tmp_path / "info.py"),
+                           str(tmp_path / "binary.yaml")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "binary.yaml: not UTF-8" in proc.stderr and "Traceback" not in proc.stderr
