@@ -48,7 +48,7 @@ class TextTokenizer:
         tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         tok.decoder = decoders.ByteLevel()
-        tok.add_special_tokens([PAD_TOKEN, *SPECIAL_TOKENS])
+        tok.add_special_tokens(list(_BUILTIN_ADDED))
         return cls(tok, BUILTIN_NAME)
 
     @classmethod
