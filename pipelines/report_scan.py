@@ -264,9 +264,28 @@ def leakage_pairs(groups: Iterable[DuplicateGroup]) -> list[LeakagePair]:
     return out
 
 
+def _split_datasets(root: str | Path) -> list[str]:
+    """Folders whose manifest split is a train or an eval split, or [] when one of the two kinds is absent
+    (then no leakage is possible and no shard needs reading: the ingest runs this check every time)."""
+    names, kinds = [], set()
+    for folder in dataset_folders(Path(root)):
+        kind = split_kind(_read_manifest(folder).get("split"))
+        if kind is not None:
+            names.append(folder.name)
+            kinds.add(kind)
+    return names if kinds == {"train", "eval"} else []
+
+
+def _leakage_groups(root: str | Path) -> list[DuplicateGroup]:
+    names = _split_datasets(root)
+    if not names:
+        return []
+    return [g for g in find_duplicates(scan_shards(root, names).images) if g.kind == "leakage"]
+
+
 def find_leakage(root: str | Path) -> list[LeakagePair]:
     """Train/val(test) leakage pairs among all datasets of a shards folder (reads no image bytes)."""
-    return leakage_pairs(find_duplicates(scan_shards(root).images))
+    return leakage_pairs(_leakage_groups(root))
 
 
 def leakage_warnings(root: str | Path, limit: int = 10) -> list[str]:
@@ -274,7 +293,7 @@ def leakage_warnings(root: str | Path, limit: int = 10) -> list[str]:
     the training rows and the validation/test rows (up to `limit` images); empty when there is no leakage
     or no shards folder."""
     try:
-        groups = [g for g in find_duplicates(scan_shards(root).images) if g.kind == "leakage"]
+        groups = _leakage_groups(root)
     except FileNotFoundError:
         return []
     if not groups:
