@@ -226,8 +226,9 @@ def _png_size(data: bytes) -> tuple[int, int] | None:
     return struct.unpack_from(">II", data, 16)
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the first SOF segment, walking the marker segments; None when not found."""
+def jpeg_sof_offset(data: bytes) -> int | None:
+    """Offset of the first SOF (frame header) segment, walking the marker segments; None when not found.
+    The segment holds precision, height, width and the component count (bytes +4 .. +9)."""
     pos, end = 2, len(data)
     while pos + 4 <= end:
         if data[pos] != 0xFF:
@@ -243,12 +244,18 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
             return None
         (length,) = struct.unpack_from(">H", data, pos + 2)
         if marker in _SOF_MARKERS:
-            if pos + 9 > end:
-                return None
-            height, width = struct.unpack_from(">HH", data, pos + 5)
-            return width, height
+            return pos
         pos += 2 + length
     return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the first SOF segment; None when not found."""
+    pos = jpeg_sof_offset(data)
+    if pos is None or pos + 9 > len(data):
+        return None
+    height, width = struct.unpack_from(">HH", data, pos + 5)
+    return width, height
 
 
 def _pil_probe(data: bytes, path: Path, context: ProbeContext) -> ImageProbe:

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipelines.image_io import jpeg_sof_offset
+
 # Display windows in Hounsfield units (centre, width): the usual radiology presets.
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {
     "lung": (-600.0, 1500.0),
@@ -322,29 +324,12 @@ def convert_unusual(data: bytes, keep_16bit: bool = False) -> ModeConversion | N
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 
 
 def _jpeg_components(data: bytes) -> int | None:
     """Number of colour components from the first SOF segment (1 grey, 3 YCbCr/RGB, 4 CMYK/YCCK)."""
-    pos, end = 2, len(data)
-    while pos + 4 <= end:
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:
-            pos += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            pos += 2
-            continue
-        if marker in (0xDA, 0xD9):
-            return None
-        length = int.from_bytes(data[pos + 2:pos + 4], "big")
-        if marker in _JPEG_SOF:
-            return data[pos + 9] if pos + 9 < end else None
-        pos += 2 + length
-    return None
+    pos = jpeg_sof_offset(data)
+    return data[pos + 9] if pos is not None and pos + 9 < len(data) else None
 
 
 def header_mode_is_plain(data: bytes) -> bool | None:
