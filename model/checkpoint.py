@@ -25,6 +25,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from pipelines.storage import write_text_atomic
+
 from .config import ModelConfig
 from .siglip import conv_to_linear_patch_weight
 
@@ -228,12 +230,7 @@ def load_vae_weights(vae: torch.nn.Module, source: str | Path | Mapping[str, tor
 # -- checkpoint directories -------------------------------------------------------------------
 
 def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True, default=str)
-        fh.write("\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def write_inference_files(directory: str | Path, config: ModelConfig, tokenizer=None,

@@ -2,9 +2,8 @@
 the user-error wrapper (one line on stderr, exit 2, no traceback)."""
 from __future__ import annotations
 
-import os
+import io
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -12,6 +11,7 @@ import torch
 from PIL import Image
 
 from datasets_catalog.transforms import ImageTransformArgs
+from pipelines.storage import write_bytes_atomic
 
 from .loading import InferenceError
 
@@ -30,29 +30,20 @@ def parse_transform(text: str, flag: str) -> ImageTransformArgs:
         raise InferenceError(f"{flag} {text!r}: {exc}") from None
 
 
-def _atomic(path: Path, write: Callable[[str], None]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def save_png(image: Image.Image, path: Path) -> Path:
-    return _atomic(Path(path), lambda tmp: image.save(tmp, format="PNG"))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    write_bytes_atomic(Path(path), buf.getvalue())
+    return Path(path)
 
 
 def save_latent(latent: torch.Tensor, height: int, width: int, path: Path) -> Path:
     """The sampled latent tokens [h*w, p*p*z] the image was decoded from, with its pixel size."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    return _atomic(Path(path), lambda tmp: save_file({"latent": latent.contiguous().cpu()}, tmp,
-                                                     metadata={"height": str(height), "width": str(width)}))
+    data = save({"latent": latent.contiguous().cpu()}, metadata={"height": str(height), "width": str(width)})
+    write_bytes_atomic(Path(path), data)
+    return Path(path)
 
 
 def run_main(main: Callable[[], int]) -> None:
