@@ -25,10 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     as_json = "--json" in argv
     argv = [a for a in argv if a != "--json"]
-    try:
-        from pipelines.mixture_config import MixtureConfigError
-    except ImportError:  # pragma: no cover
-        MixtureConfigError = ConfigError  # type: ignore
+    from pipelines.mixture_config import MixtureConfigError
     try:
         cfg = resolve_paths(load_config(argv))
         from trainer.data import generation_groups, mandatory_coverage
