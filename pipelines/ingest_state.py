@@ -170,27 +170,48 @@ def staging_dir(out_dir: Path, name: str) -> Path:
     return path
 
 
+def name_parts(staging: storage.AnyPath, results: list[dict[str, Any]]) -> tuple[list[dict], dict[str, str]]:
+    """The manifest's shard list in line order and {part-NNNNN.parquet: chunk file in staging}. A dataset
+    with no rows gets one empty part (written into staging), so `read_parquet(DIR/<dataset>)` still works."""
+    shards, parts = [], {}
+    for result in sorted(results, key=lambda r: r["chunk_index"]):
+        if result["shard_file"]:
+            name = f"part-{len(shards):05d}.parquet"
+            parts[name] = result["shard_file"]
+            shards.append({"file": name, "rows": result["samples_written"], "bytes": result["shard_bytes"]})
+    if not shards:
+        sink = pa.BufferOutputStream()
+        pq.write_table(SHARD_SCHEMA.empty_table(), sink)
+        data = sink.getvalue().to_pybytes()
+        storage.write_bytes_atomic(staging / "empty.parquet", data)
+        parts["part-00000.parquet"] = "empty.parquet"
+        shards.append({"file": "part-00000.parquet", "rows": 0, "bytes": len(data)})
+    return shards, parts
+
+
+def merge_rejects(staging: storage.AnyPath, results: list[dict[str, Any]]) -> int:
+    """Concatenate the chunks' reject files, in line order, into staging/_rejects.parquet; the row count."""
+    tables = []
+    for result in sorted(results, key=lambda r: r["chunk_index"]):
+        if result["rejects_file"]:
+            fs, path = storage.filesystem_and_path(staging / result["rejects_file"])
+            tables.append(pq.read_table(path, filesystem=fs, schema=REJECTS_SCHEMA))
+    rejects = pa.concat_tables(tables) if tables else REJECTS_SCHEMA.empty_table()
+    with (staging / REJECTS).open("wb") as f:
+        pq.write_table(rejects, f)
+    return rejects.num_rows
+
+
 def assemble(staging: Path, results: list[dict[str, Any]]) -> tuple[list[dict], int]:
     """Rename chunk files to part-NNNNN.parquet in line order and merge the rejects; returns (shards, rejects)."""
-    shards = []
-    ordered = sorted(results, key=lambda r: r["chunk_index"])
-    for result in ordered:
-        if not result["shard_file"]:
-            continue
-        name = f"part-{len(shards):05d}.parquet"
-        os.replace(staging / result["shard_file"], staging / name)
-        shards.append({"file": name, "rows": result["samples_written"], "bytes": result["shard_bytes"]})
-    if not shards:   # keep `pandas.read_parquet(DIR/<dataset>)` working for an empty dataset
-        pq.write_table(SHARD_SCHEMA.empty_table(), str(staging / "part-00000.parquet"))
-        shards.append({"file": "part-00000.parquet", "rows": 0,
-                       "bytes": (staging / "part-00000.parquet").stat().st_size})
-    pieces = [staging / r["rejects_file"] for r in ordered if r["rejects_file"]]
-    tables = [pq.read_table(str(p), schema=REJECTS_SCHEMA) for p in pieces]
-    rejects = pa.concat_tables(tables) if tables else REJECTS_SCHEMA.empty_table()
-    pq.write_table(rejects, str(staging / REJECTS))
-    for piece in pieces:
-        piece.unlink()
-    return shards, rejects.num_rows
+    shards, parts = name_parts(staging, results)
+    for name, chunk in parts.items():
+        os.replace(staging / chunk, staging / name)
+    n_rejects = merge_rejects(staging, results)
+    for result in results:
+        if result["rejects_file"]:
+            (staging / result["rejects_file"]).unlink()
+    return shards, n_rejects
 
 
 def _manifest_text(manifest: dict[str, Any]) -> str:

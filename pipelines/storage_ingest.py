@@ -20,15 +20,11 @@ import uuid
 from pathlib import Path
 from typing import Callable, TextIO
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from datasets_catalog.catalog import Catalog
 
 from . import ingest_state as st
 from . import storage
 from .ingest_chunk import ChunkResult, ChunkTask, process_chunk
-from .shard_schema import REJECTS_SCHEMA, SHARD_SCHEMA
 from .storage import RemotePath
 
 
@@ -51,28 +47,6 @@ def _write_manifest(destination: RemotePath, manifest: dict) -> None:
     storage.write_text_atomic(destination / st.MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
 
 
-def _assemble(staging: RemotePath, results: list[dict]) -> tuple[list[dict], dict[str, str], int]:
-    """Name the parts in line order and merge the rejects in staging; (shards, {part: chunk file}, rejects)."""
-    shards, renames = [], {}
-    ordered = sorted(results, key=lambda r: r["chunk_index"])
-    for result in ordered:
-        if result["shard_file"]:
-            name = f"part-{len(shards):05d}.parquet"
-            renames[name] = result["shard_file"]
-            shards.append({"file": name, "rows": result["samples_written"], "bytes": result["shard_bytes"]})
-    if not shards:   # keep `read_parquet(OUT/<dataset>)` working for an empty dataset
-        with (staging / "empty.parquet").open("wb") as f:
-            pq.write_table(SHARD_SCHEMA.empty_table(), f)
-        renames["part-00000.parquet"] = "empty.parquet"
-        shards.append({"file": "part-00000.parquet", "rows": 0, "bytes": (staging / "empty.parquet").size()})
-    pieces = [staging / r["rejects_file"] for r in ordered if r["rejects_file"]]
-    tables = [pq.read_table(p.path, filesystem=p.fs, schema=REJECTS_SCHEMA) for p in pieces]
-    rejects = pa.concat_tables(tables) if tables else REJECTS_SCHEMA.empty_table()
-    with (staging / st.REJECTS).open("wb") as f:
-        pq.write_table(rejects, f)
-    return shards, renames, rejects.num_rows
-
-
 def _publish(staging: RemotePath, destination: RemotePath, renames: dict[str, str], manifest: dict) -> None:
     """Marker-last publish of exactly the parts, the merged rejects and the manifest."""
     storage.publish_files(
@@ -85,7 +59,8 @@ def _finish(plan, catalog: Catalog, out: RemotePath, seconds: float, say):
     from .ingest import STATUS_BUILT, STATUS_FAILED, DatasetReport, _manifest, reject_limit_exceeded
 
     spec = plan.spec
-    shards, renames, n_rejects = _assemble(plan.staging, plan.results)
+    shards, renames = st.name_parts(plan.staging, plan.results)   # parts are copied under their new names
+    n_rejects = st.merge_rejects(plan.staging, plan.results)
     manifest = _manifest(plan, catalog, shards, n_rejects, seconds)
     assert manifest["rows_read"] == manifest["rows_written"] + manifest["rows_rejected"]
     why = reject_limit_exceeded(manifest, spec)
