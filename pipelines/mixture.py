@@ -3,8 +3,11 @@
 Pack membership follows upstream PackedDataset (bagel-compat §4.3), decided from shard metadata only
 (`num_tokens`), so the whole position lives in a small state:
 
-1. a sample that overflowed the previous pack while the buffer was full (`pending`) opens the pack;
-2. every mandatory group contributes one sample that fits `max_num_tokens_per_sample`;
+1. every mandatory group contributes one sample that fits `max_num_tokens_per_sample` (first, as upstream,
+   so every pack carries them: FSDP ranks must all run the ViT/VAE paths);
+2. a sample that overflowed the previous pack while the buffer was full (`pending`) goes next if it fits
+   beside them; otherwise it waits again, and after PENDING_TRIES packs it is counted and reported as too
+   long for a pack with the mandatory groups (like a never-fit sample; upstream drops it silently);
 3. then, while the pack holds fewer than `expected_num_tokens`: take the oldest buffered sample if the pack
    holds fewer than `prefer_buffer_before` tokens, else draw a group by weight and its next sample; a
    sample longer than `max_num_tokens_per_sample` can never fit and is counted and reported (metrics,
@@ -34,6 +37,7 @@ from .sample import StreamSample
 from .shard_reader import RowGroupCache, table_row
 
 STATE_VERSION = 1
+PENDING_TRIES = 4   # packs a held-over sample may wait beside the mandatory samples before it is reported
 META_COLUMNS = ("sample_id", "num_tokens")
 _TOKEN_PRIOR_WEIGHT = 8
 _MASK63 = (1 << 63) - 1
@@ -124,6 +128,7 @@ class MixtureStream:
         self.packs = 0
         self.buffer: deque[Drawn] = deque()
         self.pending: Drawn | None = None
+        self.pending_tries = 0    # packs the pending sample could not join beside the mandatory samples
         self.stats = {"samples": [0] * len(self.groups), "tokens": [0] * len(self.groups),
                       "skipped_too_long": [0] * len(self.groups)}
 
@@ -143,6 +148,7 @@ class MixtureStream:
             "choices": self.choices, "draws": self.draws, "packs": self.packs,
             "buffer": [d.ref() for d in self.buffer],
             "pending": self.pending.ref() if self.pending else None,
+            "pending_tries": self.pending_tries,
             "stats": {k: list(v) for k, v in self.stats.items()},
         }
 
@@ -178,6 +184,7 @@ class MixtureStream:
         self.stats = {k: list(v) for k, v in state["stats"].items()}
         self.buffer = deque(self._fetch(*ref) for ref in state["buffer"])
         self.pending = self._fetch(*state["pending"]) if state["pending"] else None
+        self.pending_tries = int(state.get("pending_tries", 0))
 
     # -- drawing -----------------------------------------------------------------------------------
     def _locate(self, gi: int, v: int) -> tuple[int, int, int] | None:
@@ -282,12 +289,8 @@ class MixtureStream:
         cfg = self.packing
         members: list[Drawn] = []
         skipped: list[Drawn] = []
+        mandatory_missing: list[str] = []
         curr = 0
-        if self.pending is not None:
-            members.append(self.pending)
-            curr += self.pending.cost
-            self.pending = None
-        closed = False
         for gi in self.mandatory:
             misses = 0
             while True:
@@ -297,12 +300,27 @@ class MixtureStream:
                 misses += 1
                 self._guard(misses)
             if curr + d.cost > cfg.max_num_tokens:
-                self.pending, closed = d, True   # opens the next pack
-                break
+                # the mandatory samples of one pack exceed max_num_tokens together (a config problem, reported
+                # in the metrics); the sample is not dropped: it opens the buffer for the next pack
+                self.buffer.appendleft(d)
+                mandatory_missing.append(self.groups[gi].name)
+                continue
             members.append(d)
             curr += d.cost
+        if self.pending is not None:
+            d, self.pending = self.pending, None
+            if curr + d.cost <= cfg.max_num_tokens:
+                members.append(d)
+                curr += d.cost
+                self.pending_tries = 0
+            elif self.pending_tries + 1 >= PENDING_TRIES:
+                self.stats["skipped_too_long"][d.group] += 1   # counted and listed, never silent
+                skipped.append(d)
+                self.pending_tries = 0
+            else:
+                self.pending, self.pending_tries = d, self.pending_tries + 1
         misses = 0
-        while not closed and curr < cfg.expected_num_tokens:
+        while curr < cfg.expected_num_tokens:
             from_buffer = bool(self.buffer) and curr < cfg.prefer_buffer_before
             if from_buffer:
                 d = self.buffer.popleft()
@@ -317,7 +335,10 @@ class MixtureStream:
                 if not from_buffer and len(self.buffer) < cfg.max_buffer_size:
                     self.buffer.append(d)
                     continue
-                self.pending = d      # never dropped: it opens the next pack
+                if self.pending is None:
+                    self.pending = d      # never dropped: it goes first after the next pack's mandatory samples
+                else:
+                    self.buffer.appendleft(d)   # the pending slot is taken: wait at the buffer's head instead
                 break
             members.append(d)
             curr += d.cost
@@ -340,6 +361,7 @@ class MixtureStream:
             "samples_skipped_too_long": sum(self.stats["skipped_too_long"]),
             "skipped_too_long_ids": [d.sample.sample_id for d in skipped],
             "buffer_size": len(self.buffer),
+            "mandatory_missing": mandatory_missing,
         }
         return PackPlan(members, curr, metrics, self.state_dict())
 

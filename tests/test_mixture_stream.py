@@ -100,6 +100,36 @@ def test_every_pack_has_each_mandatory_group_and_respects_budget(mix, tok):
         assert all(m.cost <= PACKING.max_num_tokens_per_sample for m in plan.members)
 
 
+def test_mandatory_groups_come_first_even_when_a_held_over_sample_is_large(tmp_path, tok):
+    """Regression: a sample held over from a full pack used to open the next pack, and when it left no room
+    the mandatory sample was pushed out (a pack without the mandatory group: FSDP ranks would skip the
+    VAE/ViT collectives). Mandatory samples now come first; the held-over one joins if it fits, else waits
+    and is eventually reported; nothing drawn is ever lost."""
+    cat = make_catalog(tmp_path, [tiny("ed", "edit", 20), tiny("wordy", "text_only", 30, words=(30, 50))])
+    cfg = config(cat, """
+MedicalImageEditingIterableDataset_ver1: {dataset_names: [ed], weight: 1, is_mandatory: true}
+SftJSONLIterableDataset_TextOnly: {dataset_names: [wordy], weight: 3}
+""")
+    # ed costs ~90-430 tokens, wordy ~490-610: two wordy samples never share a pack, so one overflows every
+    # pack and (buffer of one) is held over to the next
+    packing = PackingConfig(expected_num_tokens=900, max_num_tokens=1000, max_num_tokens_per_sample=700,
+                            prefer_buffer_before=400, max_buffer_size=1)
+    s = MixtureStream(cfg, packing, tok, seed=3)
+    s.drawn_log = []
+    s.log_draws(s.drawn_log)
+    packed, reported = Counter(), Counter()
+    for _ in range(150):
+        plan = s.next_plan()
+        assert "ed" in {m.sample.dataset for m in plan.members}, plan.metrics
+        assert plan.tokens <= packing.max_num_tokens and not plan.metrics.get("mandatory_missing")
+        packed.update(m.sample.sample_id for m in plan.members)
+        reported.update(plan.metrics["skipped_too_long_ids"])
+    held = Counter(d.sample.sample_id for d in s.buffer) + Counter([s.pending.sample.sample_id] if s.pending else [])
+    drawn = Counter(d.sample.sample_id for d in s.drawn_log)
+    assert packed + reported + held == drawn        # every draw is trained, reported or still waiting
+    assert sum(packed[i] for i in packed if i.startswith("wordy")) > 100
+
+
 def _pass0(streams, group: str, rows: int = 0, extra=()) -> list[str]:
     """Sample ids with global position < rows (pass 0) the streams drew (trained, skipped or in flight)."""
     out = []
