@@ -104,7 +104,8 @@ def run_ingest_remote(catalog: Catalog, out: str | RemotePath, only: list[str] |
         out = storage.as_path(out)
         out.mkdir(parents=True, exist_ok=True)
     except (storage.StorageError, OSError) as exc:
-        shown = out.display() if isinstance(out, RemotePath) else out   # never print credentials from a query
+        # never print credentials from a query
+        shown = out.display() if isinstance(out, RemotePath) else str(out).split("?", 1)[0]
         raise IngestError(f"cannot use output {shown}: {exc}") from None
     tokenizer = load_tokenizer(catalog)
 

@@ -108,3 +108,12 @@ def test_upload_and_download_tree_local(tmp_path):
     back = tmp_path / "back"
     assert sorted(storage.download_tree(dest, back)) == ["COMPLETE.json", "model.safetensors", "sub/a.json"]
     assert (back / "sub" / "a.json").read_text() == "{}"
+
+
+def test_ingest_output_error_never_shows_uri_credentials():
+    from pipelines.ingest import IngestError
+    from pipelines.storage_ingest import run_ingest_remote
+
+    with pytest.raises(IngestError) as info:
+        run_ingest_remote(None, "s3://bucket/prefix?secret_key=TOPSECRET&no_such_option=1")
+    assert "TOPSECRET" not in str(info.value) and "s3://bucket/prefix" in str(info.value)
