@@ -3,7 +3,7 @@
 GPU layout: one FSDP unit per decoder layer, ViT encoder layer, ViT, connector, timestep embedder and
 position-embedding table (upstream's auto-wrap classes), the VAE as its own unit, everything else (embed_tokens,
 lm_head, final norms, vae2llm, llm2vae) in the root unit. bf16 parameters and reductions, fp32 master weights.
-HYBRID_SHARD uses a 2-D mesh (replicate, shard). FSDP2 keeps per-parameter sharding, so units with mixed
+HYBRID_SHARD uses a 2-D mesh (replicate, shard); NO_SHARD the same mesh with shards of one rank. FSDP2 keeps per-parameter sharding, so units with mixed
 requires_grad (freeze_llm) work, unlike upstream's flat parameters. Activation checkpointing (non-reentrant)
 is the model's own switch on decoder and ViT layers.
 
@@ -129,9 +129,11 @@ def wrap_fsdp(model: nn.Module, *, freeze_vae: bool, sharding_strategy: str, num
     rank, world = rank_and_world()
     if activation_checkpointing and hasattr(model, "set_activation_checkpointing"):
         model.set_activation_checkpointing(True)
-    if sharding_strategy == "HYBRID_SHARD" and world > 1:
-        shard = num_shard or world // num_replicate
-        mesh = init_device_mesh(device_type, (num_replicate, shard), mesh_dim_names=("replicate", "shard"))
+    if sharding_strategy in ("HYBRID_SHARD", "NO_SHARD") and world > 1:
+        # NO_SHARD (every rank holds all parameters, gradients all-reduced) is HSDP with shard groups of one
+        replicate, shard = ((world, 1) if sharding_strategy == "NO_SHARD"
+                            else (num_replicate, num_shard or world // num_replicate))
+        mesh = init_device_mesh(device_type, (replicate, shard), mesh_dim_names=("replicate", "shard"))
         opt_shard = (rank % shard, shard) if rank < shard else None  # replica 0 writes the shards
         load_shard = (rank % shard, shard)
     else:
