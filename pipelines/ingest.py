@@ -363,6 +363,32 @@ def chunk_tasks(plan: _Plan, catalog: Catalog, reference_images: bool, verify_im
     return tasks
 
 
+def plan_all(catalog: Catalog, specs: list[DatasetSpec], out, tokenizer_name: str, reference_images: bool,
+             verify_images: bool, force: bool, say: Callable[[str], None], make_staging: Callable[[DatasetSpec], Any],
+             shown: Callable[[Any], str] = str, write_manifest: ManifestWriter = st.write_manifest,
+             ) -> tuple[dict[str, DatasetReport], list[_Plan], list[ChunkTask]]:
+    """Plan every selected dataset (local folder or object storage): up-to-date ones get their report, the
+    others a staging area (`make_staging`) and their chunk tasks. `shown` renders a location for messages."""
+    reports: dict[str, DatasetReport] = {}
+    plans: list[_Plan] = []
+    for spec in specs:
+        plan, manifest = plan_dataset(spec, out, tokenizer_name, reference_images, verify_images, force,
+                                      catalog.path, write_manifest=write_manifest)
+        if plan is None:
+            reports[spec.name] = DatasetReport.from_manifest(manifest, STATUS_UP_TO_DATE, shown(out / spec.name),
+                                                             "inputs and settings unchanged: nothing to do")
+            say(f"[ingest] {spec.name}: up to date (inputs and settings unchanged), skipped")
+            continue
+        plan.staging = make_staging(spec)
+        plans.append(plan)
+    tasks: list[ChunkTask] = []
+    for plan in plans:
+        tasks.extend(chunk_tasks(plan, catalog, reference_images, verify_images))
+        say(f"[ingest] {plan.spec.name}: building ({plan.spec.task.name}, {plan.scan.lines:,} lines, "
+            f"{plan.expected_chunks} chunk(s)) -> {shown(plan.destination)}")
+    return reports, plans, tasks
+
+
 def execute_chunks(plans: list[_Plan], tasks: list[ChunkTask], executor: str, address: str | None,
                    say: Callable[[str], None], stream: TextIO | None, progress: bool,
                    discard_staging: Callable[[_Plan], None]) -> dict[str, int]:
@@ -425,25 +451,9 @@ def run_ingest(catalog: Catalog, out: str | Path | None = None, only: list[str] 
     st.clean_stale_staging(out_dir)
     tokenizer = load_tokenizer(catalog)
 
-    reports: dict[str, DatasetReport] = {}
-    plans: list[_Plan] = []
     specs = prepare_sources(catalog, only)
-    for spec in specs:
-        plan, manifest = plan_dataset(spec, out_dir, tokenizer.name, reference_images, verify_images, force,
-                                      catalog.path)
-        if plan is None:
-            reports[spec.name] = DatasetReport.from_manifest(manifest, STATUS_UP_TO_DATE, out_dir / spec.name,
-                                                             "inputs and settings unchanged: nothing to do")
-            say(f"[ingest] {spec.name}: up to date (inputs and settings unchanged), skipped")
-            continue
-        plan.staging = st.staging_dir(out_dir, spec.name)
-        plans.append(plan)
-
-    tasks: list[ChunkTask] = []
-    for plan in plans:
-        tasks.extend(chunk_tasks(plan, catalog, reference_images, verify_images))
-        say(f"[ingest] {plan.spec.name}: building ({plan.spec.task.name}, {plan.scan.lines:,} lines, "
-            f"{plan.expected_chunks} chunk(s))")
+    reports, plans, tasks = plan_all(catalog, specs, out_dir, tokenizer.name, reference_images, verify_images,
+                                     force, say, make_staging=lambda spec: st.staging_dir(out_dir, spec.name))
     nodes = execute_chunks(plans, tasks, executor, address, say, stream, progress,
                            discard_staging=lambda plan: shutil.rmtree(plan.staging, ignore_errors=True))
 

@@ -93,8 +93,7 @@ def run_ingest_remote(catalog: Catalog, out: str | RemotePath, only: list[str] |
                       progress: bool = True, stream: TextIO | None = None, log: Callable[[str], None] | None = None,
                       executor: str = "ray"):  # -> pipelines.ingest.IngestReport
     """`run_ingest` with `out` on object storage (see the module doc). Same arguments, same report."""
-    from .ingest import STATUS_UP_TO_DATE, DatasetReport, IngestError, IngestReport, chunk_tasks, \
-        execute_chunks, load_tokenizer, plan_dataset, prepare_sources
+    from .ingest import IngestError, IngestReport, execute_chunks, load_tokenizer, plan_all, prepare_sources
 
     if executor not in ("ray", "local"):
         raise ValueError(f"executor must be 'ray' or 'local', got {executor!r}")
@@ -111,24 +110,10 @@ def run_ingest_remote(catalog: Catalog, out: str | RemotePath, only: list[str] |
 
     specs = prepare_sources(catalog, only)
     clean_stale_staging(out, [s.name for s in specs])
-    reports: dict[str, DatasetReport] = {}
-    plans = []
-    for spec in specs:
-        plan, manifest = plan_dataset(spec, out, tokenizer.name, reference_images, verify_images, force,
-                                      catalog.path, write_manifest=_write_manifest)
-        if plan is None:
-            reports[spec.name] = DatasetReport.from_manifest(manifest, STATUS_UP_TO_DATE, (out / spec.name).display(),
-                                                             "inputs and settings unchanged: nothing to do")
-            say(f"[ingest] {spec.name}: up to date (inputs and settings unchanged), skipped")
-            continue
-        plan.staging = out / f"{st.STAGING_PREFIX}{spec.name}-{uuid.uuid4().hex[:12]}"
-        plans.append(plan)
-
-    tasks: list[ChunkTask] = []
-    for plan in plans:
-        tasks.extend(chunk_tasks(plan, catalog, reference_images, verify_images))
-        say(f"[ingest] {plan.spec.name}: building ({plan.spec.task.name}, {plan.scan.lines:,} lines, "
-            f"{plan.expected_chunks} chunk(s)) -> {plan.destination.display()}")
+    reports, plans, tasks = plan_all(
+        catalog, specs, out, tokenizer.name, reference_images, verify_images, force, say,
+        make_staging=lambda spec: out / f"{st.STAGING_PREFIX}{spec.name}-{uuid.uuid4().hex[:12]}",
+        shown=RemotePath.display, write_manifest=_write_manifest)
     nodes = execute_chunks(plans, tasks, executor, address, say, stream, progress,
                            discard_staging=lambda plan: plan.staging.rmtree())
 
