@@ -102,7 +102,7 @@ def broken(tmp_path):
         for text, _ in lines:
             f.write((text if isinstance(text, bytes) else text.encode()) + b"\n")
     catalog = tmp_path / "catalog.yaml"
-    catalog.write_text(f"""\
+    catalog.write_text("""\
 output_dir: out
 max_image_pixels: 80000
 max_reject_fraction: 1.0

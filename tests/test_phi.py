@@ -4,7 +4,6 @@ decompressed Parquet values; PNGs carry no text chunks. A positive control (an e
 the scan does find an identifier when one is kept on purpose."""
 from __future__ import annotations
 
-import io
 import json
 import struct
 import warnings

@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import pydicom
 import pytest
 from hypothesis import given, settings, strategies as st
 from PIL import Image

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import pickle
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
