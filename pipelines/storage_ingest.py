@@ -3,7 +3,7 @@
 
 Workers write each chunk to a local temp folder, as for a local ingest (same `process_chunk`), then upload
 its two files to `OUT/.staging-<name>-<run>/`, so no shared disk is needed between nodes. The driver then
-merges the rejects there and publishes with `storage.publish_tree`: the old `_manifest.json` is deleted
+merges the rejects there and publishes with `storage.publish_files`: the old `_manifest.json` is deleted
 first, the parts are copied across (server-side), and the new manifest is written LAST. A dataset prefix
 is complete iff its `_manifest.json` exists: readers (the mixture stream) refuse anything else, so an
 interrupted ingest never leaves a prefix that looks complete.
