@@ -31,12 +31,6 @@ NIFTI_UNSUPPORTED = "nifti_unsupported"
 IMAGE_TOO_LARGE = "image_too_large"
 BAD_FRAME_RULE = "frame_out_of_range"
 
-REASON_CODES = (
-    DICOM_INVALID, DICOM_NO_PIXELS, DICOM_UNSUPPORTED_SYNTAX, DICOM_DECODER_MISSING, DICOM_DECODE_FAILED,
-    DICOM_BURNED_IN, DICOM_UNSUPPORTED_PIXELS, NIFTI_INVALID, NIFTI_UNSUPPORTED, IMAGE_TOO_LARGE,
-    BAD_FRAME_RULE,
-)
-
 # DICOM keywords that identify a person, an institution or a device: never copied unless allow-listed
 # (and even then the docs warn). Only documentation + a guard for the allow-list: the metadata is built
 # from an allow-list, not by deleting these.
