@@ -58,6 +58,7 @@ def main() -> int:
 
     from datasets_catalog.tokenizer import TextTokenizer
     from datasets_catalog.transforms import ImageTransformArgs
+    from model.attention import choose_backend
     from model.config import LLMConfig, ModelConfig, VAEConfig, ViTConfig
     from model.unified import UnifiedModel
     from tests.shard_factory import DatasetRecipe, make_catalog, write_config
@@ -101,6 +102,8 @@ t2i: {{dataset_names: [gen], weight: 1, is_mandatory: true}}
         model.init_moe()
         return model, mc, tok
 
+    # the backend the model will pick (the dry run on CPU gets SDPA, not flex)
+    attention = choose_backend(mc.attn_backend, torch.device("cpu" if args.cpu_dry_run else "cuda"))
     n_tok = args.tokens
     argv = ["--config", str(mix), "--from_scratch", "True", "--model", "tiny", "--use_gpu", str(not args.cpu_dry_run),
             "--parallelism", "fsdp",
@@ -131,7 +134,7 @@ t2i: {{dataset_names: [gen], weight: 1, is_mandatory: true}}
     print(f"\nRESULT device={dev!r} tokens_per_sec={tps:.0f} mfu={100 * mfu:.1f}% "
           f"mfu_excluding_data_wait={100 * mfu / max(1e-9, 1 - wait):.1f}% data_wait={100 * wait:.1f}% "
           f"(steady windows, excluding the first) steps={result.final_step} wall={wall:.0f}s "
-          f"attention={'flash' if 'NOT' not in fa else 'flex'} checkpoint={result.checkpoints[-1:]}")
+          f"attention={attention} checkpoint={result.checkpoints[-1:]}")
     return 0
 
 
