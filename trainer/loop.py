@@ -30,7 +30,6 @@ from trainer.loss import all_reduce_sum, compute_loss, global_denominators
 from trainer.metrics import MetricsSink, Window, peak_tflops_from_name, summarise
 from trainer.optim import build_optimizer
 from trainer.parallel import (Parallel, barrier, broadcast_object, clip_grad_norm, full_state_dict,
-                              load_full_state_dict,
                               load_optimizer_state, optimizer_state_for_save, rank_and_world, wrap_ddp,
                               wrap_ema_fsdp, wrap_fsdp)
 from trainer.prefetch import Prefetcher
@@ -151,14 +150,14 @@ def train_loop(cfg: TrainConfig | dict, *, reporter: Optional[Reporter] = None,
         # the EMA starts from the source's EMA weights when it has them, else from the weights just loaded
         ema_file = plan.ema_file if (plan.source / plan.ema_file).is_file() else plan.weights_file
         _load_checked(ema, plan.source, ema_file, strict=plan.load_train_state, log=log)
-    model.to(device)
-    ema.to(device)
     model.train()
     ema.train()  # upstream keeps the EMA in train mode (its layers dispatch on .training)
 
     use_fsdp = r.parallelism == "fsdp" or (r.parallelism == "auto" and use_cuda)
     own_group = False
     if use_fsdp:
+        # no model.to(device) here: fully_shard moves one unit at a time to the mesh's device and keeps only
+        # its shard, so the full fp32 model (and EMA: ~58 GB each at 7B) never sits on one GPU
         if not dist.is_initialized():   # FSDP2 needs a process group, even for one rank
             _single_process_group("nccl" if use_cuda else "gloo")
             own_group = True
@@ -167,8 +166,10 @@ def train_loop(cfg: TrainConfig | dict, *, reporter: Optional[Reporter] = None,
                                   activation_checkpointing=t.activation_checkpointing and use_cuda,
                                   reshard_after_forward=t.sharding_strategy != "NO_SHARD",
                                   device_type=device.type, param_dtype=torch.bfloat16 if use_cuda else None)
-        wrap_ema_fsdp(ema, par.mesh)
+        wrap_ema_fsdp(ema, par.mesh, cpu_offload=t.cpu_offload)   # shards on the same device as the model's
     else:
+        model.to(device)
+        ema.to(device)
         par = wrap_ddp(model, freeze_vae=t.freeze_vae)
 
     optimizer = build_optimizer(model, lr=t.lr, beta1=t.beta1, beta2=t.beta2, eps=t.eps, llm_lr=t.llm_lr,

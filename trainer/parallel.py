@@ -116,7 +116,8 @@ def wrap_fsdp(model: nn.Module, *, freeze_vae: bool, sharding_strategy: str, num
               num_shard: Optional[int], cpu_offload: bool, activation_checkpointing: bool,
               reshard_after_forward: bool = True, device_type: str = "cuda",
               param_dtype: Optional[torch.dtype] = torch.bfloat16) -> Parallel:
-    """FSDP2 (`fully_shard`) with bf16 mixed precision; call after `model.to(device)` and freezing.
+    """FSDP2 (`fully_shard`) with bf16 mixed precision; call on the CPU model after freezing: fully_shard
+    moves each unit to the mesh's device as it shards it, so the whole model is never on one GPU.
     `device_type="cpu"` (gloo) runs the same wrapping on CPU, where `param_dtype=None` keeps fp32."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
@@ -160,16 +161,21 @@ def wrap_fsdp(model: nn.Module, *, freeze_vae: bool, sharding_strategy: str, num
     return Parallel(step, model, "fsdp", opt_shard, load_shard, mesh)
 
 
-def wrap_ema_fsdp(ema: nn.Module, mesh: Any) -> None:
-    """Shard the EMA copy exactly like the model (fp32, no mixed precision), so shards line up one-to-one."""
-    from torch.distributed.fsdp import fully_shard
+def wrap_ema_fsdp(ema: nn.Module, mesh: Any, cpu_offload: bool = False) -> None:
+    """Shard the EMA copy exactly like the model (fp32, no mixed precision), so shards line up one-to-one;
+    with `cpu_offload` its shards stay on the CPU next to the model's offloaded shards (the EMA update mixes
+    them element-wise)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
+    kw: dict[str, Any] = {"mesh": mesh}
+    if cpu_offload:
+        kw["offload_policy"] = CPUOffloadPolicy()
     for unit in reversed(_units(ema)):
-        fully_shard(unit, mesh=mesh)
+        fully_shard(unit, **kw)
     vae = getattr(ema, "vae_model", None)
     if vae is not None:
-        fully_shard(vae, mesh=mesh)
-    fully_shard(ema, mesh=mesh)
+        fully_shard(vae, **kw)
+    fully_shard(ema, **kw)
 
 
 def full_state_dict(model: nn.Module, kind: str) -> Optional[dict[str, torch.Tensor]]:
@@ -183,17 +189,6 @@ def full_state_dict(model: nn.Module, kind: str) -> Optional[dict[str, torch.Ten
     if rank != 0:
         return None
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-
-def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], kind: str) -> tuple[list, list]:
-    """Non-strict load of a full state dict; under FSDP every rank passes the full dict (it is re-sharded)."""
-    if kind == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        res = set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
-        return list(res.missing_keys), list(res.unexpected_keys)
-    res = model.load_state_dict(state, strict=False)
-    return list(res.missing_keys), list(res.unexpected_keys)
 
 
 def _to_local(obj: Any) -> Any:
