@@ -133,7 +133,7 @@ def _check_path(path: Any, where: str) -> str:
     return path
 
 
-def _parse_images(obj: dict, key: str, role: str, extra: dict) -> list[ImageRef]:
+def parse_images(obj: dict, key: str, role: str, extra: dict) -> list[ImageRef]:
     value = obj.get(key)
     if value is None:
         return []
@@ -148,7 +148,7 @@ def _parse_images(obj: dict, key: str, role: str, extra: dict) -> list[ImageRef]
     return images
 
 
-def _parse_messages(obj: dict, key: str, extra: dict) -> list[Message]:
+def parse_messages(obj: dict, key: str, extra: dict) -> list[Message]:
     if key not in obj:
         raise RecordError("field_missing", f"no '{key}' field; give the conversation as a list of "
                                            f"{{\"from\": \"human\"|\"gpt\", \"value\": ...}}")
@@ -236,14 +236,14 @@ def parse_record(obj: dict[str, Any], kind: TaskKind) -> ParsedRecord:
         if "image" not in obj:
             hint = " (video records are not supported yet)" if "video" in obj else ""
             raise RecordError("field_missing", f"no 'image' field{hint}; give the image path (or a list)")
-        inputs = _parse_images(obj, "image", "input", extra)
+        inputs = parse_images(obj, "image", "input", extra)
         outputs: list[ImageRef] = []
-        messages = _parse_messages(obj, "conversations", extra)
+        messages = parse_messages(obj, "conversations", extra)
     else:
         known = ("message",) if kind.name == "text_only" else UMV_FIELDS
-        inputs = _parse_images(obj, "input_img", "input", extra) if kind.needs_images else []
-        outputs = _parse_images(obj, "output_img", "output", extra) if kind.needs_images else []
-        messages = _parse_messages(obj, "message", extra)
+        inputs = parse_images(obj, "input_img", "input", extra) if kind.needs_images else []
+        outputs = parse_images(obj, "output_img", "output", extra) if kind.needs_images else []
+        messages = parse_messages(obj, "message", extra)
     extra.update({k: v for k, v in obj.items() if k not in known})
 
     if kind.name == "t2i":

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
 from datasets_catalog.plan import IMAGE_TAG, Message
-from datasets_catalog.records import RecordError, _parse_images, _parse_messages, decode_line
+from datasets_catalog.records import RecordError, parse_images, parse_messages, decode_line
 
 from .loading import InferenceError
 
@@ -61,8 +61,8 @@ def read_records(path: Path, data_dir: Path) -> Iterator[tuple[int, BatchRecord 
             try:
                 obj = decode_line(raw.rstrip(b"\r\n"))
                 extra: dict = {}
-                images = _parse_images(obj, "input_img", "input", extra)
-                messages = _parse_messages(obj, "message", extra)
+                images = parse_images(obj, "input_img", "input", extra)
+                messages = parse_messages(obj, "message", extra)
             except RecordError as exc:
                 yield n, None, exc.detail
                 continue
