@@ -459,7 +459,7 @@ def run_ingest(catalog: Catalog, out: str | Path | None = None, only: list[str] 
 
     for plan in plans:
         worker_seconds = sum(r["seconds"] for r in plan.results)   # time spent on this dataset in workers
-        reports[plan.spec.name] = _finish(plan, catalog, out_dir, worker_seconds, say)
+        reports[plan.spec.name] = finish_dataset(plan, catalog, out_dir, worker_seconds, say, _assemble_local)
 
     report = IngestReport(str(out_dir), [reports[s.name] for s in specs], time.perf_counter() - started,
                           nodes=nodes)
@@ -470,22 +470,38 @@ def run_ingest(catalog: Catalog, out: str | Path | None = None, only: list[str] 
     return report
 
 
-def _finish(plan: _Plan, catalog: Catalog, out_dir: Path, seconds: float, say) -> DatasetReport:
+Publisher = Callable[[dict, Any], None]   # (manifest, destination) -> None: parts, rejects, manifest last
+
+
+def _shown(path: Any) -> Any:
+    return path.display() if hasattr(path, "display") else path   # RemotePath: never print credentials
+
+
+def finish_dataset(plan: _Plan, catalog: Catalog, out, seconds: float, say,
+                   assemble: Callable[[_Plan], tuple[list[dict], int, Publisher]]) -> DatasetReport:
+    """Write the manifest of a built dataset and publish it, or park it under _failed/ when it rejected too
+    many rows. `assemble` names the parts and merges the rejects in staging and returns how to publish them
+    (a rename on disk, a marker-last copy on object storage)."""
     spec = plan.spec
-    shards, n_rejects = st.assemble(plan.staging, plan.results)
+    shards, n_rejects, publish = assemble(plan)
     manifest = _manifest(plan, catalog, shards, n_rejects, seconds)
     assert manifest["rows_read"] == manifest["rows_written"] + manifest["rows_rejected"]
     why = reject_limit_exceeded(manifest, spec)
     if why is not None:
         manifest["status"] = "failed"
-        failed = out_dir / st.FAILED_DIR / spec.name
-        st.publish(plan.staging, manifest, failed)
+        failed = out / st.FAILED_DIR / spec.name
+        publish(manifest, failed)
         storage.unpublish(plan.destination, st.MANIFEST)   # stale shards of older inputs must not be trained on
-        message = f"{why}; see {failed / st.REJECTS}"
+        message = f"{why}; see {_shown(failed / st.REJECTS)}"
         say(f"[ingest] {spec.name}: FAILED: {message}")
-        return DatasetReport.from_manifest(manifest, STATUS_FAILED, failed, message)
-    st.publish(plan.staging, manifest, plan.destination)
-    return DatasetReport.from_manifest(manifest, STATUS_BUILT, plan.destination)
+        return DatasetReport.from_manifest(manifest, STATUS_FAILED, _shown(failed), message)
+    publish(manifest, plan.destination)
+    return DatasetReport.from_manifest(manifest, STATUS_BUILT, _shown(plan.destination))
+
+
+def _assemble_local(plan: _Plan) -> tuple[list[dict], int, Publisher]:
+    shards, n_rejects = st.assemble(plan.staging, plan.results)
+    return shards, n_rejects, lambda manifest, destination: st.publish(plan.staging, manifest, destination)
 
 
 # -- summary --------------------------------------------------------------------------------------------

@@ -55,25 +55,11 @@ def _publish(staging: RemotePath, destination: RemotePath, renames: dict[str, st
     staging.rmtree()
 
 
-def _finish(plan, catalog: Catalog, out: RemotePath, seconds: float, say):
-    from .ingest import STATUS_BUILT, STATUS_FAILED, DatasetReport, _manifest, reject_limit_exceeded
-
-    spec = plan.spec
-    shards, renames = st.name_parts(plan.staging, plan.results)   # parts are copied under their new names
+def _assemble(plan):
+    """Parts named in line order (copied under their new names at publish) and the rejects merged, in staging."""
+    shards, renames = st.name_parts(plan.staging, plan.results)
     n_rejects = st.merge_rejects(plan.staging, plan.results)
-    manifest = _manifest(plan, catalog, shards, n_rejects, seconds)
-    assert manifest["rows_read"] == manifest["rows_written"] + manifest["rows_rejected"]
-    why = reject_limit_exceeded(manifest, spec)
-    if why is not None:
-        manifest["status"] = "failed"
-        failed = out / st.FAILED_DIR / spec.name
-        _publish(plan.staging, failed, renames, manifest)
-        storage.unpublish(plan.destination, st.MANIFEST)   # stale shards of older inputs must not be trained on
-        message = f"{why}; see {(failed / st.REJECTS).display()}"
-        say(f"[ingest] {spec.name}: FAILED: {message}")
-        return DatasetReport.from_manifest(manifest, STATUS_FAILED, failed.display(), message)
-    _publish(plan.staging, plan.destination, renames, manifest)
-    return DatasetReport.from_manifest(manifest, STATUS_BUILT, plan.destination.display())
+    return shards, n_rejects, lambda manifest, destination: _publish(plan.staging, destination, renames, manifest)
 
 
 def clean_stale_staging(out: RemotePath, names: list[str]) -> list[str]:
@@ -93,7 +79,8 @@ def run_ingest_remote(catalog: Catalog, out: str | RemotePath, only: list[str] |
                       progress: bool = True, stream: TextIO | None = None, log: Callable[[str], None] | None = None,
                       executor: str = "ray"):  # -> pipelines.ingest.IngestReport
     """`run_ingest` with `out` on object storage (see the module doc). Same arguments, same report."""
-    from .ingest import IngestError, IngestReport, execute_chunks, load_tokenizer, plan_all, prepare_sources
+    from .ingest import (IngestError, IngestReport, execute_chunks, finish_dataset, load_tokenizer, plan_all,
+                         prepare_sources)
 
     if executor not in ("ray", "local"):
         raise ValueError(f"executor must be 'ray' or 'local', got {executor!r}")
@@ -118,7 +105,8 @@ def run_ingest_remote(catalog: Catalog, out: str | RemotePath, only: list[str] |
                            discard_staging=lambda plan: plan.staging.rmtree())
 
     for plan in plans:
-        reports[plan.spec.name] = _finish(plan, catalog, out, sum(r["seconds"] for r in plan.results), say)
+        reports[plan.spec.name] = finish_dataset(plan, catalog, out, sum(r["seconds"] for r in plan.results),
+                                                 say, _assemble)
     report = IngestReport(out.display(), [reports[s.name] for s in specs], time.perf_counter() - started,
                           nodes=nodes)
     report.warnings.append("post-ingest checks (leakage, duplicates) read local folders and were skipped for "
