@@ -11,6 +11,7 @@ Layout (see docs/ingest.md)::
     max_reject_fraction: 0.5         # optional: fail a dataset when more than this share of rows is rejected
     max_image_pixels: 20000000       # optional: decompression-bomb cap, checked from the header
     rows_per_shard: 1000             # optional
+    store_pixels: false              # optional: also store decoded, resized pixels (fast loader, more disk)
     datasets:
       - name: chest_xray_vqa
         task: sft                    # alias or upstream class name (datasets_catalog.task_kinds)
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +43,10 @@ DEFAULT_ROWS_PER_SHARD = 1000
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 TOP_LEVEL_KEYS = ("output_dir", "tokenizer", "max_reject_fraction", "max_image_pixels", "rows_per_shard",
-                  "datasets", "description")
+                  "store_pixels", "datasets", "description")
 DATASET_KEYS = ("name", "task", "jsonl_path", "data_dir", "modality", "split", "license", "description",
                 "image_transform_args", "vit_image_transform_args", "max_reject_fraction", "max_image_pixels",
-                "rows_per_shard", "options", "source", "hf")
+                "rows_per_shard", "store_pixels", "options", "source", "hf")
 # Per-dataset keys reserved for extensions (issue 7: DICOM/NIfTI display rules). They are accepted at the
 # dataset level and copied into `DatasetSpec.extra_options`; `register_extra_option` adds more.
 EXTRA_OPTION_KEYS: set[str] = {
@@ -96,6 +97,7 @@ class DatasetSpec:
     max_reject_fraction: float = DEFAULT_MAX_REJECT_FRACTION
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD
+    store_pixels: bool = False   # also store decoded, resized VAE/ViT pixels (pipelines.image_pixels)
     extra_options: dict[str, Any] = field(default_factory=dict)
     line: int | None = None   # line of the dataset entry in the catalog file (for messages)
 
@@ -107,6 +109,10 @@ class Catalog:
     datasets: dict[str, DatasetSpec]
     tokenizer: str | None = None
     description: str | None = None
+
+    def with_store_pixels(self) -> "Catalog":
+        """This catalog with `store_pixels` on for every dataset (`jobs/ingest.py --store-pixels`)."""
+        return replace(self, datasets={n: replace(s, store_pixels=True) for n, s in self.datasets.items()})
 
     def select(self, names: list[str] | None) -> list[DatasetSpec]:
         """The named datasets in catalog order (all when `names` is empty); unknown names are an error."""
@@ -207,6 +213,13 @@ def _fraction(ctx: _Ctx, data: dict, key: str, default: float) -> float:
     return float(value)
 
 
+def _flag(ctx: _Ctx, data: dict, key: str, default: bool) -> bool:
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        raise ctx.error(key, f"must be true or false, got {value!r}")
+    return value
+
+
 def _resolve(base: Path, value: str) -> Path:
     path = Path(value).expanduser()
     return path if path.is_absolute() else (base / path)
@@ -283,6 +296,7 @@ def _parse_dataset(path: Path, base: Path, index: int, entry: Any, top: dict) ->
         max_reject_fraction=_fraction(ctx, entry, "max_reject_fraction", top["max_reject_fraction"]),
         max_image_pixels=_positive_int(ctx, entry, "max_image_pixels", top["max_image_pixels"]),
         rows_per_shard=_positive_int(ctx, entry, "rows_per_shard", top["rows_per_shard"]),
+        store_pixels=_flag(ctx, entry, "store_pixels", top["store_pixels"]),
         extra_options=dict(extra), line=getattr(entry, "line", None),
     )
 
@@ -338,6 +352,7 @@ def parse_catalog(text: str, path: str | Path = "<catalog>") -> Catalog:
         "max_reject_fraction": _fraction(ctx, raw, "max_reject_fraction", DEFAULT_MAX_REJECT_FRACTION),
         "max_image_pixels": _positive_int(ctx, raw, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
         "rows_per_shard": _positive_int(ctx, raw, "rows_per_shard", DEFAULT_ROWS_PER_SHARD),
+        "store_pixels": _flag(ctx, raw, "store_pixels", False),
     }
     datasets: dict[str, DatasetSpec] = {}
     for index, entry in enumerate(entries):

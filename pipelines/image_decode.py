@@ -128,11 +128,27 @@ def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor
     (x / 255 - 0.5) / 0.5 as upstream ToTensor + Normalize."""
     if image.mode != "RGB":
         image = pil_img2rgb(image)
+    return rgb_array_to_tensor(np.array(resize_rgb(image, width, height), dtype=np.uint8))  # one writable copy
+
+
+def resize_rgb(image: Image.Image, width: int, height: int) -> Image.Image:
+    """The upstream resize: PIL bicubic (antialiased) to the stored target; no-op at the right size."""
     if image.size != (width, height):
         image = image.resize((int(width), int(height)), Image.Resampling.BICUBIC)
-    array = np.array(image, dtype=np.uint8)  # one writable copy
-    tensor = torch.from_numpy(array).permute(2, 0, 1).float().div_(255)
-    return tensor.sub_(0.5).div_(0.5)
+    return image
+
+
+def rgb_array_to_tensor(array: np.ndarray) -> torch.Tensor:
+    """[H, W, 3] uint8 (writable) -> [3, H, W] float32 in [-1, 1], as ToTensor + Normalize(0.5, 0.5).
+
+    The one normalisation shared by the decode path and stored pixels (pipelines.image_pixels), so both give
+    bit-identical tensors."""
+    return normalise_(torch.from_numpy(array).permute(2, 0, 1).float())
+
+
+def normalise_(tensor: torch.Tensor) -> torch.Tensor:
+    """In place: float pixel values 0..255 -> [-1, 1], with upstream's exact float ops (x / 255 - 0.5) / 0.5."""
+    return tensor.div_(255).sub_(0.5).div_(0.5)
 
 
 # Issue 7: referenced DICOM / NIfTI files (--reference-images shards) and 16-bit grey PNGs (keep_16bit),

@@ -356,7 +356,7 @@ def chunk_tasks(plan: _Plan, catalog: Catalog, reference_images: bool, verify_im
         image_transform_args=spec.image_transform_args.to_dict(),
         vit_image_transform_args=spec.vit_image_transform_args.to_dict(),
         max_image_pixels=spec.max_image_pixels, tokenizer=catalog.tokenizer,
-        reference_images=reference_images, verify_images=verify_images,
+        reference_images=reference_images, verify_images=verify_images, store_pixels=spec.store_pixels,
         extra_options=spec.extra_options,
     ) for index, (offset, length, first_line) in enumerate(plan.scan.chunks)]
     plan.expected_chunks = len(tasks)

@@ -25,26 +25,19 @@ from datasets_catalog.tokenizer import TextTokenizer
 from datasets_catalog.transforms import ImageTransformArgs, resize_target, vae_tokens, vit_tokens
 
 from . import storage
+from .image_decode import ImageDecodeError
 from .image_io import ImageError, ImageProbe, clear_path_cache, probe_image, resolve_image_path
-from .shard_schema import REJECTS_SCHEMA, SHARD_SCHEMA
+from .image_pixels import PIXEL_FIELDS, resized_pixels
+from .shard_schema import REJECTS_SCHEMA, SHARD_SCHEMA, leaf_paths
 
 ROW_GROUP_ROWS = 256
 ROW_GROUP_BYTES = 64 * 1024 * 1024
 
 
-def _leaf_paths(schema: pa.Schema) -> list[str]:
-    """Parquet column paths of the schema's leaves (lists of structs become `name.list.element.field`)."""
-    paths = []
-    for f in schema:
-        if pa.types.is_list(f.type) and pa.types.is_struct(f.type.value_type):
-            paths.extend(f"{f.name}.list.element.{sub.name}" for sub in f.type.value_type)
-        else:
-            paths.append(f.name)
-    return paths
-
-
-# Image bytes are already compressed (PNG/JPEG): store them as they are; compress everything else.
-_COMPRESSION = {path: ("NONE" if path.endswith(".bytes") else "ZSTD") for path in _leaf_paths(SHARD_SCHEMA)}
+# Image bytes are already compressed (PNG/JPEG), and stored pixels are read on every training step (a raw
+# copy beats any decompression there): store both as they are; compress everything else.
+_RAW_COLUMNS = (".bytes", *(f".{name}" for name in PIXEL_FIELDS))
+_COMPRESSION = {path: "NONE" if path.endswith(_RAW_COLUMNS) else "ZSTD" for path in leaf_paths(SHARD_SCHEMA)}
 
 
 @dataclass(frozen=True)
@@ -66,6 +59,7 @@ class ChunkTask:
     tokenizer: str | None = None
     reference_images: bool = False
     verify_images: bool = False
+    store_pixels: bool = False       # also store the decoded, resized VAE/ViT pixels (pipelines.image_pixels)
     extra_options: dict[str, Any] = field(default_factory=dict)
     row_group_rows: int = ROW_GROUP_ROWS
     row_group_bytes: int = ROW_GROUP_BYTES
@@ -150,6 +144,8 @@ class ChunkProcessor:
                                               f"{probe.width}x{probe.height}; fix or drop width/height")
         vae_w, vae_h = resize_target(probe.width, probe.height, self.vae_args, 1)
         vit_w, vit_h = resize_target(probe.width, probe.height, self.vit_args, vit_num)
+        pixels = self._pixels(rel, probe, {"vae": (vae_w, vae_h), "vit": (vit_w, vit_h)}) \
+            if self.task.store_pixels else {}
         return {
             "path": rel, "width": probe.width, "height": probe.height, "format": probe.format,
             "vae_width": vae_w, "vae_height": vae_h, "vae_tokens": vae_tokens(vae_w, vae_h),
@@ -157,7 +153,17 @@ class ChunkProcessor:
             "sha256": probe.sha256,
             "bytes": None if self.task.reference_images else probe.data,
             "meta": json.dumps(probe.meta, sort_keys=True, default=str) if probe.meta else None,
+            **pixels,
         }
+
+    def _pixels(self, rel: str, probe: ImageProbe, sizes: dict[str, tuple[int, int]]) -> dict[str, bytes]:
+        """The decoded, resized pixels of a `store_pixels` dataset; a body that does not decode is a reject."""
+        try:
+            return resized_pixels(probe.data, None, json.dumps(probe.meta, sort_keys=True, default=str)
+                                  if probe.meta else None, sizes)
+        except ImageDecodeError as exc:
+            raise ImageError("image_corrupt", f"{rel!r}: the header is valid but the image does not decode "
+                                              f"({exc}); re-export the file") from None
 
     def probe_record(self, line_number: int, raw: bytes) -> list[_Probed]:
         """Validate and probe one line; one entry per output row (several when frames are expanded)."""
@@ -313,7 +319,8 @@ def process_chunk(task: ChunkTask) -> ChunkResult:
                 result.reasons[exc.reason] = result.reasons.get(exc.reason, 0) + 1
                 continue
             pending.extend(probed)
-            pending_bytes += sum(len(s["bytes"] or b"") for p in probed for s in (*p.inputs, *p.outputs))
+            pending_bytes += sum(len(s[k] or b"") for p in probed for s in (*p.inputs, *p.outputs)
+                                 for k in ("bytes", *PIXEL_FIELDS) if k in s)
             if len(pending) >= task.row_group_rows or pending_bytes >= task.row_group_bytes:
                 flush()
         flush()

@@ -107,6 +107,7 @@ def settings_of(spec: DatasetSpec, tokenizer_name: str, reference_images: bool, 
         "verify_images": verify_images,
         "max_image_pixels": spec.max_image_pixels,
         "rows_per_shard": spec.rows_per_shard,
+        **({"store_pixels": True} if spec.store_pixels else {}),   # absent when off: old manifests still match
         "extra_options": spec.extra_options,
         "schema_version": SCHEMA_VERSION,
         "ingest_version": INGEST_VERSION,

@@ -25,6 +25,11 @@ IMAGE_TYPE = pa.struct([
     ("sha256", pa.string()),        # content hash of the (decoded-source) bytes: duplicate / leakage checks
     ("bytes", pa.binary()),         # original encoded bytes; null with --reference-images
     ("meta", pa.string()),          # JSON: medical metadata (modality, window, spacing, ...) or null
+    # `store_pixels` datasets only (null otherwise): the image already decoded, converted to RGB and resized
+    # to (vae_width, vae_height) / (vit_width, vit_height), as raw row-major HWC uint8 (pipelines.image_pixels).
+    # Added without a schema bump: older shards simply lack them and readers fall back to decoding `bytes`.
+    ("vae_pixels", pa.binary()),
+    ("vit_pixels", pa.binary()),
 ])
 
 SHARD_SCHEMA = pa.schema([
@@ -39,6 +44,23 @@ SHARD_SCHEMA = pa.schema([
     ("num_tokens", pa.int64()),     # packed length: what the packer counts (content + 2 per element)
     ("extra", pa.string()),         # JSON of unrecognised fields: nothing is lost
 ])
+
+
+def leaf_paths(schema: pa.Schema) -> list[str]:
+    """Parquet column paths of the schema's leaves (lists of structs become `name.list.element.field`)."""
+    paths = []
+    for f in schema:
+        if pa.types.is_list(f.type) and pa.types.is_struct(f.type.value_type):
+            paths.extend(f"{f.name}.list.element.{sub.name}" for sub in f.type.value_type)
+        else:
+            paths.append(f.name)
+    return paths
+
+
+# What the packer reads from `store_pixels` shards: everything but the original image bytes (often as large
+# as the pixels themselves and not needed when the stored pixels have the configured sizes).
+PIXEL_SHARD_READ_COLUMNS = tuple(p for p in leaf_paths(SHARD_SCHEMA) if not p.endswith(".bytes"))
+
 
 REJECTS_SCHEMA = pa.schema([
     ("line_number", pa.int64()),

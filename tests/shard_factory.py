@@ -29,6 +29,7 @@ from datasets_catalog.plan import ImageSlot, ImageTokens, Message, build_plan, p
 from datasets_catalog.task_kinds import resolve_task_kind
 from datasets_catalog.tokenizer import TextTokenizer
 from datasets_catalog.transforms import DEFAULT_VAE_ARGS, DEFAULT_VIT_ARGS, ImageTransformArgs, vae_tokens, vit_tokens
+from pipelines.image_pixels import resized_pixels
 from pipelines.shard_schema import SCHEMA_VERSION, SHARD_SCHEMA
 
 
@@ -45,6 +46,7 @@ class DatasetRecipe:
     rows_per_row_group: int = 64
     rows_per_file: int = 256
     embed_bytes: bool = True               # False = `--reference-images` shards (bytes null)
+    store_pixels: bool = False             # True = `--store-pixels` shards (decoded, resized pixels)
     image_transform_args: ImageTransformArgs = DEFAULT_VAE_ARGS
     vit_image_transform_args: ImageTransformArgs = DEFAULT_VIT_ARGS
     seed: int = 0
@@ -86,10 +88,12 @@ def _record(recipe: DatasetRecipe, kind, i: int, rng: np.random.Generator) -> tu
 
 
 def _image_struct(path: str, data: bytes | None, width: int, height: int, vae: ImageTransformArgs,
-                  vit: ImageTransformArgs, img_num: int) -> dict:
+                  vit: ImageTransformArgs, img_num: int, pixels_of: bytes | None = None) -> dict:
+    """`pixels_of`: the image's bytes when the decoded, resized pixels are stored too (store_pixels)."""
     vw, vh = vae.target_size(width, height)
     tw, th = vit.target_size(width, height, img_num)
-    return {"path": path, "width": width, "height": height, "format": "PNG",
+    pixels = resized_pixels(pixels_of, None, None, {"vae": (vw, vh), "vit": (tw, th)}) if pixels_of else {}
+    return {**pixels, "path": path, "width": width, "height": height, "format": "PNG",
             "vae_width": vw, "vae_height": vh, "vae_tokens": vae_tokens(vw, vh),
             "vit_width": tw, "vit_height": th, "vit_tokens": vit_tokens(tw, th),
             "sha256": hashlib.sha256(data).hexdigest() if data is not None else None,
@@ -140,7 +144,7 @@ def make_dataset(root: Path, recipe: DatasetRecipe, tokenizer: TextTokenizer | N
                 img_num = n_in if kind.vit_img_num_is_image_count else 1
                 structs[role].append(_image_struct(rel, data if recipe.embed_bytes else None, w, h,
                                                    recipe.image_transform_args, recipe.vit_image_transform_args,
-                                                   img_num))
+                                                   img_num, data if recipe.store_pixels else None))
                 n_images += 1
         text_tokens, num_tokens = row_tokens(kind, messages, structs["input"], structs["output"], tokenizer)
         templates.append({
@@ -183,6 +187,7 @@ def make_dataset(root: Path, recipe: DatasetRecipe, tokenizer: TextTokenizer | N
                        "vit_image_transform_args": recipe.vit_image_transform_args.to_dict()},
         "tokenizer": tokenizer.name, "schema_version": SCHEMA_VERSION, "shards": shards,
         "data_dir": str(src_dir.resolve()), "split": "train", "modality": "xray", "catalog": None,
+        "settings": {"store_pixels": True} if recipe.store_pixels else {},
     }
     _write_atomic(out / "_manifest.json", json.dumps(manifest, indent=2))
     return out
