@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from datasets_catalog.plan import ImageSlot, Message, PlanItem, SamplePlan, build_plan
@@ -22,11 +23,12 @@ from datasets_catalog.task_kinds import resolve_task_kind
 from datasets_catalog.tokenizer import TextTokenizer
 from datasets_catalog.transforms import VAE_DOWNSAMPLE
 
-from .image_decode import ImageDecodeError, image_to_tensor, load_image_rgb
+from .image_decode import ImageDecodeError, image_to_tensor, load_image_rgb, normalise_, pil_img2rgb, resize_rgb
+from .image_pixels import stored_pixels
 from .masks import allowed_pairs, prepare_attention_mask_per_sample
 from .packed_batch import PackedBatch
 from .packing_config import PackingConfig
-from .packing_ops import len2weight, patchify
+from .packing_ops import len2weight, patchify, patchify_hwc
 from .packing_rng import CFG, TIMESTEP, sample_generator
 from .position_ids import (
     get_flattened_position_ids,
@@ -69,7 +71,8 @@ def sample_plan(sample: StreamSample) -> SamplePlan:
 
 
 class _SampleImages:
-    """Decodes each image of a row at most once; resizes per use (VAE and ViT targets differ)."""
+    """The resized uint8 pixels of a row's images: stored ones (store_pixels shards), else each image decoded
+    at most once and resized per use (VAE and ViT targets differ)."""
 
     def __init__(self, sample: StreamSample, jpeg_draft: bool = False) -> None:
         self.sample = sample
@@ -84,15 +87,20 @@ class _SampleImages:
                 f"{len(images)}; fix the record (an <image> tag without an image?)")
         return images[slot.index]
 
-    def tensor(self, slot: ImageSlot, which: str) -> torch.Tensor:
+    def pixels(self, slot: ImageSlot, which: str) -> torch.Tensor:
+        """[H, W, 3] uint8 at the stored `which` target; the packer normalises to [-1, 1] once per pack."""
         rec = self.record(slot)
         width, height = rec.get(f"{which}_width"), rec.get(f"{which}_height")
         if not width or not height:
             raise PackingError(f"sample {self.sample.sample_id}: {slot.role} image {slot.index} has no stored "
                                f"{which}_width/{which}_height; re-run ingest for this dataset")
-        if slot not in self._decoded:
-            self._decoded[slot] = self._decode(rec)
-        return image_to_tensor(self._decoded[slot], int(width), int(height))
+        array = stored_pixels(rec, which)   # store_pixels shards: decoded and resized at ingest
+        if array is None:
+            if slot not in self._decoded:
+                image = self._decode(rec)
+                self._decoded[slot] = image if image.mode == "RGB" else pil_img2rgb(image)
+            array = np.array(resize_rgb(self._decoded[slot], int(width), int(height)), dtype=np.uint8)
+        return torch.from_numpy(array)
 
     def _decode(self, rec: dict[str, Any]):
         data = rec.get("bytes")
@@ -223,23 +231,24 @@ def _pack_sample(sample: StreamSample, plan: SamplePlan, text_ids: list[list[int
                 status.dropped["vit"] += 1
                 rope += 1
                 continue
-            image = images.tensor(item.image, "vit")
+            pixels = images.pixels(item.image, "vit")
+            height, width = pixels.shape[0], pixels.shape[1]
             _special_token(status, special.start_of_image, curr)
             curr += 1
             split_len += 1
-            tokens = patchify(image, config.vit_patch_size)
+            tokens = patchify_hwc(pixels, config.vit_patch_size)   # uint8; normalised once per pack
             n = tokens.shape[0]
             status.vit_token_indexes.extend(range(curr, curr + n))
             curr += n
             split_len += n
             status.vit_tokens.append(tokens)
             status.vit_token_seqlens.append(n)
-            h, w = image.shape[1] // config.vit_patch_size, image.shape[2] // config.vit_patch_size
+            h, w = height // config.vit_patch_size, width // config.vit_patch_size
             if not config.interpolate_pos:
                 _check_grid(sample.sample_id, "ViT patch", h, w, config.vit_max_num_patch_per_side,
                             "vit_max_num_patch_per_side")
             status.vit_position_ids.append(get_flattened_position_ids(
-                image.shape[1], image.shape[2], config.vit_patch_size, config.vit_max_num_patch_per_side,
+                height, width, config.vit_patch_size, config.vit_max_num_patch_per_side,
                 interpolate=config.interpolate_pos))
             _special_token(status, special.end_of_image, curr, item)
             curr += 1
@@ -253,16 +262,17 @@ def _pack_sample(sample: StreamSample, plan: SamplePlan, text_ids: list[list[int
                 status.dropped["vae"] += 1
                 rope += 1
                 continue
-            image = images.tensor(item.image, "vae")
+            pixels = images.pixels(item.image, "vae")
+            height, width = pixels.shape[0], pixels.shape[1]
             _special_token(status, special.start_of_image, curr)
             curr += 1
             split_len += 1
-            status.vae_images.append(image)
-            h, w = image.shape[1] // downsample, image.shape[2] // downsample
+            status.vae_images.append(pixels)   # uint8 [H, W, 3]; normalised into the padded batch
+            h, w = height // downsample, width // downsample
             if not config.interpolate_pos:
                 _check_grid(sample.sample_id, "VAE latent", h, w, config.max_latent_size, "max_latent_size")
             status.latent_position_ids.append(get_flattened_position_ids(
-                image.shape[1], image.shape[2], downsample, config.max_latent_size,
+                height, width, downsample, config.max_latent_size,
                 interpolate=config.interpolate_pos))
             status.vae_latent_shapes.append((h, w))
             n = h * w
@@ -303,7 +313,7 @@ def _pack_sample(sample: StreamSample, plan: SamplePlan, text_ids: list[list[int
 
 
 def _long(values: list[int]) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long)
+    return torch.from_numpy(np.array(values, dtype=np.int64))   # ~2x faster than torch.tensor(list)
 
 
 def build_packed_batch(samples: Sequence[StreamSample], config: PackingConfig, tokenizer: TextTokenizer,
@@ -387,12 +397,12 @@ def build_packed_batch_from_plans(samples: Sequence[StreamSample], plans: Sequen
                                 if not config.use_flex and config.build_nested_masks else None),
     )
     if status.vae_images:
-        max_h = max(t.shape[1] for t in status.vae_images)
-        max_w = max(t.shape[2] for t in status.vae_images)
+        max_h = max(t.shape[0] for t in status.vae_images)
+        max_w = max(t.shape[1] for t in status.vae_images)
         padded = torch.empty((len(status.vae_images), 3, max_h, max_w), dtype=torch.float32)
-        for i, image in enumerate(status.vae_images):   # each element written once: image, then zero margins
-            h, w = image.shape[1], image.shape[2]
-            padded[i, :, :h, :w] = image
+        for i, pixels in enumerate(status.vae_images):   # each element written once: image, then zero margins
+            h, w = pixels.shape[0], pixels.shape[1]
+            normalise_(padded[i, :, :h, :w].copy_(pixels.permute(2, 0, 1)))
             padded[i, :, :h, w:] = 0
             padded[i, :, h:, :] = 0
         batch.padded_images = padded
@@ -400,7 +410,7 @@ def build_packed_batch_from_plans(samples: Sequence[StreamSample], plans: Sequen
         batch.packed_latent_position_ids = torch.cat(status.latent_position_ids).long()
         batch.packed_vae_token_indexes = _long(status.vae_token_indexes)
     if status.vit_tokens:
-        batch.packed_vit_tokens = torch.cat(status.vit_tokens, dim=0)
+        batch.packed_vit_tokens = normalise_(torch.cat(status.vit_tokens, dim=0).float())
         batch.packed_vit_position_ids = torch.cat(status.vit_position_ids).long()
         batch.packed_vit_token_indexes = _long(status.vit_token_indexes)
         batch.vit_token_seqlens = _long(status.vit_token_seqlens)

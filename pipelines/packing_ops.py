@@ -18,6 +18,18 @@ def patchify(image: torch.Tensor, patch_size: int) -> torch.Tensor:
     return image.reshape(-1, p * p * c)
 
 
+def patchify_hwc(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[H, W, C] (any dtype) -> [(H/p)*(W/p), p*p*C]: the token layout of `patchify` on the [C, H, W] image.
+
+    The packer patchifies uint8 pixels and normalises all ViT tokens of a pack at once (a quarter of the
+    bytes moved per step)."""
+    p = patch_size
+    h, w, c = pixels.shape
+    if h % p or w % p:
+        raise ValueError(f"image {h}x{w} is not divisible by the patch size {p}")
+    return pixels.reshape(h // p, p, w // p, p, c).permute(0, 2, 1, 3, 4).reshape(-1, p * p * c)
+
+
 def len2weight(x: int, mode: str = "square") -> float:
     """CE weight of each target token of a text of x targets (upstream passes text length + 1)."""
     if x == 0:

@@ -9,6 +9,7 @@ import torch
 from pipelines.packing import (
     get_flattened_position_ids_extrapolate, get_flattened_position_ids_interpolate, len2weight, patchify,
 )
+from pipelines.packing_ops import patchify_hwc
 
 
 def test_patchify_order_is_row_major_patches_then_row_col_channel():
@@ -22,6 +23,14 @@ def test_patchify_order_is_row_major_patches_then_row_col_channel():
             for j in range(p):
                 for ch in range(c):
                     assert tokens[token, (i * p + j) * c + ch] == image[ch, pr * p + i, pc * p + j]
+
+
+@pytest.mark.parametrize("h,w,p", [(28, 42, 14), (4, 6, 2), (14, 14, 14)])
+def test_patchify_hwc_matches_patchify_of_the_chw_image(h, w, p):
+    pixels = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(h * w))
+    assert torch.equal(patchify_hwc(pixels, p), patchify(pixels.permute(2, 0, 1), p))
+    with pytest.raises(ValueError, match="divisible"):
+        patchify_hwc(pixels[1:], p)
 
 
 def test_patchify_refuses_sizes_not_divisible():
