@@ -366,14 +366,16 @@ class MixtureStream:
         return PackPlan(members, curr, metrics, self.state_dict())
 
     # -- materialising -----------------------------------------------------------------------------
-    def full_sample(self, d: Drawn) -> StreamSample:
-        """The drawn sample with its whole shard row (image bytes included), sizes matching the config."""
+    def full_sample(self, d: Drawn, tokenizer: TextTokenizer | None = None) -> StreamSample:
+        """The drawn sample with its whole shard row (image bytes included), sizes matching the config.
+
+        Safe in a worker thread (the row cache is thread-safe; pass a thread-safe `tokenizer` there)."""
         ds = self.groups[d.group].datasets[d.ds]
         rg, off = ds.layout.find(d.row)
-        table = self._row_cache.table(*ds.layout.row_group(rg), None)
+        table = self._row_cache.table(*ds.layout.row_group(rg), ds.row_columns)
         row = table_row(table, off)
         if ds.recompute is not None:
-            row = recompute_row(row, ds.task, *ds.recompute, self.tokenizer)
+            row = recompute_row(row, ds.task, *ds.recompute, tokenizer or self.tokenizer)
         s = d.sample
         return StreamSample(sample_id=s.sample_id, dataset=s.dataset, group=s.group, task=s.task,
                             num_tokens=int(row["num_tokens"]), row=row, data_dir=s.data_dir, draw_key=s.draw_key)

@@ -5,9 +5,10 @@ a pack's cost, and almost all of it runs in C code that releases the GIL (PIL de
 fills and copies). So a loader process can build several packs at once with threads, without the memory
 and start-up cost of more loader processes.
 
-Determinism: the main thread alone decides packs (`next_plan`, metadata only) and reads their shard rows,
-in stream order, exactly as the sequential path does; a worker thread only runs the pure function
-`build_packed_batch(samples, packing, tokenizer, seed)` of one decided pack. Batches are handed out in
+Determinism: the main thread alone decides packs (`next_plan`, metadata only), in stream order, exactly as
+the sequential path does; a worker thread reads the decided pack's shard rows (a thread-safe row-group
+cache; reading 1-2 MB rows of `store_pixels` shards is a large share of a pack) and runs the pure function
+`build_packed_batch(samples, packing, tokenizer, seed)`. Batches are handed out in
 pack order, so the output is bit-for-bit the sequential `iter(stream)` output whatever the thread timing.
 
 Resume: `state_dict()` is the position after the last batch *handed out* (its `stream_state`), not the
@@ -74,8 +75,12 @@ class PrefetchingBatches:
 
     def _submit(self) -> None:
         plan = self.stream.next_plan()                              # main thread: stream order
-        samples = [self.stream.full_sample(d) for d in plan.members]  # row cache is not shared with workers
-        self._queue.append(self._pool.submit(self.stream.build_batch, plan, samples, self._tokenizer))
+        self._queue.append(self._pool.submit(self._build, plan))
+
+    def _build(self, plan: Any) -> "PackedBatch":
+        """Worker thread: read the pack's rows, then build its tensors (errors surface at its place)."""
+        samples = [self.stream.full_sample(d, self._tokenizer) for d in plan.members]
+        return self.stream.build_batch(plan, samples, self._tokenizer)
 
     def _top_up(self) -> None:
         """Fill the look-ahead. An error deciding or reading a later pack is kept and raised only when that

@@ -20,7 +20,7 @@ from datasets_catalog.transforms import ImageTransformArgs
 from .mixture_config import GroupConfig, MixtureConfig, MixtureConfigError
 from .mixture_order import MAX_BLOCK_ROWS
 from .shard_reader import ShardLayout
-from .shard_schema import SCHEMA_VERSION
+from .shard_schema import PIXEL_SHARD_READ_COLUMNS, SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,13 @@ class DatasetSource:
     @property
     def rows(self) -> int:
         return self.layout.rows
+
+    @property
+    def row_columns(self) -> tuple[str, ...] | None:
+        """Columns to read for training rows: all (None), or all but the original image bytes when the
+        shards store pixels at the configured sizes (store_pixels, no recompute): far fewer bytes per row."""
+        stored = (self.manifest.get("settings") or {}).get("store_pixels")
+        return PIXEL_SHARD_READ_COLUMNS if stored and self.recompute is None else None
 
 
 @dataclass

@@ -1,11 +1,15 @@
 """Random access to shard rows by (file, row group, offset), one row group at a time, with bounded caches.
 
 Footers are read once (row-group sizes only); row groups are read with pyarrow on demand and kept in a
-small LRU cache bounded in bytes, so memory does not grow with the dataset.
+small LRU cache bounded in bytes, so memory does not grow with the dataset. The cache is thread-safe (the
+look-ahead threads of pipelines.mixture_prefetch read rows in parallel): a row group that one thread is
+reading is waited for, never read twice, and the lock is never held during I/O.
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,35 +68,56 @@ class RowGroupCache:
         self.max_bytes, self.max_items = max_bytes, max_items
         self._items: OrderedDict[tuple, tuple[pa.Table, int]] = OrderedDict()
         self._bytes = 0
-        self._files: OrderedDict[Path, pq.ParquetFile] = OrderedDict()
+        self._local = threading.local()   # per-thread open files
+        self._loading: dict[tuple, Future] = {}
+        self._lock = threading.Lock()
         self.reads = 0
 
     def _file(self, path: Path) -> pq.ParquetFile:
-        f = self._files.get(path)
+        """This thread's open file: a `ParquetFile` must not be read by two threads at once."""
+        files = getattr(self._local, "files", None)
+        if files is None:
+            files = self._local.files = OrderedDict()
+        f = files.get(path)
         if f is None:
-            f = pq.ParquetFile(parquet_source(path))
-            self._files[path] = f
-            if len(self._files) > 32:
-                self._files.popitem(last=False)
+            f = files[path] = pq.ParquetFile(parquet_source(path))
+            if len(files) > 32:
+                files.popitem(last=False)
         else:
-            self._files.move_to_end(path)
+            files.move_to_end(path)
         return f
 
     def table(self, path: Path, rg: int, columns: tuple[str, ...] | None) -> pa.Table:
         k = (path, rg, columns)
-        hit = self._items.get(k)
-        if hit is not None:
-            self._items.move_to_end(k)
-            return hit[0]
-        # one thread: loader workers are processes already; pyarrow's pool only contends with them
-        table = self._file(path).read_row_group(rg, columns=list(columns) if columns else None, use_threads=False)
-        self.reads += 1
+        with self._lock:
+            hit = self._items.get(k)
+            if hit is not None:
+                self._items.move_to_end(k)
+                return hit[0]
+            loading = self._loading.get(k)
+            if loading is None:
+                self._loading[k] = mine = Future()
+        if loading is not None:   # another thread is reading it
+            return loading.result()
+        try:
+            # one pyarrow thread: loader workers are processes already; pyarrow's pool only contends with them
+            table = self._file(path).read_row_group(rg, columns=list(columns) if columns else None,
+                                                    use_threads=False)
+        except BaseException as exc:
+            with self._lock:
+                del self._loading[k]
+            mine.set_exception(exc)
+            raise
         size = table.nbytes
-        self._items[k] = (table, size)
-        self._bytes += size
-        while len(self._items) > 1 and (self._bytes > self.max_bytes or len(self._items) > self.max_items):
-            _, (_, old) = self._items.popitem(last=False)
-            self._bytes -= old
+        with self._lock:
+            del self._loading[k]
+            self.reads += 1
+            self._items[k] = (table, size)
+            self._bytes += size
+            while len(self._items) > 1 and (self._bytes > self.max_bytes or len(self._items) > self.max_items):
+                _, (_, old) = self._items.popitem(last=False)
+                self._bytes -= old
+        mine.set_result(table)
         return table
 
 
