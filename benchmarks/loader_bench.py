@@ -2,7 +2,7 @@
 """Loader benchmark: the mixture stream over shards against an upstream-style loader, in one run.
 
     python benchmarks/loader_bench.py [--rows 400] [--seconds 60] [--rounds 6] [--threads 2] [--big-rows 1000000]
-                                      [--work DIR] [--skip-memory] [--json]
+                                      [--work DIR] [--skip-memory] [--skip-pixels] [--json]
     python benchmarks/loader_bench.py --draft-diff      # JPEG draft decoding: pixel difference and speed
 
 1. Throughput (packed tokens/s, one process): a three-dataset mixture (sft, edit, t2i; real PNGs) read by
@@ -10,7 +10,9 @@
    memory, a seeded shuffle, `json.loads` per sample, open and decode each image file per sample (also for
    samples the packer then drops), tokenise to count tokens, the upstream PackedDataset loop (overflow
    dropped), and the same tensor building (`build_packed_batch`: same transforms, same packing settings).
-   Our stream runs twice: sequential (`iter(stream)`) and with threaded look-ahead (`stream.batches(threads)`).
+   Our stream runs sequential (`iter(stream)`) and with threaded look-ahead (`stream.batches(threads)`), each
+   over shards holding the original image bytes (decoded per sample, like the baseline) and over
+   `--store-pixels` shards of the same records (decoded and resized once at ingest; pipelines.image_pixels).
    The loaders alternate in slices; wall time and process CPU time (all threads) of a slice are charged to
    its loader, and the look-ahead is finished inside our own slice (never runs in the baseline's).
 2. Time to first batch and peak RSS, each in a fresh process: full stream (sequential) on 10,000- and
@@ -57,11 +59,15 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def build_catalog(root: Path, rows: int, distinct: int | None, embed: bool = True, image_sizes=(128, 512)) -> Path:
+def build_catalog(root: Path, rows: int, distinct: int | None, embed: bool = True, image_sizes=(128, 512),
+                  store_pixels: bool = False) -> Path:
+    """Shards as ingest writes them; `store_pixels`: also the decoded, resized pixels (`--store-pixels`),
+    in smaller row groups (a row then carries ~1-2 MB of pixels). Same seeds: same records either way."""
     from shard_factory import DatasetRecipe, make_catalog
 
+    rows_per_group = 16 if store_pixels else 64 if rows < 100_000 else 1000
     recipes = [DatasetRecipe(name, task, rows=rows, distinct=distinct, image_sizes=image_sizes,
-                             rows_per_row_group=64 if rows < 100_000 else 1000,
+                             rows_per_row_group=rows_per_group, store_pixels=store_pixels,
                              rows_per_file=512 if rows < 100_000 else 100_000, embed_bytes=embed,
                              image_transform_args=VAE, vit_image_transform_args=VIT, words=(10, 60))
                for name, task, _ in DATASETS]
@@ -110,23 +116,32 @@ class Ours:
             yield batch
 
 
-def compare(config: Path, root: Path, seconds: float, rounds: int, threads: int = 0) -> dict:
+def compare(config: Path, root: Path, seconds: float, rounds: int, threads: int = 0,
+            pixels_config: Path | None = None) -> dict:
     """Alternate the loaders in `rounds` slices so that load drift on a shared machine hits all of them.
 
-    Loaders: the baseline, our stream sequential, and (threads > 0) our stream with threaded look-ahead.
-    Wall time and process CPU time (all threads) are both charged to the loader whose slice it is.
+    Loaders: the baseline; our stream sequential and (threads > 0) with threaded look-ahead, over shards
+    with the original image bytes; and the same two over `--store-pixels` shards of the same records
+    (`pixels_config`). Wall time and process CPU time (all threads) are charged to the loader whose slice it is.
     """
     loaders: dict[str, object] = {}
     iters: dict[str, object] = {}
     totals: dict[str, list[float]] = {}
     first_s: dict[str, float] = {}
-    names = ["ours"] + (["ours_threads"] if threads else []) + ["baseline"]
+    variants = {"ours": (config, 0)}
+    if threads:
+        variants["ours_threads"] = (config, threads)
+    if pixels_config is not None:
+        variants["pixels"] = (pixels_config, 0)
+        if threads:
+            variants["pixels_threads"] = (pixels_config, threads)
+    names = [*variants, "baseline"]
     for name in names:
         t, c = time.perf_counter(), time.process_time()
         if name == "baseline":
             loaders[name] = UpstreamBaseline(root, TextTokenizer.builtin())
         else:
-            loaders[name] = Ours(config, threads if name == "ours_threads" else 0)
+            loaders[name] = Ours(*variants[name])
         iters[name] = iter(loaders[name])
         first = next(iters[name])
         first_s[name] = time.perf_counter() - t
@@ -150,9 +165,9 @@ def compare(config: Path, root: Path, seconds: float, rounds: int, threads: int 
     for name, (tokens, secs, packs, cpu) in totals.items():
         out[name] = {"packs": packs, "tokens": tokens, "seconds": round(secs, 2), "cpu_seconds": round(cpu, 2),
                      "tokens_per_s": tokens / secs, "tokens_per_cpu_s": tokens / cpu, "first_batch_s": first_s[name]}
-    out["ours"]["time_split"] = {k: round(v, 2) for k, v in loaders["ours"].split.items()}
-    if threads:
-        out["ours_threads"]["time_split"] = {"threads": threads, "lookahead": loaders["ours_threads"].prefetch.lookahead}
+    for name, (_, n_threads) in variants.items():
+        out[name]["time_split"] = ({"threads": n_threads, "lookahead": loaders[name].prefetch.lookahead}
+                                   if n_threads else {k: round(v, 2) for k, v in loaders[name].split.items()})
     base = loaders["baseline"]
     out["baseline"]["time_split"] = {"read_decode_count_s": round(base.prep_s, 2),
                                      "build_tensors_s": round(base.build_s, 2)}
@@ -361,6 +376,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2,
                    help="also run the stream with this many look-ahead build threads (0: sequential only)")
     p.add_argument("--skip-memory", action="store_true", help="throughput only (no RSS / first-batch children)")
+    p.add_argument("--skip-pixels", action="store_true", help="do not run the stream over --store-pixels shards")
     p.add_argument("--draft-diff", action="store_true",
                    help="only measure JPEG draft decoding (PackingConfig.jpeg_draft): pixel difference and speed")
     p.add_argument("--work", help="working folder (default: a temporary one)")
@@ -386,8 +402,9 @@ def main() -> int:
         return 0
     if args.build:
         work = Path(args.build)
-        if not (work / "rows1m" / "mix.yaml").exists():
+        if not all((work / name / "mix.yaml").exists() for name in ("throughput", "pixels", "rows10k", "rows1m")):
             build_catalog(work / "throughput", args.rows, min(args.rows, 150))
+            build_catalog(work / "pixels", args.rows, min(args.rows, 150), store_pixels=True)
             build_catalog(work / "rows10k", 10_000 // len(DATASETS) + 1, 50, image_sizes=(32, 96))
             build_catalog(work / "rows1m", args.big_rows // len(DATASETS) + 1, 50, embed=False, image_sizes=(32, 96))
         return 0
@@ -405,7 +422,8 @@ def main() -> int:
     small, mid, big = (work / "throughput" / "mix.yaml", work / "rows10k" / "mix.yaml", work / "rows1m" / "mix.yaml")
     setup = time.perf_counter() - t
     load_before = os.getloadavg()
-    both = compare(small, small.parent, args.seconds, args.rounds, args.threads)
+    pixels = None if args.skip_pixels else work / "pixels" / "mix.yaml"
+    both = compare(small, small.parent, args.seconds, args.rounds, args.threads, pixels)
     load_after = os.getloadavg()
     base = both["baseline"]
     memory = {} if args.skip_memory else {
@@ -428,6 +446,7 @@ def main() -> int:
               f"under {work}")
         print(f"{'loader':<34} {'packs':>6} {'tokens/s':>10} {'tokens/CPU-s':>13} {'first batch s':>14}")
         labels = {"ours": "mixture stream (sequential)", "ours_threads": f"mixture stream ({args.threads} threads)",
+                  "pixels": "stream, --store-pixels shards", "pixels_threads": f"same, {args.threads} threads",
                   "baseline": "upstream-style baseline"}
         for name, r in both.items():
             print(f"{labels[name]:<34} {r['packs']:>6} {r['tokens_per_s']:>10.0f} {r['tokens_per_cpu_s']:>13.0f} "
