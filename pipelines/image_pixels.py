@@ -20,7 +20,7 @@ import torch
 from .image_decode import ImageDecodeError, load_image_rgb, resize_rgb, rgb_array_to_tensor
 
 TARGETS = ("vae", "vit")
-PIXEL_FIELDS = tuple(f"{which}_pixels" for which in TARGETS)
+PIXEL_FIELDS = tuple(f"{which}_pixels" for which in TARGETS)   # also spelled out in pipelines.ingest_chunk
 
 
 def resized_pixels(data: bytes | None, path: Path | str | None, meta: str | None,

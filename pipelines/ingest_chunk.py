@@ -25,9 +25,7 @@ from datasets_catalog.tokenizer import TextTokenizer
 from datasets_catalog.transforms import ImageTransformArgs, resize_target, vae_tokens, vit_tokens
 
 from . import storage
-from .image_decode import ImageDecodeError
 from .image_io import ImageError, ImageProbe, clear_path_cache, probe_image, resolve_image_path
-from .image_pixels import PIXEL_FIELDS, resized_pixels
 from .shard_schema import REJECTS_SCHEMA, SHARD_SCHEMA, leaf_paths
 
 ROW_GROUP_ROWS = 256
@@ -36,6 +34,7 @@ ROW_GROUP_BYTES = 64 * 1024 * 1024
 
 # Image bytes are already compressed (PNG/JPEG), and stored pixels are read on every training step (a raw
 # copy beats any decompression there): store both as they are; compress everything else.
+PIXEL_FIELDS = ("vae_pixels", "vit_pixels")   # pipelines.image_pixels (imported lazily: it needs torch)
 _RAW_COLUMNS = (".bytes", *(f".{name}" for name in PIXEL_FIELDS))
 _COMPRESSION = {path: "NONE" if path.endswith(_RAW_COLUMNS) else "ZSTD" for path in leaf_paths(SHARD_SCHEMA)}
 
@@ -158,6 +157,9 @@ class ChunkProcessor:
 
     def _pixels(self, rel: str, probe: ImageProbe, sizes: dict[str, tuple[int, int]]) -> dict[str, bytes]:
         """The decoded, resized pixels of a `store_pixels` dataset; a body that does not decode is a reject."""
+        from .image_decode import ImageDecodeError   # torch: only workers of store_pixels datasets load it
+        from .image_pixels import resized_pixels
+
         try:
             return resized_pixels(probe.data, None, json.dumps(probe.meta, sort_keys=True, default=str)
                                   if probe.meta else None, sizes)

@@ -175,3 +175,17 @@ def test_cli_flag_and_catalog_errors(edit_catalog):
     edit_catalog.write_text(edit_catalog.read_text().replace("    task: edit\n", "    task: edit\n    store_pixels: 3\n"))
     with pytest.raises(CatalogError, match=r"line \d+.*store_pixels.*true or false"):
         load_catalog(edit_catalog)
+
+
+def test_ingest_workers_without_store_pixels_do_not_import_torch():
+    """torch costs ~1 s per Ray worker start; only store_pixels chunks need it."""
+    import subprocess
+    import sys
+
+    from pipelines import image_pixels, ingest_chunk
+
+    assert ingest_chunk.PIXEL_FIELDS == image_pixels.PIXEL_FIELDS
+    code = "import sys, pipelines.ingest_chunk; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "False"
