@@ -22,7 +22,7 @@ from datasets_catalog.tokenizer import TextTokenizer
 
 from . import ingest_state as st
 from . import storage
-from .ingest_chunk import ChunkTask, process_chunk
+from .ingest_chunk import PIXEL_ROW_GROUP_BYTES, ROW_GROUP_BYTES, ChunkTask, process_chunk
 from .shard_schema import SCHEMA_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -358,6 +358,7 @@ def chunk_tasks(plan: _Plan, catalog: Catalog, reference_images: bool, verify_im
         max_image_pixels=spec.max_image_pixels, tokenizer=catalog.tokenizer,
         reference_images=reference_images, verify_images=verify_images, store_pixels=spec.store_pixels,
         extra_options=spec.extra_options,
+        row_group_bytes=PIXEL_ROW_GROUP_BYTES if spec.store_pixels else ROW_GROUP_BYTES,
     ) for index, (offset, length, first_line) in enumerate(plan.scan.chunks)]
     plan.expected_chunks = len(tasks)
     return tasks

@@ -30,6 +30,7 @@ from .shard_schema import REJECTS_SCHEMA, SHARD_SCHEMA, leaf_paths
 
 ROW_GROUP_ROWS = 256
 ROW_GROUP_BYTES = 64 * 1024 * 1024
+PIXEL_ROW_GROUP_BYTES = 32 * 1024 * 1024   # store_pixels rows hold MBs: smaller groups keep loader caches small
 
 
 # Image bytes are already compressed (PNG/JPEG), and stored pixels are read on every training step (a raw

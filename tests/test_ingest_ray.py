@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import torch
 from PIL import Image
 
 from datasets_catalog.catalog import load_catalog
@@ -67,3 +68,19 @@ def test_example_catalog_through_ray_data(ray_cluster, tmp_path):
 
     again = run_ingest(catalog, out=tmp_path, address=address, progress=False, log=lambda m: None)
     assert {d.status for d in again.datasets} == {STATUS_UP_TO_DATE}
+
+    # --store-pixels through Ray Data: a settings change rebuilds; pixels equal the decode path (DICOM too)
+    from pipelines.image_decode import image_to_tensor, load_image_rgb
+    from pipelines.image_pixels import stored_pixels_tensor
+
+    names = ["mr_echo_dicom", "he_to_ihc_edit"]
+    pixels = run_ingest(catalog.with_store_pixels(), out=tmp_path, address=address, only=names, progress=False,
+                        log=lambda m: None)
+    assert pixels.ok and {d.status for d in pixels.datasets} == {STATUS_BUILT}
+    for name in names:
+        for images in pd.read_parquet(tmp_path / name)[["input_images", "output_images"]].itertuples(index=False):
+            for image in [*images.input_images, *images.output_images]:
+                decoded = load_image_rgb(image["bytes"], None, image["meta"])
+                for which in ("vae", "vit"):
+                    want = image_to_tensor(decoded, image[f"{which}_width"], image[f"{which}_height"])
+                    assert torch.equal(stored_pixels_tensor(image, which), want)
