@@ -62,11 +62,13 @@ def test_exact_resume_and_checkpoint_files(mixture, tmp_path):
     # N = 6 straight (FSDP2 wrapping on CPU/gloo, background loader process) ...
     straight = train_loop(_cfg(mixture, tmp_path / "a", "--total_steps", "6", "--save_every", "3",
                                "--dataloader_workers", "1", "--parallelism", "fsdp"), print_fn=lambda s: None)
-    # ... vs 3, stop, resume to 6 (no wrapping, loader thread): same losses, bit-identical weights
+    # ... vs 3, stop, resume to 6 (no wrapping, loader thread whose packs are built ahead by 2 threads):
+    # same losses, bit-identical weights
     first = train_loop(_cfg(mixture, tmp_path / "b", "--total_steps", "6", "--save_every", "3",
-                            "--stop_at_step", "3", "--dataloader_workers", "0"), print_fn=lambda s: None)
+                            "--stop_at_step", "3", "--dataloader_workers", "0", "--dataloader_threads", "2"),
+                       print_fn=lambda s: None)
     second = train_loop(_cfg(mixture, tmp_path / "b", "--total_steps", "6", "--save_every", "3",
-                             "--dataloader_workers", "0"), print_fn=lambda s: None)
+                             "--dataloader_workers", "0", "--dataloader_threads", "2"), print_fn=lambda s: None)
     assert first.final_step == 3 and second.start_step == 3 and second.final_step == 6
     assert second.resumed_from and second.resumed_from.endswith("0000003")
     losses = [(h["step"], h["ce"], h["mse"], h["lr"]) for h in straight.history]

@@ -60,6 +60,8 @@ class DataArguments:
     prefetch_factor: int = _f(2, "packed batches loaded ahead of compute")
     dataloader_workers: int = _f(1, "background loader processes per Ray worker (0 = a thread); "
                                      "upstream's DataArguments.num_workers")
+    dataloader_threads: int = _f(0, "pack-building threads inside each loader (MixtureStream.batches; same "
+                                    "batches, built ahead; 2 per spare pair of cores)")
     max_num_tokens_per_sample: int = _f(16384, "longer samples are skipped")
     max_num_tokens: int = _f(36864, "hard cap for one packed batch")
     expected_num_tokens: int = _f(32768, "a pack is yielded once it holds this many tokens")
@@ -399,6 +401,8 @@ def validate(cfg: TrainConfig, generation_groups: Optional[list[str]] = None,
             raise ConfigError(f"{name} must be >= 1, got {cfg.get(name)}")
     if d.dataloader_workers < 0:
         raise ConfigError(f"dataloader_workers must be >= 0, got {d.dataloader_workers}")
+    if d.dataloader_threads < 0:
+        raise ConfigError(f"dataloader_threads must be >= 0, got {d.dataloader_threads}")
     if t.stop_at_step is not None and not 1 <= t.stop_at_step <= t.total_steps:
         raise ConfigError(f"stop_at_step must be in [1, total_steps={t.total_steps}], got {t.stop_at_step}")
     if not 0.0 <= t.ema <= 1.0:

@@ -61,6 +61,7 @@ class StreamFactory:
     world_size: int
     seed: int
     loader: LoaderState = field(default_factory=LoaderState)
+    threads: int = 0   # >0: batches built ahead by this many threads (stream.batches; identical batches)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def build(self, slot: int = 0):
@@ -81,7 +82,9 @@ class StreamFactory:
         if count != self.loader.num_slots:
             raise ValueError(f"{count} loader processes for {self.loader.num_slots} stream slots")
         slot = (index + self.loader.next_slot) % count
-        for batch in self.build(slot):
+        stream = self.build(slot)
+        # each batch carries the state after itself, so the look-ahead never makes a checkpoint inexact
+        for batch in (stream.batches(threads=self.threads) if self.threads else stream):
             batch.metrics = {**(batch.metrics or {}), "loader_slot": slot}
             yield batch
 

@@ -220,7 +220,7 @@ def train_loop(cfg: TrainConfig | dict, *, reporter: Optional[Reporter] = None,
         factory: Callable[[], Iterator] = StreamFactory(
             mixture_path=str(cfg.mixture_path), packing=packing_config(cfg, mc), tokenizer_spec=tokenizer_spec(cfg),
             rank=rank, world_size=world, seed=cfg.data.data_seed,
-            loader=copy.deepcopy(loader_state))
+            loader=copy.deepcopy(loader_state), threads=cfg.data.dataloader_threads)
     else:
         factory = batch_factory(stream_state, rank, world)
     mixture_groups = mixture_groups or []
