@@ -2,9 +2,9 @@
 
 A `store_pixels` dataset keeps, next to each image's original bytes, the image already converted to RGB
 (transparency over white) and resized to its VAE and ViT targets (PIL bicubic, the upstream transform), as
-raw row-major HWC uint8 (`vae_pixels`, `vit_pixels` in the shard's image struct). Decoding and resizing are
-most of the loader's CPU time (docs/mixture.md, "Tests and benchmark"); a stored image only needs the [-1, 1] normalisation, which
-`rgb_array_to_tensor` shares with the decode path, so both paths give bit-identical tensors.
+raw row-major HWC uint8 (`vae_pixels`, `vit_pixels` in the shard's image struct). Decoding and resizing
+are most of the loader's CPU time (docs/mixture.md, "Tests and benchmark"); a stored image only needs the
+[-1, 1] normalisation, which the packer shares with the decode path, so both give bit-identical tensors.
 
 The cost is disk: width x height x 3 bytes per target (a 1024x1024 VAE target is 3 MB). The pixels are
 only used when their size is still the row's target: a mixture config with other transform args makes
