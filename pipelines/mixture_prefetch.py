@@ -83,8 +83,9 @@ class PrefetchingBatches:
         return self.stream.build_batch(plan, samples, self._tokenizer)
 
     def _top_up(self) -> None:
-        """Fill the look-ahead. An error deciding or reading a later pack is kept and raised only when that
-        pack is due, so the batches before it are still handed out (as the sequential path would)."""
+        """Fill the look-ahead. An error deciding a later pack is kept and raised only when that pack is due,
+        so the batches before it are still handed out (as the sequential path would); an error reading or
+        building one surfaces from its future, at the same place."""
         while self._error is None and len(self._queue) < self.lookahead:
             try:
                 self._submit()
