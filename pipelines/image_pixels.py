@@ -18,9 +18,7 @@ import numpy as np
 import torch
 
 from .image_decode import ImageDecodeError, load_image_rgb, resize_rgb, rgb_array_to_tensor
-
-TARGETS = ("vae", "vit")
-PIXEL_FIELDS = tuple(f"{which}_pixels" for which in TARGETS)   # also spelled out in pipelines.ingest_chunk
+from .shard_schema import PIXEL_FIELDS  # noqa: F401  (re-exported: the fields this module fills and reads)
 
 
 def resized_pixels(data: bytes | None, path: Path | str | None, meta: str | None,

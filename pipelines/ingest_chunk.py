@@ -26,7 +26,7 @@ from datasets_catalog.transforms import ImageTransformArgs, resize_target, vae_t
 
 from . import storage
 from .image_io import ImageError, ImageProbe, clear_path_cache, probe_image, resolve_image_path
-from .shard_schema import REJECTS_SCHEMA, SHARD_SCHEMA, leaf_paths
+from .shard_schema import PIXEL_FIELDS, REJECTS_SCHEMA, SHARD_SCHEMA, leaf_paths
 
 ROW_GROUP_ROWS = 256
 ROW_GROUP_BYTES = 64 * 1024 * 1024
@@ -35,7 +35,6 @@ PIXEL_ROW_GROUP_BYTES = 32 * 1024 * 1024   # store_pixels rows hold MBs: smaller
 
 # Image bytes are already compressed (PNG/JPEG), and stored pixels are read on every training step (a raw
 # copy beats any decompression there): store both as they are; compress everything else.
-PIXEL_FIELDS = ("vae_pixels", "vit_pixels")   # pipelines.image_pixels (imported lazily: it needs torch)
 _RAW_COLUMNS = (".bytes", *(f".{name}" for name in PIXEL_FIELDS))
 _COMPRESSION = {path: "NONE" if path.endswith(_RAW_COLUMNS) else "ZSTD" for path in leaf_paths(SHARD_SCHEMA)}
 
@@ -144,7 +143,8 @@ class ChunkProcessor:
                                               f"{probe.width}x{probe.height}; fix or drop width/height")
         vae_w, vae_h = resize_target(probe.width, probe.height, self.vae_args, 1)
         vit_w, vit_h = resize_target(probe.width, probe.height, self.vit_args, vit_num)
-        pixels = self._pixels(rel, probe, {"vae": (vae_w, vae_h), "vit": (vit_w, vit_h)}) \
+        meta = json.dumps(probe.meta, sort_keys=True, default=str) if probe.meta else None
+        pixels = self._pixels(rel, probe, meta, {"vae": (vae_w, vae_h), "vit": (vit_w, vit_h)}) \
             if self.task.store_pixels else {}
         return {
             "path": rel, "width": probe.width, "height": probe.height, "format": probe.format,
@@ -152,18 +152,18 @@ class ChunkProcessor:
             "vit_width": vit_w, "vit_height": vit_h, "vit_tokens": vit_tokens(vit_w, vit_h),
             "sha256": probe.sha256,
             "bytes": None if self.task.reference_images else probe.data,
-            "meta": json.dumps(probe.meta, sort_keys=True, default=str) if probe.meta else None,
+            "meta": meta,
             **pixels,
         }
 
-    def _pixels(self, rel: str, probe: ImageProbe, sizes: dict[str, tuple[int, int]]) -> dict[str, bytes]:
+    def _pixels(self, rel: str, probe: ImageProbe, meta: str | None,
+                sizes: dict[str, tuple[int, int]]) -> dict[str, bytes]:
         """The decoded, resized pixels of a `store_pixels` dataset; a body that does not decode is a reject."""
         from .image_decode import ImageDecodeError   # torch: only workers of store_pixels datasets load it
         from .image_pixels import resized_pixels
 
         try:
-            return resized_pixels(probe.data, None, json.dumps(probe.meta, sort_keys=True, default=str)
-                                  if probe.meta else None, sizes)
+            return resized_pixels(probe.data, None, meta, sizes)
         except ImageDecodeError as exc:
             raise ImageError("image_corrupt", f"{rel!r}: the header is valid but the image does not decode "
                                               f"({exc}); re-export the file") from None

@@ -31,6 +31,7 @@ IMAGE_TYPE = pa.struct([
     ("vae_pixels", pa.binary()),
     ("vit_pixels", pa.binary()),
 ])
+PIXEL_FIELDS = ("vae_pixels", "vit_pixels")   # the stored-pixel fields above, per target (vae, vit)
 
 SHARD_SCHEMA = pa.schema([
     ("sample_id", pa.string()),     # "<dataset>:<line_number>[:<frame>]", unique within the catalog
