@@ -28,13 +28,12 @@ def recompute_row(row: dict[str, Any], kind: TaskKind, vae: ImageTransformArgs, 
     img_num = len(inputs) if kind.vit_img_num_is_image_count else 1
     for im in (*inputs, *outputs):
         w, h = int(im["width"]), int(im["height"])
-        for which, size in (("vae", vae.target_size(w, h)), ("vit", vit.target_size(w, h, img_num))):
+        for which, size, tokens in (("vae", vae.target_size(w, h), vae_tokens),
+                                    ("vit", vit.target_size(w, h, img_num), vit_tokens)):
             if size != (im.get(f"{which}_width"), im.get(f"{which}_height")):
                 im[f"{which}_pixels"] = None   # stored pixels (store_pixels) have the old size: decode instead
-        im["vae_width"], im["vae_height"] = vae.target_size(w, h)
-        im["vae_tokens"] = vae_tokens(im["vae_width"], im["vae_height"])
-        im["vit_width"], im["vit_height"] = vit.target_size(w, h, img_num)
-        im["vit_tokens"] = vit_tokens(im["vit_width"], im["vit_height"])
+            im[f"{which}_width"], im[f"{which}_height"] = size
+            im[f"{which}_tokens"] = tokens(*size)
     messages = [Message(m["from"], m["value"]) for m in row.get("messages") or []]
     plan = build_plan(kind, messages, len(inputs), len(outputs))
     texts = [len(tokenizer.encode(item.text)) for item in plan.items if item.type == "text"]
