@@ -367,7 +367,8 @@ class MixtureStream:
 
     # -- materialising -----------------------------------------------------------------------------
     def full_sample(self, d: Drawn, tokenizer: TextTokenizer | None = None) -> StreamSample:
-        """The drawn sample with its whole shard row (image bytes included), sizes matching the config.
+        """The drawn sample with its whole shard row, sizes matching the config (image bytes included, except
+        for store_pixels shards read at their own transforms, whose stored pixels replace them).
 
         Safe in a worker thread (the row cache is thread-safe; pass a thread-safe `tokenizer` there)."""
         ds = self.groups[d.group].datasets[d.ds]

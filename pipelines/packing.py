@@ -23,7 +23,7 @@ from datasets_catalog.task_kinds import resolve_task_kind
 from datasets_catalog.tokenizer import TextTokenizer
 from datasets_catalog.transforms import VAE_DOWNSAMPLE
 
-from .image_decode import ImageDecodeError, image_to_tensor, load_image_rgb, normalise_, pil_img2rgb, resize_rgb
+from .image_decode import ImageDecodeError, image_to_tensor, load_image_rgb, normalise_, resize_rgb
 from .image_pixels import stored_pixels
 from .masks import allowed_pairs, prepare_attention_mask_per_sample
 from .packed_batch import PackedBatch
@@ -97,8 +97,7 @@ class _SampleImages:
         array = stored_pixels(rec, which)   # store_pixels shards: decoded and resized at ingest
         if array is None:
             if slot not in self._decoded:
-                image = self._decode(rec)
-                self._decoded[slot] = image if image.mode == "RGB" else pil_img2rgb(image)
+                self._decoded[slot] = self._decode(rec)   # RGB (load_image_rgb)
             array = np.array(resize_rgb(self._decoded[slot], int(width), int(height)), dtype=np.uint8)
         return torch.from_numpy(array)
 
@@ -171,11 +170,16 @@ def _special_token(status: _Status, token: int, pos: int, item: PlanItem | None 
         status.label_ids.append(item.special_token_label)
 
 
-def _check_grid(sample_id: str, what: str, h: int, w: int, limit: int, setting: str) -> None:
-    if h > limit or w > limit:
+def _grid_position_ids(sample_id: str, what: str, height: int, width: int, patch: int, limit: int, setting: str,
+                       interpolate: bool) -> tuple[int, int, torch.Tensor]:
+    """(rows, cols, flattened position ids) of an image's patch grid; without interpolation a grid beyond the
+    position table is refused, since extrapolated ids would leave it."""
+    h, w = height // patch, width // patch
+    if not interpolate and (h > limit or w > limit):
         raise PackingError(
             f"sample {sample_id}: {what} grid {h}x{w} exceeds {setting}={limit} (extrapolated position ids "
             f"would leave the table); raise {setting} (64 for the released checkpoints) or shrink the transforms")
+    return h, w, get_flattened_position_ids(height, width, patch, limit, interpolate=interpolate)
 
 
 def _pack_sample(sample: StreamSample, plan: SamplePlan, text_ids: list[list[int]], status: _Status,
@@ -243,13 +247,9 @@ def _pack_sample(sample: StreamSample, plan: SamplePlan, text_ids: list[list[int
             split_len += n
             status.vit_tokens.append(tokens)
             status.vit_token_seqlens.append(n)
-            h, w = height // config.vit_patch_size, width // config.vit_patch_size
-            if not config.interpolate_pos:
-                _check_grid(sample.sample_id, "ViT patch", h, w, config.vit_max_num_patch_per_side,
-                            "vit_max_num_patch_per_side")
-            status.vit_position_ids.append(get_flattened_position_ids(
-                height, width, config.vit_patch_size, config.vit_max_num_patch_per_side,
-                interpolate=config.interpolate_pos))
+            status.vit_position_ids.append(_grid_position_ids(
+                sample.sample_id, "ViT patch", height, width, config.vit_patch_size,
+                config.vit_max_num_patch_per_side, "vit_max_num_patch_per_side", config.interpolate_pos)[2])
             _special_token(status, special.end_of_image, curr, item)
             curr += 1
             split_len += 1
@@ -268,12 +268,9 @@ def _pack_sample(sample: StreamSample, plan: SamplePlan, text_ids: list[list[int
             curr += 1
             split_len += 1
             status.vae_images.append(pixels)   # uint8 [H, W, 3]; normalised into the padded batch
-            h, w = height // downsample, width // downsample
-            if not config.interpolate_pos:
-                _check_grid(sample.sample_id, "VAE latent", h, w, config.max_latent_size, "max_latent_size")
-            status.latent_position_ids.append(get_flattened_position_ids(
-                height, width, downsample, config.max_latent_size,
-                interpolate=config.interpolate_pos))
+            h, w, ids = _grid_position_ids(sample.sample_id, "VAE latent", height, width, downsample,
+                                           config.max_latent_size, "max_latent_size", config.interpolate_pos)
+            status.latent_position_ids.append(ids)
             status.vae_latent_shapes.append((h, w))
             n = h * w
             status.vae_token_indexes.extend(range(curr, curr + n))
