@@ -22,7 +22,7 @@ from datasets_catalog.tokenizer import TextTokenizer
 
 from . import ingest_state as st
 from . import storage
-from .ingest_chunk import PIXEL_ROW_GROUP_BYTES, ROW_GROUP_BYTES, ChunkTask, process_chunk
+from .ingest_chunk import PIXEL_ROW_GROUP_BYTES, ROW_GROUP_BYTES, ChunkTask, get_tokenizer, process_chunk
 from .shard_schema import SCHEMA_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,7 +90,7 @@ POST_INGEST_CHECKS: list[Callable[[Path, IngestReport], list[str]] | str] = [
 def load_tokenizer(catalog: Catalog) -> TextTokenizer:
     """The catalog's tokenizer, or one clear IngestError (its name goes into every fingerprint)."""
     try:
-        return TextTokenizer.load(catalog.tokenizer)
+        return get_tokenizer(catalog.tokenizer)   # the per-process cache the chunk workers use too
     except (OSError, ValueError, KeyError) as exc:
         raise IngestError(f"{catalog.path}: tokenizer {catalog.tokenizer!r} cannot be loaded ({exc}); use "
                           f"'builtin' or a folder with Qwen2 tokenizer files") from None
@@ -309,40 +309,41 @@ def _metadata(spec: DatasetSpec, catalog_path: Path) -> dict[str, Any]:
             "description": spec.description}
 
 
-ManifestWriter = Callable[[Any, dict], None]   # (dataset folder or prefix, manifest) -> None
-
-
-def _refresh(destination, manifest: dict, updates: dict, write: ManifestWriter) -> dict:
+def _refresh(destination, manifest: dict, updates: dict) -> dict:
     """Rewrite an up-to-date dataset's manifest when only metadata (or the JSONL's mtime) changed."""
     if all(manifest.get(k) == v for k, v in updates.items()):
         return manifest
     manifest = {**manifest, **updates}
-    write(destination, manifest)
+    st.write_manifest(destination, manifest)
     return manifest
 
 
 def plan_dataset(spec: DatasetSpec, out_dir, tokenizer_name: str, reference_images: bool,
                  verify_images: bool, force: bool, catalog_path: Path = Path("?"),
-                 write_manifest: ManifestWriter = st.write_manifest) -> tuple[_Plan | None, dict | None]:
+                 digests: dict[Path | None, str | None] | None = None) -> tuple[_Plan | None, dict | None]:
     """(plan, None) when the dataset must be built, (None, manifest) when it is up to date.
 
-    `out_dir` is a local folder or a `storage.RemotePath`; the caller sets `plan.staging`.
+    `out_dir` is a local folder or a `storage.RemotePath`; the caller sets `plan.staging`. `digests` caches
+    image-folder digests across the datasets of one run (several datasets often share one data_dir).
     """
     destination = out_dir / spec.name
     previous = st.read_manifest(destination)
     settings = st.settings_of(spec, tokenizer_name, reference_images, verify_images)
-    digest = st.folder_digest(spec.data_dir, exclude=out_dir if isinstance(out_dir, Path) else None)
+    digests = {} if digests is None else digests
+    if spec.data_dir not in digests:
+        digests[spec.data_dir] = st.folder_digest(spec.data_dir, exclude=out_dir if isinstance(out_dir, Path) else None)
+    digest = digests[spec.data_dir]
     metadata = _metadata(spec, catalog_path)
     if previous and previous.get("status") == "ok" and not force:
         sha = st.quick_source_sha(spec.jsonl_path, previous)
         if sha is not None and previous.get("fingerprint") == st.fingerprint(sha, digest, settings):
-            return None, _refresh(destination, previous, metadata, write_manifest)
+            return None, _refresh(destination, previous, metadata)
     scan = st.scan_source(spec.jsonl_path, spec.rows_per_shard)
     fp = st.fingerprint(scan.sha256, digest, settings)
     if previous and previous.get("status") == "ok" and not force and previous.get("fingerprint") == fp:
         # touched but identical bytes: remember the new mtime so the next run skips the re-hash
         source = {**previous["source"], "size": scan.size, "mtime_ns": scan.mtime_ns}
-        return None, _refresh(destination, previous, {**metadata, "source": source}, write_manifest)
+        return None, _refresh(destination, previous, {**metadata, "source": source})
     return _Plan(spec, destination, out_dir / "?", scan, digest, settings, fp), None
 
 
@@ -366,15 +367,15 @@ def chunk_tasks(plan: _Plan, catalog: Catalog, reference_images: bool, verify_im
 
 def plan_all(catalog: Catalog, specs: list[DatasetSpec], out, tokenizer_name: str, reference_images: bool,
              verify_images: bool, force: bool, say: Callable[[str], None], make_staging: Callable[[DatasetSpec], Any],
-             shown: Callable[[Any], str] = str, write_manifest: ManifestWriter = st.write_manifest,
-             ) -> tuple[dict[str, DatasetReport], list[_Plan], list[ChunkTask]]:
+             shown: Callable[[Any], str] = str) -> tuple[dict[str, DatasetReport], list[_Plan], list[ChunkTask]]:
     """Plan every selected dataset (local folder or object storage): up-to-date ones get their report, the
     others a staging area (`make_staging`) and their chunk tasks. `shown` renders a location for messages."""
     reports: dict[str, DatasetReport] = {}
     plans: list[_Plan] = []
+    digests: dict[Path | None, str | None] = {}
     for spec in specs:
         plan, manifest = plan_dataset(spec, out, tokenizer_name, reference_images, verify_images, force,
-                                      catalog.path, write_manifest=write_manifest)
+                                      catalog.path, digests)
         if plan is None:
             reports[spec.name] = DatasetReport.from_manifest(manifest, STATUS_UP_TO_DATE, shown(out / spec.name),
                                                              "inputs and settings unchanged: nothing to do")

@@ -215,17 +215,19 @@ def assemble(staging: Path, results: list[dict[str, Any]]) -> tuple[list[dict], 
     return shards, n_rejects
 
 
-def _manifest_text(manifest: dict[str, Any]) -> str:
+def manifest_text(manifest: dict[str, Any]) -> str:
+    """The one serialisation of `_manifest.json` (local folders and object storage)."""
     return json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n"
 
 
-def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    storage.write_text_atomic(folder / MANIFEST, _manifest_text(manifest))
+def write_manifest(folder, manifest: dict[str, Any]) -> None:
+    """Replace a dataset's manifest atomically (a local Path or a storage.RemotePath: one PUT there)."""
+    storage.write_text_atomic(folder / MANIFEST, manifest_text(manifest))
 
 
 def publish(staging: Path, manifest: dict[str, Any], destination: Path) -> None:
     """Write the manifest last, then swap the staging folder into `destination` with renames."""
-    storage.publish_tree(staging, destination, MANIFEST, _manifest_text(manifest).encode("utf-8"))
+    storage.publish_tree(staging, destination, MANIFEST, manifest_text(manifest).encode("utf-8"))
 
 
 def now_iso() -> str:

@@ -11,7 +11,6 @@ interrupted ingest never leaves a prefix that looks complete.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import sys
 import tempfile
@@ -42,16 +41,11 @@ def process_chunk_remote(task: ChunkTask) -> ChunkResult:
         shutil.rmtree(local, ignore_errors=True)
 
 
-def _write_manifest(destination: RemotePath, manifest: dict) -> None:
-    """Replace a complete dataset's manifest in one PUT: it is replaced whole, never missing."""
-    storage.write_text_atomic(destination / st.MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
-
-
 def _publish(staging: RemotePath, destination: RemotePath, renames: dict[str, str], manifest: dict) -> None:
     """Marker-last publish of exactly the parts, the merged rejects and the manifest."""
     storage.publish_files(
         {**{part: staging / chunk for part, chunk in renames.items()}, st.REJECTS: staging / st.REJECTS},
-        destination, st.MANIFEST, (json.dumps(manifest, indent=2, default=str) + "\n").encode())
+        destination, st.MANIFEST, st.manifest_text(manifest).encode("utf-8"))
     staging.rmtree()
 
 
@@ -100,7 +94,7 @@ def run_ingest_remote(catalog: Catalog, out: str | RemotePath, only: list[str] |
     reports, plans, tasks = plan_all(
         catalog, specs, out, tokenizer.name, reference_images, verify_images, force, say,
         make_staging=lambda spec: out / f"{st.STAGING_PREFIX}{spec.name}-{uuid.uuid4().hex[:12]}",
-        shown=RemotePath.display, write_manifest=_write_manifest)
+        shown=RemotePath.display)
     nodes = execute_chunks(plans, tasks, executor, address, say, stream, progress,
                            discard_staging=lambda plan: plan.staging.rmtree())
 
