@@ -204,17 +204,22 @@ class ChunkProcessor:
         return out
 
     def finish(self, items: list[_Probed], rejects: list[dict], result: ChunkResult) -> list[dict[str, Any]]:
-        """Count text tokens for a group of records in one batch call and build their shard rows."""
+        """Count text tokens for a group of records in one batch call and build their shard rows.
+
+        The frames of one expanded record share its texts: they are counted once per record."""
         texts: list[str] = []
+        spans: dict[int, tuple[int, int]] = {}   # id(record) -> its texts' span in `texts`
         for item in items:
-            texts.extend(item.record.plan_texts)
+            if id(item.record) not in spans:
+                own = item.record.plan_texts
+                spans[id(item.record)] = (len(texts), len(texts) + len(own))
+                texts.extend(own)
         counts = self.tokenizer.count_tokens(texts) if texts else []
-        rows, pos = [], 0
+        rows = []
         rejected_lines: set[int] = set()
         for item in items:
-            n = len(item.record.plan_texts)
-            text_counts = counts[pos:pos + n]
-            pos += n
+            start, stop = spans[id(item.record)]
+            text_counts = counts[start:stop]
             if item.line_number in rejected_lines:
                 continue
             tokens = {}
