@@ -30,7 +30,7 @@ from datasets_catalog.tokenizer import TextTokenizer
 from . import rng
 from .mixture_config import MixtureConfig, MixtureConfigError
 from .mixture_order import Layer, PassOrder, chunk_size, reshard_layer, stream_position, to_global
-from .mixture_recompute import RECOMPUTE_COLUMNS, recompute_row
+from .mixture_recompute import RECOMPUTE_COLUMNS, recompute_images, recompute_row
 from .mixture_sources import GroupSource, ResolvedMixture, resolve_sources
 from .packing_config import PackingConfig
 from .sample import StreamSample
@@ -262,7 +262,8 @@ class MixtureStream:
         weights = self.weights
         if self.cfg.weight_unit == "tokens":
             raw = [w / self._mean_tokens(i) if w > 0 else 0.0 for i, w in enumerate(weights)]
-            weights = [r / sum(raw) for r in raw]
+            total = sum(raw)
+            weights = [r / total for r in raw]
         acc = 0.0
         for i, w in enumerate(weights):
             acc += w
@@ -366,24 +367,26 @@ class MixtureStream:
         return PackPlan(members, curr, metrics, self.state_dict())
 
     # -- materialising -----------------------------------------------------------------------------
-    def full_sample(self, d: Drawn, tokenizer: TextTokenizer | None = None) -> StreamSample:
+    def full_sample(self, d: Drawn) -> StreamSample:
         """The drawn sample with its whole shard row, sizes matching the config (image bytes included, except
         for store_pixels shards read at their own transforms, whose stored pixels replace them).
 
-        Safe in a worker thread (the row cache is thread-safe; pass a thread-safe `tokenizer` there)."""
+        Safe in a worker thread (the row cache is thread-safe; nothing is tokenised here)."""
         ds = self.groups[d.group].datasets[d.ds]
         rg, off = ds.layout.find(d.row)
         table = self._row_cache.table(*ds.layout.row_group(rg), ds.row_columns)
         row = table_row(table, off)
         if ds.recompute is not None:
-            row = recompute_row(row, ds.task, *ds.recompute, tokenizer or self.tokenizer)
+            # images only: num_tokens was recomputed when the sample was drawn (`_fetch`), with the same rule
+            row = {**recompute_images(row, ds.task, *ds.recompute), "num_tokens": d.sample.num_tokens}
         s = d.sample
         return StreamSample(sample_id=s.sample_id, dataset=s.dataset, group=s.group, task=s.task,
                             num_tokens=int(row["num_tokens"]), row=row, data_dir=s.data_dir, draw_key=s.draw_key)
 
-    def materialise(self, plan: PackPlan):
-        """The `PackedBatch` of a decided pack (reads its rows, then `build_batch`)."""
-        return self.build_batch(plan, [self.full_sample(d) for d in plan.members])
+    def materialise(self, plan: PackPlan, tokenizer: TextTokenizer | None = None):
+        """The `PackedBatch` of a decided pack (reads its rows, then `build_batch`); safe in a worker thread
+        given a thread-safe `tokenizer`."""
+        return self.build_batch(plan, [self.full_sample(d) for d in plan.members], tokenizer)
 
     def build_batch(self, plan: PackPlan, samples: Sequence[StreamSample], tokenizer: TextTokenizer | None = None):
         """Tensors of a decided pack from its full rows: a pure function of (plan, samples), safe to run in

@@ -79,8 +79,7 @@ class PrefetchingBatches:
 
     def _build(self, plan: Any) -> "PackedBatch":
         """Worker thread: read the pack's rows, then build its tensors (errors surface at its place)."""
-        samples = [self.stream.full_sample(d, self._tokenizer) for d in plan.members]
-        return self.stream.build_batch(plan, samples, self._tokenizer)
+        return self.stream.materialise(plan, self._tokenizer)
 
     def _top_up(self) -> None:
         """Fill the look-ahead. An error deciding a later pack is kept and raised only when that pack is due,

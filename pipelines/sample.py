@@ -15,7 +15,3 @@ class StreamSample:
     row: dict[str, Any]        # the shard row; image vae_/vit_ sizes already match the configured transforms
     data_dir: str | None       # resolves image paths of shards written with --reference-images
     draw_key: int              # unique per draw within a stream: seeds CFG dropout and timesteps
-
-    @property
-    def cost(self) -> int:
-        return self.num_tokens
