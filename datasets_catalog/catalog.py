@@ -35,6 +35,7 @@ import yaml
 
 from .hooks import resolve_hook
 from .task_kinds import TaskKind, UnknownTaskKind, resolve_task_kind
+from .tokenizer import BUILTIN_SPECS
 from .transforms import DEFAULT_VAE_ARGS, DEFAULT_VIT_ARGS, ImageTransformArgs
 
 DEFAULT_MAX_REJECT_FRACTION = 0.5
@@ -162,14 +163,18 @@ def _did_you_mean(word: str, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def default_output_dir(manifest: Path) -> Path:
-    """`<project root>/shards`: the nearest folder above the manifest holding `.git` or `pyproject.toml`,
-    else `<manifest folder>/shards`. (`shards/` is git-ignored in this repository.)"""
-    folder = manifest.resolve().parent
-    for candidate in (folder, *folder.parents):
+def project_root(start: Path) -> Path:
+    """The nearest folder at or above `start` holding `.git` or `pyproject.toml`, else `start`."""
+    for candidate in (start, *start.parents):
         if (candidate / ".git").exists() or (candidate / "pyproject.toml").exists():
-            return candidate / "shards"
-    return folder / "shards"
+            return candidate
+    return start
+
+
+def default_output_dir(manifest: Path) -> Path:
+    """`<project root>/shards` (see `project_root`; else `<manifest folder>/shards`). (`shards/` is
+    git-ignored in this repository.)"""
+    return project_root(manifest.resolve().parent) / "shards"
 
 
 # -- parsing -------------------------------------------------------------------------------------------
@@ -365,7 +370,7 @@ def parse_catalog(text: str, path: str | Path = "<catalog>") -> Catalog:
     out = _opt_str(ctx, raw, "output_dir")
     output_dir = _resolve(base, out) if out is not None else default_output_dir(path)
     tokenizer = _opt_str(ctx, raw, "tokenizer")
-    if tokenizer not in (None, "", "builtin", "builtin-byte-level"):
+    if tokenizer not in BUILTIN_SPECS:
         folder = _resolve(base, tokenizer)
         if not folder.is_dir():
             raise ctx.error("tokenizer", f"folder not found: {folder}. Use 'builtin' or a folder with Qwen2 "

@@ -17,6 +17,7 @@ END_OF_IMAGE_TOKEN = "<|vision_end|>"
 PAD_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, START_OF_IMAGE_TOKEN, END_OF_IMAGE_TOKEN)
 BUILTIN_NAME = "builtin-byte-level"
+BUILTIN_SPECS = (None, "", "builtin", BUILTIN_NAME)   # tokenizer settings that mean the built-in one
 _BUILTIN_ADDED = (PAD_TOKEN, *SPECIAL_TOKENS)   # ASCII, none contains another
 
 
@@ -74,7 +75,7 @@ class TextTokenizer:
     @classmethod
     def load(cls, spec: str | None) -> "TextTokenizer":
         """`None`/"builtin" gives the byte-level tokenizer; anything else is a tokenizer directory."""
-        if spec in (None, "", "builtin", BUILTIN_NAME):
+        if spec in BUILTIN_SPECS:
             return cls.builtin()
         return cls.from_dir(spec)
 

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from datasets_catalog.catalog import CatalogError, _LineLoader
+from datasets_catalog.catalog import CatalogError, _LineLoader, project_root
 from datasets_catalog.task_kinds import TaskKind, UnknownTaskKind, resolve_task_kind
 from datasets_catalog.transforms import ImageTransformArgs
 
@@ -154,11 +154,7 @@ class MixtureConfig:
         """The catalog this config names, or `<project root>/catalog/radiology.yaml`."""
         if self.catalog is not None:
             return self.catalog
-        start = self.path.resolve().parent if self.path is not None else Path.cwd()
-        for folder in (start, *start.parents):
-            if (folder / ".git").exists() or (folder / "pyproject.toml").exists():
-                return folder / DEFAULT_CATALOG
-        return start / DEFAULT_CATALOG
+        return project_root(self.path.resolve().parent if self.path is not None else Path.cwd()) / DEFAULT_CATALOG
 
     @property
     def group_names(self) -> list[str]:
