@@ -28,7 +28,10 @@ MODE_CODES = {"causal": 0, "full": 1, "noise": 2}
 FLEX_BLOCK = 128
 
 
+@functools.lru_cache(maxsize=None)
 def flash_attn_available() -> bool:
+    """Cached: called per attention call (a failed import is not cached by Python, so it would search
+    sys.path every time)."""
     try:
         import flash_attn  # noqa: F401
     except Exception:

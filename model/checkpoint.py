@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pipelines.storage import write_text_atomic
@@ -258,11 +257,6 @@ def write_inference_files(directory: str | Path, config: ModelConfig, tokenizer=
     return directory
 
 
-def _weights_keys(path: Path) -> list[str]:
-    with safe_open(str(path), framework="pt") as fh:
-        return list(fh.keys())
-
-
 def _find_weights(directory: Path, use_ema: bool) -> list[Path]:
     names = ["ema.safetensors", "model.safetensors"] if use_ema else ["model.safetensors", "ema.safetensors"]
     for name in names:
@@ -299,24 +293,16 @@ def load_model_from_dir(directory: str | Path, use_ema: bool = True, strict: boo
 
     directory = Path(directory)
     config = ModelConfig.from_checkpoint_dir(directory, **overrides)
-    files = _find_weights(directory, use_ema)
-    keys = [k for f in files for k in (_weights_keys(f) if f.stem not in COMPONENTS
-                                        else [f"{f.stem}.{x}" for x in _weights_keys(f)])]
-    keys = list(normalize_state_dict({k: torch.empty(0) for k in keys}).keys())
+    state = normalize_state_dict(_read_dir_weights(_find_weights(directory, use_ema)))   # read once
     if config.visual_und:
-        layers = {int(m.group(1)) for k in keys if (m := VIT_LAYER_RE.match(k))}
+        layers = {int(m.group(1)) for k in state if (m := VIT_LAYER_RE.match(k))}
         if layers and max(layers) + 1 == config.vit.num_layers_used + 1:
             warnings.warn(f"{directory}/vit_config.json holds an already truncated layer count "
                           f"({config.vit.num_hidden_layers}); the weights have {max(layers) + 1} ViT layers, so "
                           f"the count is corrected (UniMedVL double-truncation pitfall, spec §1.7)")
             config.vit.num_hidden_layers += 1
-    files_vocab = None
-    state = _read_dir_weights(files)
     emb = state.get("language_model.model.embed_tokens.weight")
-    if emb is None:
-        emb = next((v for k, v in state.items() if k.endswith("language_model.model.embed_tokens.weight")), None)
-    if emb is not None:
-        files_vocab = emb.shape[0]
+    files_vocab = emb.shape[0] if emb is not None else None
     if files_vocab is not None and files_vocab != config.llm.vocab_size:
         config.llm.vocab_size = files_vocab  # upstream updates vocab_size after resizing; trust the weights
     if strict:

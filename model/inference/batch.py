@@ -159,8 +159,7 @@ def generate_handler(generator, image_dir: Path, keep_tags: bool = False, **opti
         result = generator.infer_single(image, instruction, **options)
         name = f"{rec.line:06d}.png"
         save_png(result.image, image_dir / name)
-        human = next(m for m in reversed(rec.messages) if m.role == "human")
-        message = [{"from": "human", "value": human.value}]
+        message = [{"from": "human", "value": rec.messages[last_human(rec.messages)].value}]
         text = result.thought or result.understanding
         if text:
             message.append({"from": "gpt", "value": text})

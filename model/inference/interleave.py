@@ -18,6 +18,7 @@ from PIL import Image
 from datasets_catalog.tokenizer import TextTokenizer
 from datasets_catalog.transforms import DEFAULT_VIT_ARGS, ImageTransformArgs, resize_target
 from model.unified import UnifiedModel
+from pipelines.image_decode import resize_rgb
 
 from .image_sampler import GuidanceContexts, SamplerParams, decode_latent, sample_latent
 from .kv_cache import Context, update_text, update_vae, update_vit
@@ -105,7 +106,7 @@ class Session:
     def add_image(self, image: Image.Image, vit: bool = True) -> None:
         """VAE-resize, then VAE update (unless understanding-only output) and ViT update, cond only."""
         width, height = resize_target(image.width, image.height, self.vae_args)
-        image = image.resize((width, height), Image.Resampling.BICUBIC) if image.size != (width, height) else image
+        image = resize_rgb(image, width, height)
         if not self.understanding_output:
             self.cond = update_vae(self.model, self.cond, image, self.vae_args, self.special, self._vae_gen)
         if vit:
