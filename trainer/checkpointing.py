@@ -89,9 +89,10 @@ def rotate(checkpoint_dir: str | Path, keep: int,
     removed: list[Path] = []
     ckpts = numeric_checkpoints(root)
     done = [(s, p) for s, p in ckpts if complete(p)]
+    done_paths = {p for _, p in done}   # `complete` reads and checks a marker: once per checkpoint
     newest = done[-1][0] if done else None
     doomed = [p for _, p in done[:-keep]] if keep > 0 else []
-    doomed += [p for s, p in ckpts if newest is not None and s < newest and not complete(p)]
+    doomed += [p for s, p in ckpts if newest is not None and s < newest and p not in done_paths]
     if root.is_dir():
         doomed += [p for p in root.iterdir() if p.is_dir() and p.name.startswith(TMP_PREFIX)]
     for p in doomed:
@@ -113,9 +114,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    from pipelines.storage import write_text_atomic
+
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 def temp_dir(checkpoint_dir: str | Path, step: int) -> Path:

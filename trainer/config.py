@@ -212,15 +212,11 @@ class TrainConfig:
 
 _OWNER: dict[str, str] = {}
 _TYPES: dict[str, Any] = {}
-_HELP: dict[str, str] = {}
-_DEFAULTS: dict[str, Any] = {}
 for _group, _klass in GROUPS:
     _hints = get_type_hints(_klass)
     for _fld in fields(_klass):
         _OWNER[_fld.name] = _group
         _TYPES[_fld.name] = _hints[_fld.name]
-        _HELP[_fld.name] = _fld.metadata.get("help", "")
-        _DEFAULTS[_fld.name] = _fld.default
 # upstream's DataArguments.num_workers means DataLoader workers; ours means Ray Train workers (see docs)
 ARG_NAMES = tuple(_OWNER)
 
@@ -370,8 +366,7 @@ def help_text() -> str:
     for group, klass in GROUPS:
         lines.append(f"{group} arguments:")
         for fld in fields(klass):
-            default = _DEFAULTS[fld.name]
-            lines.append(f"  --{fld.name:<30} {_HELP[fld.name]} (default: {default})")
+            lines.append(f"  --{fld.name:<30} {fld.metadata.get('help', '')} (default: {fld.default})")
         lines.append("")
     return "\n".join(lines)
 

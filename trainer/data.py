@@ -62,7 +62,6 @@ class StreamFactory:
     seed: int
     loader: LoaderState = field(default_factory=LoaderState)
     threads: int = 0   # >0: batches built ahead by this many threads (stream.batches; identical batches)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def build(self, slot: int = 0):
         from datasets_catalog.tokenizer import TextTokenizer
@@ -73,7 +72,7 @@ class StreamFactory:
         tok = TextTokenizer.load(self.tokenizer_spec)
         n = self.loader.num_slots
         stream = MixtureStream(cfg, self.packing, tok, rank=self.rank, world_size=self.world_size,
-                               worker_id=slot, num_workers=n, seed=self.seed, **self.extra)
+                               worker_id=slot, num_workers=n, seed=self.seed)
         if self.loader.states[slot] is not None:
             stream.load_state_dict(self.loader.states[slot])
         return stream

@@ -7,6 +7,7 @@ last step instead).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import random
@@ -195,7 +196,6 @@ def train_loop(cfg: TrainConfig | dict, *, reporter: Optional[Reporter] = None,
                 raise ck.ResumeError(f"{plan.source} has no {f.name} for this rank (saved with another "
                                      f"world size or sharding); resume with the same --num_workers")
         else:
-            scheduler.last_step = start_step
             scheduler.load_state_dict({"last_step": start_step})
         stream_state = ck.load_stream_state(plan.source, rank, world)
         log(f"resumed train state at step {start_step}")
@@ -275,8 +275,8 @@ def train_loop(cfg: TrainConfig | dict, *, reporter: Optional[Reporter] = None,
                 vae_gen = torch.Generator(device=device).manual_seed(
                     step_seed(t.global_seed, rank, step, micro, "vae"))
                 last = micro == len(batches) - 1
-                with (par.no_sync() if not last else _null()):
-                    with (amp if amp is not None else _null()):
+                with (par.no_sync() if not last else contextlib.nullcontext()):
+                    with (amp if amp is not None else contextlib.nullcontext()):
                         out = par.step_module(batch, noise, vae_gen)
                     parts = compute_loss(out.ce, out.mse, batch, denom, ce_weight=t.ce_weight,
                                          mse_weight=t.mse_weight, reweighting=t.ce_loss_reweighting,
@@ -399,14 +399,6 @@ def _event(cfg: TrainConfig, rec: dict) -> None:
         f.write(json.dumps({**rec, "time": time.time()}) + "\n")
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _save_checkpoint(cfg: TrainConfig, par: Parallel, ema, optimizer, scheduler, mc, tokenizer, step: int,
                      stream_state: Optional[dict], rank: int, world: int, is_main: bool) -> Optional[Path]:
     """Every rank writes its own files into the temp dir; rank 0 the full weights; then rank 0 marks the
@@ -458,22 +450,20 @@ def _per_rank_files(par: Parallel, world: int) -> list[str]:
 def _write_shared_files(folder: Path, cfg: TrainConfig, model_state, ema_state, scheduler, mc, tokenizer,
                         step: int, world: int) -> list[str]:
     """Rank 0: full weights, EMA, scheduler, train state, inference files. Returns the marker-listed names."""
-    import json
-
-    from trainer.checkpointing import save_safetensors
-    from trainer.model_setup import VAE_FILE, save_weights_file, split_vae, write_inference
+    from model.checkpoint import VAE_FILES, save_weights, write_inference_files
+    from trainer.model_setup import split_vae
 
     files = []
     model_main, vae_state = split_vae(model_state, cfg.train.freeze_vae)
     ema_main, _ = split_vae(ema_state, cfg.train.freeze_vae)
-    save_weights_file(model_main, folder / ck.MODEL_FILE)
-    save_weights_file(ema_main, folder / ck.EMA_FILE)
+    save_weights(model_main, folder / ck.MODEL_FILE)
+    save_weights(ema_main, folder / ck.EMA_FILE)
     if vae_state is not None:  # frozen VAE: ae.safetensors (FLUX names), as checkpoints are loaded
-        save_safetensors(vae_state, folder / VAE_FILE)
-        files.append(VAE_FILE)
+        save_weights(vae_state, folder / VAE_FILES[0])
+        files.append(VAE_FILES[0])
     ck.save_state_file(scheduler.state_dict(), folder / ck.SCHEDULER_FILE)
     ck.write_json(folder / ck.TRAIN_STATE_FILE, {"step": step, "world_size": world, "train_steps": step})
-    write_inference(folder, mc, tokenizer, json.loads(training_args_json(cfg)))
+    write_inference_files(folder, mc, tokenizer, training_args=cfg.flat())
     files += [ck.MODEL_FILE, ck.EMA_FILE, ck.SCHEDULER_FILE, ck.TRAIN_STATE_FILE, ck.TRAINING_ARGS_FILE]
     return files
 

@@ -121,9 +121,6 @@ def load_weights_into(model: nn.Module, directory: Path, filename: str) -> tuple
     return list(report.missing) + list(report.mismatched), list(report.unexpected), int(report.loaded)
 
 
-VAE_FILE = "ae.safetensors"
-
-
 def split_vae(state: dict[str, torch.Tensor], freeze_vae: bool) -> tuple[dict, Optional[dict]]:
     """(weights for model/ema.safetensors, FLUX-named VAE weights for ae.safetensors or None).
     A frozen VAE lives in ae.safetensors only (UniMedVL layout); a trained one stays in the weights file."""
@@ -132,18 +129,3 @@ def split_vae(state: dict[str, torch.Tensor], freeze_vae: bool) -> tuple[dict, O
     main = {k: v for k, v in state.items() if not k.startswith("vae_model.")}
     vae = {k[len("vae_model."):]: v for k, v in state.items() if k.startswith("vae_model.")}
     return main, (vae or None)
-
-
-def save_weights_file(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Write one weight file (model.safetensors / ema.safetensors) in the upstream key layout, atomically."""
-    from model.checkpoint import save_weights
-
-    save_weights(state, path)
-
-
-def write_inference(directory: Path, mc, tokenizer, training_args: dict) -> list[str]:
-    """llm_config.json, vit_config.json, config.json, generation_config.json, tokenizer, training_args.json."""
-    from model.checkpoint import write_inference_files
-
-    write_inference_files(Path(directory), mc, tokenizer, training_args=training_args)
-    return ["llm_config.json", "vit_config.json", "training_args.json"]

@@ -34,9 +34,8 @@ def param_groups(model: nn.Module, *, lr: float, llm_lr: Optional[float] = None,
 
 def build_optimizer(model: nn.Module, *, lr: float, beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-15,
                     llm_lr: Optional[float] = None, vit_lr: Optional[float] = None,
-                    vae_lr: Optional[float] = None, fused: Optional[bool] = None) -> torch.optim.AdamW:
+                    vae_lr: Optional[float] = None) -> torch.optim.AdamW:
     groups = param_groups(model, lr=lr, llm_lr=llm_lr, vit_lr=vit_lr, vae_lr=vae_lr)
     if not groups:
         raise ValueError("no trainable parameters: everything is frozen")
-    kwargs = {"fused": fused} if fused is not None else {}
-    return torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=0.0, **kwargs)
+    return torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=0.0)

@@ -45,8 +45,8 @@ class WarmupScheduler:
         self.last_step = 0
         self._apply()
 
-    def factor(self, step: int | None = None) -> float:
-        return lr_factor(self.last_step if step is None else step, kind=self.kind, warmup_steps=self.warmup_steps,
+    def factor(self) -> float:
+        return lr_factor(self.last_step, kind=self.kind, warmup_steps=self.warmup_steps,
                          total_steps=self.total_steps, min_lr_rate=self.min_lr_rate)
 
     def _apply(self) -> None:
