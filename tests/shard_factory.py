@@ -31,6 +31,7 @@ from datasets_catalog.tokenizer import TextTokenizer
 from datasets_catalog.transforms import DEFAULT_VAE_ARGS, DEFAULT_VIT_ARGS, ImageTransformArgs, vae_tokens, vit_tokens
 from pipelines.image_pixels import resized_pixels
 from pipelines.shard_schema import SCHEMA_VERSION, SHARD_SCHEMA
+from pipelines.storage import write_text_atomic
 
 
 @dataclass
@@ -111,12 +112,6 @@ def row_tokens(kind, messages: list[Message], inputs: list[dict], outputs: list[
     return sum(texts), packed_length(plan, texts, images)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def make_dataset(root: Path, recipe: DatasetRecipe, tokenizer: TextTokenizer | None = None,
                  shards_dir: Path | None = None) -> Path:
     """Write sources and shards of one dataset; returns its shard folder."""
@@ -189,7 +184,7 @@ def make_dataset(root: Path, recipe: DatasetRecipe, tokenizer: TextTokenizer | N
         "data_dir": str(src_dir.resolve()), "split": "train", "modality": "xray", "catalog": None,
         "settings": {"store_pixels": True} if recipe.store_pixels else {},
     }
-    _write_atomic(out / "_manifest.json", json.dumps(manifest, indent=2))
+    write_text_atomic(out / "_manifest.json", json.dumps(manifest, indent=2))
     return out
 
 
@@ -213,7 +208,7 @@ def make_catalog(root: str | Path, recipes: list[DatasetRecipe], tokenizer: Text
                         "image_transform_args": recipe.image_transform_args.to_dict(),
                         "vit_image_transform_args": recipe.vit_image_transform_args.to_dict()})
     path = root / "catalog.yaml"
-    _write_atomic(path, yaml.safe_dump({"output_dir": "shards", "datasets": entries}, sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump({"output_dir": "shards", "datasets": entries}, sort_keys=False))
     return path
 
 
@@ -233,5 +228,5 @@ def tiny(name: str, task: str, rows: int, **kw) -> DatasetRecipe:
 def write_config(path: str | Path, text: str) -> Path:
     """Write a mixture config (YAML text) atomically; returns its path."""
     path = Path(path)
-    _write_atomic(path, text)
+    write_text_atomic(path, text)
     return path
