@@ -59,7 +59,6 @@ def probe_medical(data: bytes, path: Any, context: Any):
     """
     from pipelines.image_io import ImageError, ImageProbe
 
-    _register_reasons()
     fmt = medical_format(data[:512], path)
     try:
         options = options_for(getattr(context, "options", None), fmt, getattr(context, "max_pixels", None))
@@ -70,8 +69,7 @@ def probe_medical(data: bytes, path: Any, context: Any):
         raise ImageError(BAD_FRAME_RULE, f"{path}: {exc}") from None
     probes = [ImageProbe(i.width, i.height, i.format, i.png, i.sha256, {**i.meta, "frame_id": i.suffix}
                          if i.suffix else i.meta) for i in images]
-    rule = options.frame if fmt == "DICOM" else options.slices
-    if rule.expands and len(probes) >= 1 and any(i.suffix for i in images):
+    if any(i.suffix for i in images):   # only an expanding frame/slice rule names its images
         first = probes[0]
         return ImageProbe(first.width, first.height, first.format, first.data, first.sha256, first.meta,
                           frames=tuple(probes))

@@ -284,14 +284,6 @@ class MedicalOptions:
             max_pixels=max_pixels,
         )
 
-    def fingerprint(self) -> dict[str, Any]:
-        """JSON-able form (for manifests and rebuild-on-change)."""
-        return {
-            "window": self.window.describe(), "frame": self.frame.describe(), "slices": self.slices.describe(),
-            "axis": AXIS_NAMES[self.axis], "volume": self.volume, "keep_16bit": self.keep_16bit,
-            "allow_burned_in": self.allow_burned_in, "keep_dicom_tags": list(self.keep_dicom_tags),
-        }
-
 
 class MedicalImageError(Exception):
     """A medical source that cannot become a shard image; `reason` is a stable code."""

@@ -1,17 +1,18 @@
 """Thumbnails of random shard rows, decoded exactly as the trainer decodes them.
 
 Rows are drawn with a seeded RNG per dataset; only the row groups holding them are read, and only the
-image columns. Each image goes through `pipelines.image_decode.load_image_rgb` and `image_to_tensor` at
-its stored VAE size (what the model gets), then back to 8-bit for display.
+image columns. Each image goes through `pipelines.image_decode.load_image_rgb` and the trainer's bicubic
+resize (`resize_rgb`) to its stored VAE size: the pixels the model gets, before the [-1, 1] scaling.
 """
 from __future__ import annotations
 
+import bisect
 import io
+import itertools
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -28,25 +29,14 @@ class Thumbnail:
     error: str | None = None
 
 
-def _row_positions(files: list[Path]) -> list[tuple[Path, int, int]]:
-    """(file, row group, offset) for every row, from footers only."""
-    out = []
-    for path in files:
-        meta = pq.ParquetFile(path).metadata
-        for g in range(meta.num_row_groups):
-            out.extend((path, g, i) for i in range(meta.row_group(g).num_rows))
-    return out
-
-
 def _trainer_view(data: bytes | None, path: Path | None, meta: str | None, width: int | None,
                   height: int | None) -> bytes:
-    from pipelines.image_decode import image_to_tensor, load_image_rgb
+    """PNG thumbnail of what the trainer sees: the decoded RGB image resized to its stored VAE target."""
+    from pipelines.image_decode import load_image_rgb, resize_rgb
 
     image = load_image_rgb(data, path, meta)
     if width and height:
-        tensor = image_to_tensor(image, int(width), int(height))
-        arr = ((tensor.permute(1, 2, 0).numpy() * 0.5 + 0.5) * 255.0).round().clip(0, 255).astype(np.uint8)
-        image = Image.fromarray(arr)
+        image = resize_rgb(image, int(width), int(height))
     image.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.BICUBIC)
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -55,21 +45,26 @@ def _trainer_view(data: bytes | None, path: Path | None, meta: str | None, width
 
 def dataset_thumbnails(stats: DatasetStats, count: int, seed: int) -> list[Thumbnail]:
     """Up to `count` thumbnails of random rows with images (first image of each row)."""
-    positions = _row_positions(stats.files)
-    if not positions:
+    files = {path: pq.ParquetFile(path) for path in stats.files}   # each footer read once
+    groups = [(path, g, pf.metadata.row_group(g).num_rows) for path, pf in files.items()
+              for g in range(pf.metadata.num_row_groups)]
+    starts = list(itertools.accumulate((n for _, _, n in groups), initial=0))   # first row of each group
+    total = starts[-1]
+    if not total:
         return []
     rng = random.Random(f"{seed}:{stats.name}")
-    picked = sorted(rng.sample(range(len(positions)), min(len(positions), max(count * 3, count))))
+    picked = sorted(rng.sample(range(total), min(total, max(count * 3, count))))
     data_dir = stats.manifest.get("data_dir")
     out: list[Thumbnail] = []
     cache: dict[tuple[Path, int], dict] = {}
     for k in picked:
         if len(out) >= count:
             break
-        path, group, offset = positions[k]
+        at = bisect.bisect_right(starts, k) - 1
+        path, group, offset = groups[at][0], groups[at][1], k - starts[at]
         key = (path, group)
         if key not in cache:
-            pf = pq.ParquetFile(path)
+            pf = files[path]
             cols = [c for c in ("sample_id", *IMAGE_COLUMNS) if c in pf.schema_arrow.names]
             cache.clear()  # one row group at a time: bounded memory
             cache[key] = pf.read_row_group(group, columns=cols).to_pydict()
