@@ -20,12 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.inference.image_sampler import RENORM_TYPES  # noqa: E402
 from model.inference.interleave import UMV_GEN_VAE_ARGS, UMV_GEN_VIT_ARGS  # noqa: E402
-from model.inference.jobs_io import parse_transform, run_main, save_latent, save_png  # noqa: E402
+from model.inference.jobs_io import (  # noqa: E402
+    format_transform, parse_transform, run_main, save_latent, save_png,
+)
 from model.inference.loading import InferenceError  # noqa: E402
-
-
-def _t(a) -> str:
-    return f"{a.max_image_size},{a.min_image_size},{a.image_stride},{a.max_pixels}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,9 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--device", help="cuda, cuda:1, cpu (default: CUDA when present)")
     m.add_argument("--dtype", help="bf16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
     m.add_argument("--use_model_weights", action="store_true", help="model.safetensors instead of ema.safetensors")
-    m.add_argument("--vae_transform", default=_t(UMV_GEN_VAE_ARGS),
+    m.add_argument("--vae_transform", default=format_transform(UMV_GEN_VAE_ARGS),
                    help="VAE resize MAX,MIN,STRIDE[,MAX_PIXELS] (default UniMedVL inference %(default)s)")
-    m.add_argument("--vit_transform", default=_t(UMV_GEN_VIT_ARGS),
+    m.add_argument("--vit_transform", default=format_transform(UMV_GEN_VIT_ARGS),
                    help="ViT resize MAX,MIN,STRIDE[,MAX_PIXELS] (default UniMedVL inference %(default)s)")
     m.add_argument("--json", action="store_true", help="single mode: print a JSON summary")
     return p.parse_args(argv)

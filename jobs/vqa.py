@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.inference.interleave import VQA_VIT_ARGS  # noqa: E402
-from model.inference.jobs_io import parse_transform, run_main  # noqa: E402
+from model.inference.jobs_io import format_transform, parse_transform, run_main  # noqa: E402
 from model.inference.loading import InferenceError  # noqa: E402
 
 
@@ -50,8 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--device", help="cuda, cuda:1, cpu (default: CUDA when present)")
     m.add_argument("--dtype", help="bf16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
     m.add_argument("--use_model_weights", action="store_true", help="model.safetensors instead of ema.safetensors")
-    v = VQA_VIT_ARGS
-    m.add_argument("--vit_transform", default=f"{v.max_image_size},{v.min_image_size},{v.image_stride},{v.max_pixels}",
+    m.add_argument("--vit_transform", default=format_transform(VQA_VIT_ARGS),
                    help="ViT resize MAX,MIN,STRIDE[,MAX_PIXELS] the checkpoint was trained with (default: vlm_sft "
                         "%(default)s)")
     m.add_argument("--json", action="store_true", help="single mode: print {\"answer\": ...} as JSON")

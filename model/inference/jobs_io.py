@@ -16,6 +16,11 @@ from pipelines.storage import write_bytes_atomic
 from .loading import InferenceError
 
 
+def format_transform(args: ImageTransformArgs) -> str:
+    """ImageTransformArgs -> 'MAX,MIN,STRIDE,MAX_PIXELS' (what `parse_transform` reads; flag defaults)."""
+    return f"{args.max_image_size},{args.min_image_size},{args.image_stride},{args.max_pixels}"
+
+
 def parse_transform(text: str, flag: str) -> ImageTransformArgs:
     """'MAX,MIN,STRIDE[,MAX_PIXELS]' -> ImageTransformArgs (upstream ImageTransform argument order)."""
     try:
