@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.checkpointing import ResumeError, plan_resume
+    from trainer.checkpointing import ResumeError, plan_resume_for
     from trainer.config import ConfigError, help_text, load_config, resolve_paths, validate
 
     argv = sys.argv[1:] if argv is None else argv
@@ -33,11 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         gen = generation_groups(cfg.mixture_path) if cfg.mixture_path else None
         cover = mandatory_coverage(cfg.mixture_path) if cfg.mixture_path else None
         validate(cfg, gen, cover)
-        plan = plan_resume(checkpoint_dir=cfg.checkpoint_dir, auto_resume=cfg.train.auto_resume,
-                           resume_from=cfg.train.resume_from, model_path=cfg.model.model_path,
-                           finetune_from_ema=cfg.train.finetune_from_ema,
-                           resume_model_only=cfg.train.resume_model_only,
-                           resume_model_optimizer=cfg.train.resume_model_optimizer)
+        plan = plan_resume_for(cfg)
     except (ConfigError, MixtureConfigError, ResumeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -229,6 +229,17 @@ def plan_resume(*, checkpoint_dir: Path, auto_resume: bool, resume_from: Optiona
     return ResumePlan(None, reason="random init (--from_scratch)")
 
 
+def plan_resume_for(cfg: Any, *, auto_resume: Optional[bool] = None,
+                    ray_checkpoint: Optional[Path] = None) -> ResumePlan:
+    """`plan_resume` with the settings of a `trainer.config.TrainConfig` (`auto_resume` overrides its own)."""
+    t = cfg.train
+    return plan_resume(checkpoint_dir=cfg.checkpoint_dir,
+                       auto_resume=t.auto_resume if auto_resume is None else auto_resume,
+                       resume_from=t.resume_from, model_path=cfg.model.model_path,
+                       finetune_from_ema=t.finetune_from_ema, resume_model_only=t.resume_model_only,
+                       resume_model_optimizer=t.resume_model_optimizer, ray_checkpoint=ray_checkpoint)
+
+
 def plan_fetched(source: Path, reason: str, *, restart: bool, resume_model_only: bool,
                  resume_model_optimizer: bool) -> ResumePlan:
     """The plan for a checkpoint fetched from object storage (chosen by rank 0, same on every rank)."""

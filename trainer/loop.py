@@ -131,10 +131,7 @@ def train_loop(cfg: TrainConfig | dict, *, reporter: Optional[Reporter] = None,
         # object storage is the checkpoint store: rank 0 picks the step, every rank fetches its own files
         plan, fetched = _plan_remote(cfg, remote_ckpts, ray_checkpoint, is_main)
     else:
-        plan = ck.plan_resume(checkpoint_dir=cfg.checkpoint_dir, auto_resume=t.auto_resume,
-                              resume_from=t.resume_from, model_path=cfg.model.model_path,
-                              finetune_from_ema=t.finetune_from_ema, resume_model_only=t.resume_model_only,
-                              resume_model_optimizer=t.resume_model_optimizer, ray_checkpoint=ray_checkpoint)
+        plan = ck.plan_resume_for(cfg, ray_checkpoint=ray_checkpoint)
     log(f"start: {plan.reason}")
     for note in plan.notes:
         log(f"note: {note}")
@@ -572,10 +569,7 @@ def _plan_remote(cfg: TrainConfig, remote, ray_checkpoint: Optional[Path], is_ma
     if err:
         raise ck.ResumeError(err)
     if picked is None:
-        return ck.plan_resume(checkpoint_dir=cfg.checkpoint_dir, auto_resume=False, resume_from=t.resume_from,
-                              model_path=cfg.model.model_path, finetune_from_ema=t.finetune_from_ema,
-                              resume_model_only=t.resume_model_only,
-                              resume_model_optimizer=t.resume_model_optimizer), None
+        return ck.plan_resume_for(cfg, auto_resume=False), None
     step, reason = picked
     local, ferr = None, None
     try:
