@@ -122,7 +122,7 @@ def ray_start_stop() -> float:
 
 def plain_loop(workdir: Path) -> float:
     """Single process: parse each line, resolve + probe the image header, sha256, copy the bytes out."""
-    from pipelines.image_io import probe_image, resolve_image_path
+    from pipelines.imaging.probe import probe_image, resolve_image_path
 
     root = (workdir / "images").resolve()
     started = time.perf_counter()
@@ -150,7 +150,7 @@ def ingest_in_process(workdir: Path) -> tuple[float, float]:
     import ray
 
     from datasets_catalog.catalog import load_catalog
-    from pipelines.ingest import run_ingest
+    from pipelines.ingest.driver import run_ingest
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,

@@ -12,7 +12,7 @@
    dropped), and the same tensor building (`build_packed_batch`: same transforms, same packing settings).
    Our stream runs sequential (`iter(stream)`) and with threaded look-ahead (`stream.batches(threads)`), each
    over shards holding the original image bytes (decoded per sample, like the baseline) and over
-   `--store-pixels` shards of the same records (decoded and resized once at ingest; pipelines.image_pixels).
+   `--store-pixels` shards of the same records (decoded and resized once at ingest; pipelines.imaging.pixels).
    The loaders alternate in slices; wall time and process CPU time (all threads) of a slice are charged to
    its loader, and the look-ahead is finished inside our own slice (never runs in the baseline's).
 2. Time to first batch and peak RSS, each in a fresh process: full stream (sequential) on 10,000- and
@@ -40,9 +40,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from datasets_catalog.task_kinds import resolve_task_kind  # noqa: E402
 from datasets_catalog.tokenizer import TextTokenizer  # noqa: E402
 from datasets_catalog.transforms import ImageTransformArgs  # noqa: E402
-from pipelines.mixture_recompute import recompute_row  # noqa: E402
-from pipelines.packing_config import PackingConfig  # noqa: E402
-from pipelines.sample import StreamSample  # noqa: E402
+from pipelines.mixture.recompute import recompute_row  # noqa: E402
+from pipelines.packing.config import PackingConfig  # noqa: E402
+from pipelines.packing.sample import StreamSample  # noqa: E402
 
 VAE = ImageTransformArgs(max_image_size=512, min_image_size=256, image_stride=16)
 VIT = ImageTransformArgs(max_image_size=378, min_image_size=224, image_stride=14, max_pixels=378 * 378)
@@ -82,8 +82,8 @@ class Ours:
     """The mixture stream; `threads=0`: sequential (`iter(stream)`), else `stream.batches(threads)`."""
 
     def __init__(self, config: Path, threads: int = 0, lookahead: int | None = None) -> None:
-        from pipelines.mixture import MixtureStream
-        from pipelines.mixture_config import MixtureConfig
+        from pipelines.mixture.stream import MixtureStream
+        from pipelines.mixture.config import MixtureConfig
 
         t0 = time.perf_counter()
         self.stream = MixtureStream(MixtureConfig.from_yaml(config), PACKING, TextTokenizer.builtin(), seed=1)
@@ -199,7 +199,7 @@ class UpstreamBaseline:
         self.build_s = 0.0
 
     def _next_sample(self) -> StreamSample:
-        from pipelines.image_decode import load_image_rgb
+        from pipelines.imaging.decode import load_image_rgb
 
         t0 = time.perf_counter()
         u = self.rng.random()
@@ -233,7 +233,7 @@ class UpstreamBaseline:
 
     def __iter__(self):
         """Upstream PackedDataset iteration (§4.3), overflow dropped when the buffer is full."""
-        import pipelines.packing as packing
+        import pipelines.packing.packer as packing
 
         real = packing.load_image_rgb
         current: dict[str, object] = {}
@@ -279,7 +279,7 @@ def draft_diff() -> list[dict]:
     from PIL import Image, ImageDraw, ImageFilter
 
     from datasets_catalog.transforms import DEFAULT_VAE_ARGS, DEFAULT_VIT_ARGS
-    from pipelines.image_decode import image_to_tensor, load_image_rgb
+    from pipelines.imaging.decode import image_to_tensor, load_image_rgb
 
     def photo(w: int, h: int, seed: int) -> bytes:
         r = np.random.default_rng(seed)
@@ -326,11 +326,11 @@ def draft_diff() -> list[dict]:
 def child(mode: str, config: str, packs: int) -> None:
     import torch
 
-    import pipelines.packing  # noqa: F401  (as in a trainer: torch is already imported)
+    import pipelines.packing.packer  # noqa: F401  (as in a trainer: torch is already imported)
 
     torch.set_num_threads(1)
-    from pipelines.mixture import MixtureStream
-    from pipelines.mixture_config import MixtureConfig
+    from pipelines.mixture.stream import MixtureStream
+    from pipelines.mixture.config import MixtureConfig
 
     import pyarrow.parquet  # noqa: F401
 
@@ -410,7 +410,7 @@ def main() -> int:
         return 0
     import torch
 
-    import pipelines.packing  # noqa: F401  (torch import: paid by the trainer anyway, not by the loaders)
+    import pipelines.packing.packer  # noqa: F401  (torch import: paid by the trainer anyway, not by the loaders)
 
     torch.set_num_threads(1)   # as in a loader worker process; also steadier timings on a shared machine
 

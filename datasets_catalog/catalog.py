@@ -59,7 +59,7 @@ EXTRA_OPTION_KEYS: set[str] = {
 # Validators of `extra_options`, as "module:function" (imported only when a dataset has such options; a
 # module that is not installed is skipped). A validator raises an exception whose optional `.key` attribute
 # names the offending field; the message becomes a CatalogError.
-OPTION_VALIDATORS: list[str] = ["pipelines.medical_io:validate_catalog_options"]
+OPTION_VALIDATORS: list[str] = ["pipelines.imaging.medical:validate_catalog_options"]
 
 
 def _validate_extra(ctx: "_Ctx", extra: dict[str, Any]) -> None:
@@ -98,7 +98,7 @@ class DatasetSpec:
     max_reject_fraction: float = DEFAULT_MAX_REJECT_FRACTION
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD
-    store_pixels: bool = False   # also store decoded, resized VAE/ViT pixels (pipelines.image_pixels)
+    store_pixels: bool = False   # also store decoded, resized VAE/ViT pixels (pipelines.imaging.pixels)
     extra_options: dict[str, Any] = field(default_factory=dict)
     line: int | None = None   # line of the dataset entry in the catalog file (for messages)
 
@@ -308,7 +308,7 @@ def _parse_dataset(path: Path, base: Path, index: int, entry: Any, top: dict) ->
 
 def _hf_source(ctx: _Ctx, path: Path, base: Path, entry: dict, kind: TaskKind, name: str
                ) -> tuple[Path, Path, dict] | None:
-    """For `source: hf` (or an `hf:` mapping): check the mapping (pipelines.hf_source) and return the JSONL
+    """For `source: hf` (or an `hf:` mapping): check the mapping (pipelines.ingest.hf_source) and return the JSONL
     and image folder the ingest materialises it into, plus the mapping for `extra_options["hf_source"]`."""
     source = entry.get("source", "hf" if "hf" in entry else "jsonl")
     if source not in ("jsonl", "hf"):
@@ -320,7 +320,7 @@ def _hf_source(ctx: _Ctx, path: Path, base: Path, entry: dict, kind: TaskKind, n
         if key in entry:
             raise ctx.error(key, "a 'source: hf' dataset takes its rows and images from hf.path; remove "
                                  f"{key} (or drop source: hf)")
-    from pipelines.hf_source import HFSourceError, parse_hf_mapping
+    from pipelines.ingest.hf_source import HFSourceError, parse_hf_mapping
 
     try:
         cfg = parse_hf_mapping(entry.get("hf"), base, default_output_dir(path) / "_hf_cache" / name, kind.name,

@@ -2,7 +2,7 @@
 
 Pure Python (no image I/O): ingest calls it on every line, tests call it directly. Every rejection carries a
 short stable reason code (`REASONS`) and a sentence a person can act on. Image files are checked later by
-`pipelines.image_io`, which raises the image_* codes listed here too.
+`pipelines.imaging.probe`, which raises the image_* codes listed here too.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datasets_catalog.catalog import CatalogError, parse_catalog  # noqa: E402
 from datasets_catalog.legacy import LegacyError, convert, to_yaml  # noqa: E402
-from pipelines.storage import write_text_atomic  # noqa: E402
+from pipelines.storage.uris import write_text_atomic  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datasets_catalog.catalog import CatalogError, load_catalog  # noqa: E402
-from pipelines.ingest import IngestError, format_summary, run_ingest  # noqa: E402
-from pipelines.medical_io import with_keep_dicom_tags  # noqa: E402
+from pipelines.ingest.driver import IngestError, format_summary, run_ingest  # noqa: E402
+from pipelines.imaging.medical import with_keep_dicom_tags  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

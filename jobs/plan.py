@@ -17,8 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datasets_catalog.catalog import CatalogError  # noqa: E402
-from pipelines.mixture_config import MixtureConfig, MixtureConfigError  # noqa: E402
-from pipelines.mixture_plan import packing_from_config, plan_mixture  # noqa: E402
+from pipelines.mixture.config import MixtureConfig, MixtureConfigError  # noqa: E402
+from pipelines.mixture.dry_run import packing_from_config, plan_mixture  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     as_json = "--json" in argv
     argv = [a for a in argv if a != "--json"]
-    from pipelines.mixture_config import MixtureConfigError
+    from pipelines.mixture.config import MixtureConfigError
     try:
         cfg = resolve_paths(load_config(argv))
         from trainer.data import generation_groups, mandatory_coverage
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"[train] run {cfg.run_name}: {cfg.run.num_workers} worker(s), "
           f"{'GPU' if cfg.run.use_gpu else 'CPU'}, {cfg.train.total_steps} steps; start: {plan.reason}")
-    from pipelines.storage_checkpoints import remote_checkpoint_root
+    from pipelines.storage.checkpoints import remote_checkpoint_root
 
     remote = remote_checkpoint_root(cfg.run.storage_path, cfg.run_name)
     if remote is not None:

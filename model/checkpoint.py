@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipelines.storage import write_text_atomic
+from pipelines.storage.uris import write_text_atomic
 
 from .config import ModelConfig
 from .siglip import conv_to_linear_patch_weight

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.packed_batch import PackedBatch
+from pipelines.packing.packed_batch import PackedBatch
 
 from .attention import PackedAttention
 from .autoencoder import AutoEncoder

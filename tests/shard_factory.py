@@ -7,7 +7,7 @@
     root/shards/<name>/part-NNNNN.parquet + _manifest.json   exactly what `jobs/ingest.py` writes
     root/catalog.yaml                  a catalog naming those datasets (output_dir: shards)
 
-and returns the catalog path. Rows follow `pipelines.shard_schema.SHARD_SCHEMA`; resize targets, token
+and returns the catalog path. Rows follow `pipelines.storage.shard_schema.SHARD_SCHEMA`; resize targets, token
 counts and `num_tokens` are computed with the shared code (transforms, plan, tokenizer), so shards are
 indistinguishable from ingested ones. `distinct=K` writes only K different records and repeats them with
 new `sample_id`s: that is how the benchmarks build 1,000,000-row catalogs in seconds.
@@ -29,9 +29,9 @@ from datasets_catalog.plan import ImageSlot, ImageTokens, Message, build_plan, p
 from datasets_catalog.task_kinds import resolve_task_kind
 from datasets_catalog.tokenizer import TextTokenizer
 from datasets_catalog.transforms import DEFAULT_VAE_ARGS, DEFAULT_VIT_ARGS, ImageTransformArgs, vae_tokens, vit_tokens
-from pipelines.image_pixels import resized_pixels
-from pipelines.shard_schema import SCHEMA_VERSION, SHARD_SCHEMA
-from pipelines.storage import write_text_atomic
+from pipelines.imaging.pixels import resized_pixels
+from pipelines.storage.shard_schema import SCHEMA_VERSION, SHARD_SCHEMA
+from pipelines.storage.uris import write_text_atomic
 
 
 @dataclass

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipelines.image_decode import load_image_rgb
+from pipelines.imaging.decode import load_image_rgb
 
 ROOT = Path(__file__).resolve().parent.parent
 MEDICAL = ("ct_chest_lung", "mr_echo_dicom", "brain_mr_axial")
@@ -46,7 +46,7 @@ def test_shipped_medical_datasets_through_ray(ray_cluster, tmp_path, capsys):
 
     # --reference-images: same process_chunk without Ray (the Ray path is covered above)
     from datasets_catalog.catalog import load_catalog
-    from pipelines.ingest import run_ingest
+    from pipelines.ingest.driver import run_ingest
 
     catalog = load_catalog(ROOT / "catalog" / "radiology.yaml")
     assert run_ingest(catalog, out=tmp_path / "ref", only=list(MEDICAL), reference_images=True, executor="local",

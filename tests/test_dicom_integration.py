@@ -16,8 +16,9 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from datasets_catalog.records import REASONS
-from pipelines import image_decode, image_io
-from pipelines.medical_io import options_from_meta, register_ingest_formats, register_reader_decoders
+from pipelines.imaging import decode as image_decode
+from pipelines.imaging import probe as image_io
+from pipelines.imaging.medical import options_from_meta, register_ingest_formats, register_reader_decoders
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

@@ -14,11 +14,11 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
-from pipelines.medical_io import (
+from pipelines.imaging.medical import (
     DICOM_BURNED_IN, DICOM_DECODE_FAILED, DICOM_DECODER_MISSING, IMAGE_TOO_LARGE, MedicalImageError,
     MedicalOptions, decode_medical, is_medical,
 )
-from pipelines.dicom_io import decode_dicom
+from pipelines.imaging.dicom import decode_dicom
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

@@ -19,9 +19,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 datasets = pytest.importorskip("datasets")
 
 from datasets_catalog.catalog import load_catalog  # noqa: E402
-from pipelines import hf_source  # noqa: E402
-from pipelines.hf_source import HFSourceError, materialize, parse_hf_mapping  # noqa: E402
-from pipelines.ingest import run_ingest  # noqa: E402
+from pipelines.ingest import hf_source  # noqa: E402
+from pipelines.ingest.hf_source import HFSourceError, materialize, parse_hf_mapping  # noqa: E402
+from pipelines.ingest.driver import run_ingest  # noqa: E402
 
 
 def _png(w: int, h: int, color) -> bytes:

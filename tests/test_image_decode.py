@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.image_decode import (
+from pipelines.imaging.decode import (
     ImageDecodeError, ImageDecoder, image_to_tensor, load_image_rgb, register_decoder, unregister_decoder,
 )
 

@@ -25,9 +25,9 @@ from model.inference.loading import InferenceError
 from model.inference.text_generation import generate_text
 from model.qwen2 import TokenRoute
 from model.unified import UnifiedModel
-from pipelines.image_decode import image_to_tensor, load_image_rgb
-from pipelines.packing_ops import patchify
-from pipelines.position_ids import get_flattened_position_ids
+from pipelines.imaging.decode import image_to_tensor, load_image_rgb
+from pipelines.packing.ops import patchify
+from pipelines.packing.position_ids import get_flattened_position_ids
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "examples" / "radiology" / "images"

@@ -22,9 +22,9 @@ from datasets_catalog.plan import ImageSlot, ImageTokens, Message, build_plan, p
 from datasets_catalog.task_kinds import resolve_task_kind
 from datasets_catalog.tokenizer import TextTokenizer
 from datasets_catalog.transforms import DEFAULT_VAE_ARGS, DEFAULT_VIT_ARGS, resize_target
-from pipelines import ingest_chunk
-from pipelines.ingest import STATUS_BUILT, STATUS_FAILED, STATUS_UP_TO_DATE, format_summary, run_ingest
-from pipelines.shard_schema import REJECTS_SCHEMA, SHARD_SCHEMA
+from pipelines.ingest import chunk as ingest_chunk
+from pipelines.ingest.driver import STATUS_BUILT, STATUS_FAILED, STATUS_UP_TO_DATE, format_summary, run_ingest
+from pipelines.storage.shard_schema import REJECTS_SCHEMA, SHARD_SCHEMA
 
 
 def png(w: int, h: int, color=(120, 30, 200)) -> bytes:
@@ -285,12 +285,12 @@ def test_interrupted_run_never_publishes_a_partial_dataset(small, monkeypatch):
             raise KeyboardInterrupt
         return real(task)
 
-    monkeypatch.setattr("pipelines.ingest.process_chunk", dies_on_second_chunk)
+    monkeypatch.setattr("pipelines.ingest.driver.process_chunk", dies_on_second_chunk)
     with pytest.raises(KeyboardInterrupt):
         _run(small)
     assert (out / "d" / "_manifest.json").read_text() == before     # the old complete version is intact
     assert not [p for p in out.iterdir() if p.name.startswith(".staging-")]
-    monkeypatch.setattr("pipelines.ingest.process_chunk", real)
+    monkeypatch.setattr("pipelines.ingest.driver.process_chunk", real)
     assert _status(_run(small))["d"] == STATUS_BUILT
     assert len(pd.read_parquet(out / "d")) == 4
 

@@ -1,4 +1,4 @@
-"""pipelines.image_io: header probing, reason codes, path safety and the format-handler registry."""
+"""pipelines.imaging.probe: header probing, reason codes, path safety and the format-handler registry."""
 from __future__ import annotations
 
 import hashlib
@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from datasets_catalog.catalog import load_catalog
-from pipelines import image_io
-from pipelines.image_io import FormatHandler, ImageError, ImageProbe, probe_image, \
+from pipelines.imaging import probe as image_io
+from pipelines.imaging.probe import FormatHandler, ImageError, ImageProbe, probe_image, \
     register_format, resolve_image_path
-from pipelines.ingest import run_ingest
+from pipelines.ingest.driver import run_ingest
 
 
 def _png_with_header(width: int, height: int) -> bytes:
@@ -84,7 +84,7 @@ def test_resolve_image_path(tmp_path):
 
 
 def test_readers_composite_transparency_over_white():
-    from pipelines.image_decode import load_image_rgb
+    from pipelines.imaging.decode import load_image_rgb
 
     buf = io.BytesIO()
     Image.new("RGBA", (2, 2), (0, 0, 0, 0)).save(buf, "PNG")

@@ -13,7 +13,7 @@ from PIL import Image
 from datasets_catalog.catalog import load_catalog
 from datasets_catalog.records import vit_img_num
 from datasets_catalog.transforms import resize_target, vae_tokens, vit_tokens
-from pipelines.ingest import STATUS_BUILT, STATUS_UP_TO_DATE, format_summary, run_ingest
+from pipelines.ingest.driver import STATUS_BUILT, STATUS_UP_TO_DATE, format_summary, run_ingest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,8 +70,8 @@ def test_example_catalog_through_ray_data(ray_cluster, tmp_path):
     assert {d.status for d in again.datasets} == {STATUS_UP_TO_DATE}
 
     # --store-pixels through Ray Data: a settings change rebuilds; pixels equal the decode path (DICOM too)
-    from pipelines.image_decode import image_to_tensor, load_image_rgb
-    from pipelines.image_pixels import stored_pixels_tensor
+    from pipelines.imaging.decode import image_to_tensor, load_image_rgb
+    from pipelines.imaging.pixels import stored_pixels_tensor
 
     names = ["mr_echo_dicom", "he_to_ihc_edit"]
     pixels = run_ingest(catalog.with_store_pixels(), out=tmp_path, address=address, only=names, progress=False,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from pipelines.masks import allowed_pairs, attention_allowed_per_sample, prepare_attention_mask_per_sample
+from pipelines.packing.masks import allowed_pairs, attention_allowed_per_sample, prepare_attention_mask_per_sample
 
 
 def reference_allowed(split_lens, modes):

@@ -11,10 +11,10 @@ from hypothesis import given, settings, strategies as st
 
 from datasets_catalog.tokenizer import TextTokenizer
 from datasets_catalog.transforms import ImageTransformArgs
-from pipelines.mixture import MixtureStream
-from pipelines.mixture_config import MixtureConfig, MixtureConfigError
-from pipelines.mixture_sources import resolve_sources
-from pipelines.packing_config import PackingConfig
+from pipelines.mixture.stream import MixtureStream
+from pipelines.mixture.config import MixtureConfig, MixtureConfigError
+from pipelines.mixture.sources import resolve_sources
+from pipelines.packing.config import PackingConfig
 from shard_factory import make_catalog, make_dataset, tiny, write_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from pipelines import rng
-from pipelines.mixture_order import Layer, PassOrder, chunk_size, reshard_layer, stream_position, to_global
+from pipelines.mixture import rng
+from pipelines.mixture.order import Layer, PassOrder, chunk_size, reshard_layer, stream_position, to_global
 
 
 def order_rows(order: PassOrder, k: int) -> list[int]:

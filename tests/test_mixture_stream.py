@@ -8,10 +8,10 @@ from collections import Counter
 import pytest
 
 from datasets_catalog.tokenizer import TextTokenizer
-from pipelines.mixture import MixtureStream, StreamStateError, merge_states
-from pipelines.mixture_config import MixtureConfig
-from pipelines.packing_config import PackingConfig
-from pipelines.packed_batch import PackedBatch
+from pipelines.mixture.stream import MixtureStream, StreamStateError, merge_states
+from pipelines.mixture.config import MixtureConfig
+from pipelines.packing.config import PackingConfig
+from pipelines.packing.packed_batch import PackedBatch
 from shard_factory import make_catalog, tiny, write_config
 
 PACKING = PackingConfig(expected_num_tokens=1024, max_num_tokens=1280, max_num_tokens_per_sample=1024,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.attention import TokenLayout
-from pipelines.packed_batch import PackedBatch
+from pipelines.packing.packed_batch import PackedBatch
 
 BOS, EOS, SOI, EOI = 257, 258, 259, 260  # the builtin tokenizer's special ids (asserted below)
 

@@ -15,9 +15,9 @@ from model.attention import PackedAttention
 from model.config import ModelConfig
 from model.freeze import apply_freeze
 from model.unified import UnifiedModel
-from pipelines.packing import build_packed_batch
-from pipelines.packing_config import PackingConfig
-from pipelines.sample import StreamSample
+from pipelines.packing.packer import build_packed_batch
+from pipelines.packing.config import PackingConfig
+from pipelines.packing.sample import StreamSample
 from test_model_batches import single_thread, Text, edit_sample, make_batch, vqa_sample  # noqa: F401
 
 TOK = TextTokenizer.builtin()

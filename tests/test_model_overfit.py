@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from model.freeze import apply_freeze
-from pipelines.packing import build_packed_batch
+from pipelines.packing.packer import build_packed_batch
 from test_model_batches import single_thread  # noqa: F401  (autouse fixture)
 from test_model_forward import PACK, TOK, noise_for, real_samples, tiny_model
 

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import storage, storage_checkpoints
+from pipelines.storage import uris as storage
+
+from pipelines.storage import checkpoints as storage_checkpoints
 from tests.ray_nodes import RayNode, free_port, pids_under, stop_nodes
 from tests.test_s3 import s3_server  # noqa: F401  (the localhost S3 server fixture)
 

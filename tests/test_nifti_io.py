@@ -11,7 +11,7 @@ import pytest
 from nibabel.testing import data_path
 from PIL import Image
 
-from pipelines.medical_io import MedicalImageError, MedicalOptions, decode_medical, is_medical
+from pipelines.imaging.medical import MedicalImageError, MedicalOptions, decode_medical, is_medical
 
 
 def _file(name: str) -> bytes:

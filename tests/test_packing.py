@@ -12,15 +12,15 @@ from PIL import Image
 
 from datasets_catalog.plan import ImageSlot, ImageTokens, SamplePlan, packed_length
 from datasets_catalog.tokenizer import TextTokenizer
-from pipelines.image_decode import image_to_tensor, load_image_rgb
-from pipelines.masks import allowed_pairs
-from pipelines.packed_batch import PackedBatch
-from pipelines.packing import (
+from pipelines.imaging.decode import image_to_tensor, load_image_rgb
+from pipelines.packing.masks import allowed_pairs
+from pipelines.packing.packed_batch import PackedBatch
+from pipelines.packing.packer import (
     PackingError, build_packed_batch, build_packed_batch_from_plans, len2weight, patchify, sample_plan,
 )
-from pipelines.packing_config import PackingConfig
-from pipelines.position_ids import get_flattened_position_ids_extrapolate, get_flattened_position_ids_interpolate
-from pipelines.sample import StreamSample
+from pipelines.packing.config import PackingConfig
+from pipelines.packing.position_ids import get_flattened_position_ids_extrapolate, get_flattened_position_ids_interpolate
+from pipelines.packing.sample import StreamSample
 
 TOK = TextTokenizer.builtin()
 SP = TOK.special
@@ -362,7 +362,7 @@ def test_rows_read_back_from_real_parquet_pack_identically(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.shard_schema import SHARD_SCHEMA
+    from pipelines.storage.shard_schema import SHARD_SCHEMA
 
     samples = [edit_sample(draw_key=1),
                sample("sft_recon_v1", [("human", "<image> see"), ("gpt", "ok")], [image(seed=3)], draw_key=2)]

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from pipelines.packing import (
+from pipelines.packing.packer import (
     get_flattened_position_ids_extrapolate, get_flattened_position_ids_interpolate, len2weight, patchify,
 )
-from pipelines.packing_ops import patchify_hwc
+from pipelines.packing.ops import patchify_hwc
 
 
 def test_patchify_order_is_row_major_patches_then_row_col_channel():

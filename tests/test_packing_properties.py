@@ -7,8 +7,8 @@ from dataclasses import replace
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from pipelines.masks import allowed_pairs
-from pipelines.packing import build_packed_batch
+from pipelines.packing.masks import allowed_pairs
+from pipelines.packing.packer import build_packed_batch
 from test_packing import CONFIG, TOK, image, sample
 
 IMAGES = [image(16, 16, vae=(16, 32), vit=(14, 28), seed=k) for k in range(3)]

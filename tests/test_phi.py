@@ -15,8 +15,8 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from datasets_catalog.catalog import load_catalog
-from pipelines.ingest import run_ingest
-from pipelines.quality_report import write_report
+from pipelines.ingest.driver import run_ingest
+from pipelines.report.quality import write_report
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

@@ -10,8 +10,8 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_windowing
 
-from pipelines.medical_io import IndexRule, MedicalOptions, parse_axis
-from pipelines.pixel_modes import WINDOW_PRESETS, WindowSpec, apply_window, convert_unusual
+from pipelines.imaging.medical import IndexRule, MedicalOptions, parse_axis
+from pipelines.imaging.pixel_modes import WINDOW_PRESETS, WindowSpec, apply_window, convert_unusual
 
 
 def _encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -44,7 +44,7 @@ def test_16bit_png_minmax_to_8bit_and_kept_16bit():
 
 
 def _trainer_view(data: bytes) -> np.ndarray:
-    from pipelines.image_decode import load_image_rgb  # what the trainer makes of the stored bytes
+    from pipelines.imaging.decode import load_image_rgb  # what the trainer makes of the stored bytes
 
     return np.asarray(load_image_rgb(data, None))
 
@@ -57,7 +57,7 @@ def test_la_keeps_bytes_and_records_the_decode_time_conversion():
     conv = convert_unusual(data)
     assert conv.png is None and conv.mode == "RGB" and "over white" in conv.meta["conversion"]
     assert _trainer_view(data)[0].tolist() == [[200, 200, 200], [255, 255, 255]]  # what the record says
-    direct, text = __import__("pipelines.pixel_modes", fromlist=["x"]).convert_pil_image(la)
+    direct, text = __import__("pipelines.imaging.pixel_modes", fromlist=["x"]).convert_pil_image(la)
     assert np.asarray(direct).ravel().tolist() == [200, 255] and "over white" in text
 
 
@@ -162,7 +162,7 @@ def test_options_validation_names_the_key():
                                       ("1", "PNG"), ("I;16", "PNG"), ("L", "JPEG"), ("RGB", "JPEG"),
                                       ("CMYK", "JPEG"), ("RGB", "TIFF")])
 def test_header_mode_check_agrees_with_pil(mode, fmt):
-    from pipelines.pixel_modes import header_mode_is_plain
+    from pipelines.imaging.pixel_modes import header_mode_is_plain
 
     img = Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 999) if mode == "I;16" \
         else Image.new(mode, (8, 8))

@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.quality_report import build_report, leakage_warnings, render_html, scan_shards
-from pipelines.shard_schema import REJECTS_SCHEMA, SHARD_SCHEMA
+from pipelines.report.quality import build_report, leakage_warnings, render_html, scan_shards
+from pipelines.storage.shard_schema import REJECTS_SCHEMA, SHARD_SCHEMA
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -20,7 +20,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import RLELossless
 
 from datasets_catalog.catalog import load_catalog
-from pipelines.ingest import format_summary, run_ingest
+from pipelines.ingest.driver import format_summary, run_ingest
 
 warnings.filterwarnings("ignore", category=UserWarning)
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,7 +83,7 @@ def test_report_strict_names_both_rows_of_each_leak(leaky, tmp_path):
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium is not installed")
 def test_report_renders_in_headless_chromium(leaky, tmp_path):
-    from pipelines.quality_report import write_report
+    from pipelines.report.quality import write_report
 
     out = tmp_path / "r.html"
     write_report(leaky, out, thumbnails=2)

@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import storage
-from pipelines.storage import RemotePath, as_path
+from pipelines.storage import uris as storage
+from pipelines.storage.uris import RemotePath, as_path
 
 
 def _free_port() -> int:
@@ -159,7 +159,7 @@ def test_upload_tree_writes_marker_last(bucket, tmp_path, monkeypatch):
 def small_catalog(tmp_path_factory):
     """JSONL + PNG sources (12 VQA rows in 3 chunks, 6 text rows) and a local ingest of them to compare with."""
     from datasets_catalog.catalog import load_catalog
-    from pipelines.ingest import run_ingest
+    from pipelines.ingest.driver import run_ingest
     from tests.shard_factory import make_catalog, tiny
 
     root = tmp_path_factory.mktemp("s3cat")
@@ -181,7 +181,7 @@ def _read_remote(folder: RemotePath):
 
 def _ingest(catalog, out, **kw):
     """The public entry point (jobs/ingest.py --out s3://...), in-process chunk execution."""
-    from pipelines.ingest import run_ingest
+    from pipelines.ingest.driver import run_ingest
 
     return run_ingest(catalog, out=out, executor="local", progress=False, log=lambda s: None, **kw)
 
@@ -215,7 +215,7 @@ def test_ingest_to_s3_matches_local_and_is_idempotent(bucket, small_catalog):
 
 
 def test_interrupted_ingest_to_s3_never_looks_complete(bucket, small_catalog, monkeypatch):
-    from pipelines import storage_ingest
+    from pipelines.ingest import remote as storage_ingest
 
     catalog, _ = small_catalog
     out = bucket / "shards"
@@ -254,8 +254,8 @@ def test_interrupted_ingest_to_s3_never_looks_complete(bucket, small_catalog, mo
     assert len(copies) == 2
     assert not storage.is_complete(out / "vqa", "_manifest.json")   # old marker gone before any new part
     monkeypatch.setattr(storage, "copy_file", real_copy)
-    from pipelines.mixture_config import MixtureConfigError
-    from pipelines.mixture_sources import resolve_sources
+    from pipelines.mixture.config import MixtureConfigError
+    from pipelines.mixture.sources import resolve_sources
 
     with pytest.raises(MixtureConfigError, match="no shards for dataset 'vqa'"):
         resolve_sources(_mixture(catalog, str(out), "after_crash.yaml"))   # the stream refuses the half-new prefix
@@ -271,7 +271,7 @@ def test_interrupted_ingest_to_s3_never_looks_complete(bucket, small_catalog, mo
 # -- the mixture stream reading shards from object storage -----------------------------------------------
 
 def _mixture(catalog, shards: str, name: str):
-    from pipelines.mixture_config import MixtureConfig
+    from pipelines.mixture.config import MixtureConfig
     from tests.shard_factory import write_config
 
     return MixtureConfig.from_yaml(write_config(Path(catalog.path).parent / name, f"""
@@ -287,10 +287,10 @@ def test_stream_reads_shards_from_s3_like_from_disk(bucket, small_catalog):
     import torch
 
     from datasets_catalog.tokenizer import TextTokenizer
-    from pipelines.mixture import MixtureStream
-    from pipelines.mixture_config import MixtureConfigError
-    from pipelines.mixture_sources import resolve_sources
-    from pipelines.packing_config import PackingConfig
+    from pipelines.mixture.stream import MixtureStream
+    from pipelines.mixture.config import MixtureConfigError
+    from pipelines.mixture.sources import resolve_sources
+    from pipelines.packing.config import PackingConfig
 
     catalog, local = small_catalog
     out = bucket / "shards"
@@ -333,7 +333,7 @@ def _local_checkpoint(root, step: int):
 
 def test_checkpoints_round_trip_through_s3(bucket, tmp_path, monkeypatch):
     from trainer import checkpointing as ck
-    from pipelines import storage_checkpoints as sc
+    from pipelines.storage import checkpoints as sc
 
     assert sc.MARKER == ck.MARKER
     remote = sc.remote_checkpoint_root(str(bucket / "runs"), "mix")
@@ -377,7 +377,7 @@ def test_training_reads_s3_shards_and_resumes_from_s3_checkpoints(bucket, tmp_pa
     """The whole chain in-process (world size 1, no Ray): ingest to S3, train from the S3 shards with
     --storage_path s3://..., then a "fresh machine" (empty local run dir) resumes from the S3 checkpoint."""
     from datasets_catalog.catalog import load_catalog
-    from pipelines import storage_checkpoints as sc
+    from pipelines.storage import checkpoints as sc
     from tests.test_train_loop import write_mixture
     from trainer.config import load_config, validate
     from trainer.data import generation_groups
@@ -428,7 +428,7 @@ def _rank_main(rank: int, world: int, port: int, mix: str, storage_path: str, lo
     nodes that share nothing but the S3 endpoint. Writes what it saw to out_dir/rank{r}.json."""
     import torch.distributed as dist
 
-    from pipelines import storage_checkpoints as sc
+    from pipelines.storage import checkpoints as sc
     from trainer import checkpointing as ck
     from trainer.config import load_config, validate
     from trainer.data import generation_groups, mandatory_coverage
@@ -497,7 +497,7 @@ def test_two_ranks_without_shared_disk_save_and_resume_through_s3(bucket, tmp_pa
 
     import torch
 
-    from pipelines import storage_checkpoints as sc
+    from pipelines.storage import checkpoints as sc
     from trainer import checkpointing as ck
 
     mix = _fsdp_mixture(tmp_path / "data")
@@ -550,7 +550,7 @@ def _download(src: RemotePath, dst: Path) -> Path:
 def test_remote_seal_and_rotation_rules(bucket, tmp_path):
     """seal_remote refuses (no marker) while a listed file is missing; rotation counts complete checkpoints
     only, never touches a newer incomplete one, and drops dead incomplete ones older than the newest."""
-    from pipelines import storage_checkpoints as sc
+    from pipelines.storage import checkpoints as sc
 
     root = bucket / "ckpts"
     staged = tmp_path / "stage"

@@ -1,4 +1,4 @@
-"""pipelines.storage without a server: URI parsing, S3 options from the environment, local atomic publish."""
+"""pipelines.storage.uris without a server: URI parsing, S3 options from the environment, local atomic publish."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines import storage
-from pipelines.storage import RemotePath, StorageError, as_path, is_remote, publish_tree, s3_options
+from pipelines.storage import uris as storage
+from pipelines.storage.uris import RemotePath, StorageError, as_path, is_remote, publish_tree, s3_options
 
 AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
@@ -110,8 +110,8 @@ def test_upload_and_download_tree_local(tmp_path):
 
 
 def test_ingest_output_error_never_shows_uri_credentials():
-    from pipelines.ingest import IngestError
-    from pipelines.storage_ingest import run_ingest_remote
+    from pipelines.ingest.driver import IngestError
+    from pipelines.ingest.remote import run_ingest_remote
 
     with pytest.raises(IngestError) as info:
         run_ingest_remote(None, "s3://bucket/prefix?secret_key=TOPSECRET&no_such_option=1")

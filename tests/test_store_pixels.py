@@ -19,13 +19,13 @@ from datasets_catalog.catalog import CatalogError, load_catalog
 from datasets_catalog.task_kinds import resolve_task_kind
 from datasets_catalog.tokenizer import TextTokenizer
 from datasets_catalog.transforms import ImageTransformArgs
-from pipelines import packing
-from pipelines.image_decode import image_to_tensor, load_image_rgb
-from pipelines.image_pixels import stored_pixels_tensor
-from pipelines.ingest import STATUS_BUILT, run_ingest
-from pipelines.mixture_recompute import recompute_row
-from pipelines.packing_config import PackingConfig
-from pipelines.sample import StreamSample
+from pipelines.packing import packer as packing
+from pipelines.imaging.decode import image_to_tensor, load_image_rgb
+from pipelines.imaging.pixels import stored_pixels_tensor
+from pipelines.ingest.driver import STATUS_BUILT, run_ingest
+from pipelines.mixture.recompute import recompute_row
+from pipelines.packing.config import PackingConfig
+from pipelines.packing.sample import StreamSample
 
 VAE = ImageTransformArgs(max_image_size=96, min_image_size=32, image_stride=16)
 VIT = ImageTransformArgs(max_image_size=84, min_image_size=28, image_stride=14, max_pixels=84 * 84)
@@ -182,10 +182,13 @@ def test_ingest_workers_without_store_pixels_do_not_import_torch():
     import subprocess
     import sys
 
-    from pipelines import image_pixels, ingest_chunk
+    from pipelines.imaging import pixels as image_pixels
+
+
+    from pipelines.ingest import chunk as ingest_chunk
 
     assert ingest_chunk.PIXEL_FIELDS == image_pixels.PIXEL_FIELDS
-    code = "import sys, pipelines.ingest_chunk; print('torch' in sys.modules)"
+    code = "import sys, pipelines.ingest.chunk; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.stdout.strip() == "False"

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from datasets_catalog.tokenizer import TextTokenizer
-from pipelines.mixture import MixtureStream
-from pipelines.mixture_config import MixtureConfig
-from pipelines.mixture_prefetch import PrefetchingBatches
-from pipelines.packed_batch import PackedBatch
-from pipelines.packing_config import PackingConfig
+from pipelines.mixture.stream import MixtureStream
+from pipelines.mixture.config import MixtureConfig
+from pipelines.mixture.prefetch import PrefetchingBatches
+from pipelines.packing.packed_batch import PackedBatch
+from pipelines.packing.config import PackingConfig
 from shard_factory import make_catalog, tiny, write_config
 
 PACKING = PackingConfig(expected_num_tokens=1024, max_num_tokens=1280, max_num_tokens_per_sample=1024,
@@ -145,7 +145,7 @@ def test_store_pixels_shards_give_the_same_batches_without_reading_image_bytes(t
 def test_row_group_cache_is_thread_safe_and_reads_each_group_once(cfg):
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipelines.shard_reader import RowGroupCache
+    from pipelines.storage.shard_reader import RowGroupCache
 
     stream = _stream(cfg, TextTokenizer.builtin())
     layout = stream.groups[0].datasets[0].layout

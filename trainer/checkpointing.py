@@ -7,7 +7,7 @@ tokenizer) and finally `COMPLETE.json`. Everything is written into `.tmp-{step:0
 last, then the directory is renamed: a crash mid-save never leaves a directory that looks complete.
 
 With `--storage_path s3://...` object storage is the checkpoint store and no disk is shared: each rank stages
-and uploads its own files (pipelines/storage_checkpoints.py), and the local folder on rank 0's node is a copy
+and uploads its own files (pipelines/storage/checkpoints.py), and the local folder on rank 0's node is a copy
 of rank 0's part (its marker lists the whole checkpoint, so with several ranks it is not complete locally).
 """
 from __future__ import annotations
@@ -114,7 +114,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    from pipelines.storage import write_text_atomic
+    from pipelines.storage.uris import write_text_atomic
 
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 

@@ -199,7 +199,7 @@ class TrainConfig:
     def results_dir(self) -> Path:
         if self.train.results_dir:
             return Path(self.train.results_dir).resolve()
-        from pipelines.storage_checkpoints import local_runs_root   # s3:// storage: a local run dir
+        from pipelines.storage.checkpoints import local_runs_root   # s3:// storage: a local run dir
 
         return (local_runs_root(self.run.storage_path) / self.run_name).resolve()
 

@@ -1,4 +1,4 @@
-"""The per-rank batch source: the mixture stream (pipelines.mixture) behind a picklable factory, so it can
+"""The per-rank batch source: the mixture stream (pipelines.mixture.stream) behind a picklable factory, so it can
 be built inside background loader processes and restored from a checkpoint's exact stream state.
 
 With N loader processes per rank, loader slot k runs the stream's worker k of N (each reads its own share).
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
-from pipelines.packing_config import PackingConfig
+from pipelines.packing.config import PackingConfig
 
 
 LOADER_FORMAT = "medloom-loader-v1"
@@ -65,8 +65,8 @@ class StreamFactory:
 
     def build(self, slot: int = 0):
         from datasets_catalog.tokenizer import TextTokenizer
-        from pipelines.mixture import MixtureStream
-        from pipelines.mixture_config import MixtureConfig
+        from pipelines.mixture.stream import MixtureStream
+        from pipelines.mixture.config import MixtureConfig
 
         cfg = MixtureConfig.from_yaml(self.mixture_path)
         tok = TextTokenizer.load(self.tokenizer_spec)
@@ -90,14 +90,14 @@ class StreamFactory:
 
 def generation_groups(mixture_path: str) -> list[str]:
     """Names of mixture groups whose task emits noised VAE targets (needed when visual_gen is on)."""
-    from pipelines.mixture_config import MixtureConfig
+    from pipelines.mixture.config import MixtureConfig
 
     cfg = MixtureConfig.from_yaml(mixture_path)
     return [g.name for g in cfg.groups if g.task.generation and g.weight > 0]
 
 
 def group_names(mixture_path: str) -> list[str]:
-    from pipelines.mixture_config import MixtureConfig
+    from pipelines.mixture.config import MixtureConfig
 
     return MixtureConfig.from_yaml(mixture_path).group_names
 
@@ -109,7 +109,7 @@ ALWAYS_VIT_TASKS = ("sft_recon_v1", "sft_recon_v2", "edit", "counterfactual", "v
 def mandatory_coverage(mixture_path: str) -> dict[str, bool]:
     """Whether every pack is guaranteed ViT tokens and generation targets by its mandatory groups (what keeps
     FSDP ranks running the same units, bagel-compat §1.4)."""
-    from pipelines.mixture_config import MixtureConfig
+    from pipelines.mixture.config import MixtureConfig
 
     cfg = MixtureConfig.from_yaml(mixture_path)
     mandatory = [g for g in cfg.groups if g.is_mandatory]

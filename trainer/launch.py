@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from pipelines.storage_checkpoints import local_runs_root, remote_checkpoint_root
+from pipelines.storage.checkpoints import local_runs_root, remote_checkpoint_root
 from trainer.config import TrainConfig, resolve_paths
 
 

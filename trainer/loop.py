@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipelines import storage_checkpoints as sc
-from pipelines.storage_checkpoints import remote_checkpoint_root
+from pipelines.storage import checkpoints as sc
+from pipelines.storage.checkpoints import remote_checkpoint_root
 from trainer import checkpointing as ck
 from trainer.config import TrainConfig, training_args_json
 from trainer.data import LoaderState

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from pipelines.packing_config import PackingConfig
+from pipelines.packing.config import PackingConfig
 from trainer.config import TrainConfig
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 from datasets_catalog.plan import IMAGE_TAG, Message, build_plan
 from datasets_catalog.task_kinds import resolve_task_kind
 from datasets_catalog.transforms import ImageTransformArgs
-from pipelines.image_decode import ImageDecodeError, load_image_rgb
+from pipelines.imaging.decode import ImageDecodeError, load_image_rgb
 
 from .image_sampler import SamplerParams
 from .interleave import (GEN_THINK_SYSTEM_PROMPT, UMV_GEN_VAE_ARGS, UMV_GEN_VIT_ARGS, VLM_THINK_SYSTEM_PROMPT,

@@ -18,7 +18,7 @@ from PIL import Image
 from datasets_catalog.tokenizer import TextTokenizer
 from datasets_catalog.transforms import DEFAULT_VIT_ARGS, ImageTransformArgs, resize_target
 from model.unified import UnifiedModel
-from pipelines.image_decode import resize_rgb
+from pipelines.imaging.decode import resize_rgb
 
 from .image_sampler import GuidanceContexts, SamplerParams, decode_latent, sample_latent
 from .kv_cache import Context, update_text, update_vae, update_vit

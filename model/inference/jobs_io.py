@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from datasets_catalog.transforms import ImageTransformArgs
-from pipelines.storage import write_bytes_atomic
+from pipelines.storage.uris import write_bytes_atomic
 
 from .loading import InferenceError
 

@@ -22,9 +22,9 @@ from datasets_catalog.transforms import ImageTransformArgs, resize_target
 from model.attention import flash_attn_available, varlen_attention
 from model.qwen2 import LayerAttendFactory, TokenRoute
 from model.unified import UnifiedModel, patchify_latent
-from pipelines.image_decode import image_to_tensor
-from pipelines.packing_ops import patchify
-from pipelines.position_ids import get_flattened_position_ids
+from pipelines.imaging.decode import image_to_tensor
+from pipelines.packing.ops import patchify
+from pipelines.packing.position_ids import get_flattened_position_ids
 
 
 @dataclass

@@ -127,7 +127,7 @@ def train_tiny_demo(root: str | Path, steps: int = STEPS, seed: int = 0, lr: flo
                     log=print) -> Path:
     """Catalog -> ingest -> train; returns the final checkpoint directory (root/run/tiny_demo/checkpoints/NNNNNNN)."""
     from datasets_catalog.catalog import load_catalog
-    from pipelines.ingest import run_ingest
+    from pipelines.ingest.driver import run_ingest
     from trainer.config import load_config, validate
     from trainer.data import generation_groups
     from trainer.loop import train_loop

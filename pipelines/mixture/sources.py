@@ -17,10 +17,10 @@ from datasets_catalog.catalog import Catalog, CatalogError, load_catalog
 from datasets_catalog.task_kinds import TaskKind, UnknownTaskKind, resolve_task_kind
 from datasets_catalog.transforms import ImageTransformArgs
 
-from .mixture_config import GroupConfig, MixtureConfig, MixtureConfigError
-from .mixture_order import MAX_BLOCK_ROWS
-from .shard_reader import ShardLayout
-from .shard_schema import PIXEL_SHARD_READ_COLUMNS, SCHEMA_VERSION
+from pipelines.mixture.config import GroupConfig, MixtureConfig, MixtureConfigError
+from pipelines.mixture.order import MAX_BLOCK_ROWS
+from pipelines.storage.shard_reader import ShardLayout
+from pipelines.storage.shard_schema import PIXEL_SHARD_READ_COLUMNS, SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """One unit of ingest work: a byte range of one JSONL file -> one Parquet shard + its rejects.
 
-Pure Python + pyarrow, no Ray: the Ray Data driver (`pipelines.ingest`) maps this over chunks in parallel,
+Pure Python + pyarrow, no Ray: the Ray Data driver (`pipelines.ingest.driver`) maps this over chunks in parallel,
 and tests call it directly. A chunk streams its lines (bounded memory: one row group of image bytes at a
-time), validates each record (`datasets_catalog.records`), probes its images (`pipelines.image_io`),
+time), validates each record (`datasets_catalog.records`), probes its images (`pipelines.imaging.probe`),
 computes the resize targets and token counts with the shared rules, and writes the shard itself, so image
 bytes never travel through Ray's object store.
 """
@@ -24,9 +24,9 @@ from datasets_catalog.task_kinds import resolve_task_kind
 from datasets_catalog.tokenizer import TextTokenizer
 from datasets_catalog.transforms import ImageTransformArgs, resize_target, vae_tokens, vit_tokens
 
-from . import storage
-from .image_io import ImageError, ImageProbe, clear_path_cache, probe_image, resolve_image_path
-from .shard_schema import PIXEL_FIELDS, REJECTS_SCHEMA, SHARD_SCHEMA, leaf_paths
+from pipelines.storage import uris as storage
+from pipelines.imaging.probe import ImageError, ImageProbe, clear_path_cache, probe_image, resolve_image_path
+from pipelines.storage.shard_schema import PIXEL_FIELDS, REJECTS_SCHEMA, SHARD_SCHEMA, leaf_paths
 
 ROW_GROUP_ROWS = 256
 ROW_GROUP_BYTES = 64 * 1024 * 1024
@@ -58,7 +58,7 @@ class ChunkTask:
     tokenizer: str | None = None
     reference_images: bool = False
     verify_images: bool = False
-    store_pixels: bool = False       # also store the decoded, resized VAE/ViT pixels (pipelines.image_pixels)
+    store_pixels: bool = False       # also store the decoded, resized VAE/ViT pixels (pipelines.imaging.pixels)
     extra_options: dict[str, Any] = field(default_factory=dict)
     row_group_rows: int = ROW_GROUP_ROWS
     row_group_bytes: int = ROW_GROUP_BYTES
@@ -159,8 +159,8 @@ class ChunkProcessor:
     def _pixels(self, rel: str, probe: ImageProbe, meta: str | None,
                 sizes: dict[str, tuple[int, int]]) -> dict[str, bytes]:
         """The decoded, resized pixels of a `store_pixels` dataset; a body that does not decode is a reject."""
-        from .image_decode import ImageDecodeError   # torch: only workers of store_pixels datasets load it
-        from .image_pixels import resized_pixels
+        from pipelines.imaging.decode import ImageDecodeError   # torch: only workers of store_pixels datasets load it
+        from pipelines.imaging.pixels import resized_pixels
 
         try:
             return resized_pixels(probe.data, None, meta, sizes)
@@ -277,7 +277,7 @@ class _ShardWriter:
 def process_chunk(task: ChunkTask) -> ChunkResult:
     """Process one chunk: write `staging/chunk-NNNNN.parquet` and `staging/_rejects-NNNNN.parquet`."""
     if storage.is_remote(task.staging_dir):
-        from .storage_ingest import process_chunk_remote   # object storage: build locally, then upload
+        from pipelines.ingest.remote import process_chunk_remote   # object storage: build locally, then upload
 
         return process_chunk_remote(task)
     started = time.perf_counter()

@@ -2,7 +2,7 @@
 
 Footers are read once (row-group sizes only); row groups are read with pyarrow on demand and kept in a
 small LRU cache bounded in bytes, so memory does not grow with the dataset. The cache is thread-safe (the
-look-ahead threads of pipelines.mixture_prefetch read rows in parallel): a row group that one thread is
+look-ahead threads of pipelines.mixture.prefetch read rows in parallel): a row group that one thread is
 reading is waited for, never read twice, and the lock is never held during I/O.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .storage import parquet_source   # local paths as they are; s3://... through pyarrow.fs
+from pipelines.storage.uris import parquet_source   # local paths as they are; s3://... through pyarrow.fs
 
 
 @dataclass

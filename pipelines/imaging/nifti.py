@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.medical_io import (
+from pipelines.imaging.medical import (
     BAD_FRAME_RULE, IMAGE_TOO_LARGE, NIFTI_INVALID, NIFTI_UNSUPPORTED, AXIS_NAMES, DecodedImage,
     MedicalImageError, MedicalOptions,
 )
-from pipelines.pixel_modes import (
+from pipelines.imaging.pixel_modes import (
     apply_window, encode_png, percentile_window, pixel_hash, to_display, window_linear_exact, minmax_window,
 )
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipelines.image_io import jpeg_sof_offset
+from pipelines.imaging.probe import jpeg_sof_offset
 
 # Display windows in Hounsfield units (centre, width): the usual radiology presets.
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {
@@ -284,7 +284,7 @@ def convert_pil_image(img: Image.Image, keep_16bit: bool = False) -> tuple[Image
 
 def _over_white(rgba: Image.Image) -> Image.Image:
     """Transparent pixels over white: the trainer's own conversion, so ingest and training agree."""
-    from pipelines.image_decode import pil_img2rgb  # lazy: image_decode imports this package's hooks
+    from pipelines.imaging.decode import pil_img2rgb  # lazy: image_decode imports this package's hooks
 
     return pil_img2rgb(rgba)
 

@@ -8,7 +8,7 @@ are most of the loader's CPU time (docs/mixture.md, "Tests and benchmark"); a st
 
 The cost is disk: width x height x 3 bytes per target (a 1024x1024 VAE target is 3 MB). The pixels are
 only used when their size is still the row's target: a mixture config with other transform args makes
-the stream recompute the targets, drop the stored pixels (pipelines.mixture_recompute) and decode again.
+the stream recompute the targets, drop the stored pixels (pipelines.mixture.recompute) and decode again.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .image_decode import ImageDecodeError, load_image_rgb, resize_rgb, rgb_array_to_tensor
-from .shard_schema import PIXEL_FIELDS  # noqa: F401  (re-exported: the fields this module fills and reads)
+from pipelines.imaging.decode import ImageDecodeError, load_image_rgb, resize_rgb, rgb_array_to_tensor
+from pipelines.storage.shard_schema import PIXEL_FIELDS  # noqa: F401  (re-exported: the fields this module fills and reads)
 
 
 def resized_pixels(data: bytes | None, path: Path | str | None, meta: str | None,

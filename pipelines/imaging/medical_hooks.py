@@ -1,21 +1,21 @@
 """Glue between the medical readers and the rest of MedLoom: image_io format handlers (ingest), image_decode
 readers (trainer, report, inference), the catalog's --keep-dicom-tags and the post-ingest leakage check.
 
-Everything here is registered by name from other modules ("pipelines.medical_io:register_ingest_formats"
-in image_io.EXTENSION_HOOKS, ...); `pipelines.medical_io` re-exports these names.
+Everything here is registered by name from other modules ("pipelines.imaging.medical:register_ingest_formats"
+in image_io.EXTENSION_HOOKS, ...); `pipelines.imaging.medical` re-exports these names.
 """
 from __future__ import annotations
 
 import io
 from typing import Any, Iterable
 
-from pipelines.medical_io import (
+from pipelines.imaging.medical import (
     BAD_FRAME_RULE, DICOM_BURNED_IN, DICOM_DECODE_FAILED, DICOM_DECODER_MISSING, DICOM_INVALID, DICOM_NO_PIXELS,
     DICOM_UNSUPPORTED_PIXELS, DICOM_UNSUPPORTED_SYNTAX, NIFTI_INVALID, NIFTI_UNSUPPORTED, AXIS_NAMES, IndexRule,
     MedicalImageError, MedicalOptions, decode_medical, is_medical, looks_like_dicom, looks_like_nifti,
     medical_format, validate_dicom_keywords,
 )
-from pipelines.pixel_modes import WindowSpec
+from pipelines.imaging.pixel_modes import WindowSpec
 
 REASON_TEXTS = {
     DICOM_INVALID: "a DICOM file cannot be parsed or lacks image attributes",
@@ -57,7 +57,7 @@ def probe_medical(data: bytes, path: Any, context: Any):
     A rule that expands (frame: all, slices: every N, ...) returns the first image with `frames` holding
     one probe per frame/slice; ingest writes one row per frame.
     """
-    from pipelines.image_io import ImageError, ImageProbe
+    from pipelines.imaging.probe import ImageError, ImageProbe
 
     fmt = medical_format(data[:512], path)
     try:
@@ -84,8 +84,8 @@ def probe_unusual_mode(data: bytes, path: Any, context: Any):
 
     from PIL import Image
 
-    from pipelines import image_io
-    from pipelines.pixel_modes import convert_unusual, header_mode_is_plain, needs_conversion
+    from pipelines.imaging import probe as image_io
+    from pipelines.imaging.pixel_modes import convert_unusual, header_mode_is_plain, needs_conversion
 
     probe = image_io._pil_probe(data, path, context)
     if header_mode_is_plain(data):  # nearly every PNG/JPEG: decided from the header bytes, no PIL open
@@ -112,7 +112,7 @@ def probe_unusual_mode(data: bytes, path: Any, context: Any):
 
 def register_ingest_formats() -> None:
     """Put the DICOM / NIfTI / unusual-mode handlers in front of image_io's built-in PIL handler."""
-    from pipelines import image_io
+    from pipelines.imaging import probe as image_io
 
     _register_reasons()
     image_io.register_format(image_io.FormatHandler("pil_modes", image_io._pil_sniff, probe_unusual_mode), first=True)
@@ -169,8 +169,8 @@ def _png16_decode(data: bytes, path: Any, meta: str | None):
 
 
 def register_reader_decoders() -> None:
-    """Teach pipelines.image_decode.load_image_rgb DICOM/NIfTI files and 16-bit grey PNGs."""
-    from pipelines import image_decode
+    """Teach pipelines.imaging.decode.load_image_rgb DICOM/NIfTI files and 16-bit grey PNGs."""
+    from pipelines.imaging import decode as image_decode
 
     image_decode.register_decoder(image_decode.ImageDecoder("png16", _png16_sniff, _png16_decode))
     image_decode.register_decoder(image_decode.ImageDecoder("medical", _reader_sniff, _reader_decode))
@@ -193,9 +193,9 @@ def with_keep_dicom_tags(catalog: Any, keywords: Iterable[str]):
 
 
 def ingest_leakage_check(out_dir: Any, report: Any = None) -> list[str]:
-    """pipelines.ingest POST_INGEST_CHECKS hook: warning lines (without the 'WARNING:' prefix) naming rows
+    """pipelines.ingest.driver POST_INGEST_CHECKS hook: warning lines (without the 'WARNING:' prefix) naming rows
     that share an image between a train and a validation/test dataset of the output folder."""
-    from pipelines.report_scan import leakage_warnings
+    from pipelines.report.scan import leakage_warnings
 
     lines = leakage_warnings(out_dir)
     if not lines:

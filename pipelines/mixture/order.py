@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import rng
+from pipelines.mixture import rng
 
 MAX_BLOCK_ROWS = 4096
 

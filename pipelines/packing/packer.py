@@ -3,9 +3,9 @@
 bagel-compat §4.3 (pack_sequence table, to_tensor), §2.4 (fields), §2.7 (masks). The sequence plan of a
 sample comes only from `datasets_catalog.plan.build_plan`; this module turns plans into tensors.
 
-Which samples form a pack is decided by the mixture stream (pipelines.mixture); this function only
+Which samples form a pack is decided by the mixture stream (pipelines.mixture.stream); this function only
 materialises them. Randomness (CFG dropout, timesteps) is a pure function of (seed, sample.draw_key): see
-`pipelines.packing_rng` for why this replaces upstream's per-process salted-hash reseeding.
+`pipelines.packing.rng` for why this replaces upstream's per-process salted-hash reseeding.
 """
 from __future__ import annotations
 
@@ -23,19 +23,19 @@ from datasets_catalog.task_kinds import resolve_task_kind
 from datasets_catalog.tokenizer import TextTokenizer
 from datasets_catalog.transforms import VAE_DOWNSAMPLE
 
-from .image_decode import ImageDecodeError, image_to_tensor, load_image_rgb, normalise_, resize_rgb
-from .image_pixels import stored_pixels
-from .masks import allowed_pairs, prepare_attention_mask_per_sample
-from .packed_batch import PackedBatch
-from .packing_config import PackingConfig
-from .packing_ops import len2weight, patchify, patchify_hwc
-from .packing_rng import CFG, TIMESTEP, sample_generator
-from .position_ids import (
+from pipelines.imaging.decode import ImageDecodeError, image_to_tensor, load_image_rgb, normalise_, resize_rgb
+from pipelines.imaging.pixels import stored_pixels
+from pipelines.packing.masks import allowed_pairs, prepare_attention_mask_per_sample
+from pipelines.packing.packed_batch import PackedBatch
+from pipelines.packing.config import PackingConfig
+from pipelines.packing.ops import len2weight, patchify, patchify_hwc
+from pipelines.packing.rng import CFG, TIMESTEP, sample_generator
+from pipelines.packing.position_ids import (
     get_flattened_position_ids,
     get_flattened_position_ids_extrapolate,
     get_flattened_position_ids_interpolate,
 )
-from .sample import StreamSample
+from pipelines.packing.sample import StreamSample
 
 __all__ = [
     "build_packed_batch", "build_packed_batch_from_plans", "sample_plan", "PackingError",

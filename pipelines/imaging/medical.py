@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any, Iterable
 
-from pipelines.pixel_modes import WindowSpec
+from pipelines.imaging.pixel_modes import WindowSpec
 
 # Stable reason codes (they land in _rejects.parquet `reason`).
 DICOM_INVALID = "dicom_invalid"
@@ -351,11 +351,11 @@ def decode_medical(data: bytes, path: str | PurePath | None = None,
     options = options or MedicalOptions()
     fmt = medical_format(data[:512], path)
     if fmt == "DICOM":
-        from pipelines.dicom_io import decode_dicom
+        from pipelines.imaging.dicom import decode_dicom
 
         return decode_dicom(data, options)
     if fmt == "NIFTI":
-        from pipelines.nifti_io import decode_nifti
+        from pipelines.imaging.nifti import decode_nifti
 
         return decode_nifti(data, options)
     raise MedicalImageError(DICOM_INVALID, f"{path or 'data'} is neither DICOM nor NIfTI")
@@ -389,8 +389,8 @@ def validate_catalog_options(extra: dict[str, Any] | None) -> None:
         raise OptionError(key, message) from None
 
 
-# The ingest / reader / catalog hooks live in pipelines.medical_hooks; other modules name them as
-# "pipelines.medical_io:<function>" (image_io.EXTENSION_HOOKS, ingest.POST_INGEST_CHECKS), so resolve lazily.
+# The ingest / reader / catalog hooks live in pipelines.imaging.medical_hooks; other modules name them as
+# "pipelines.imaging.medical:<function>" (image_io.EXTENSION_HOOKS, ingest.POST_INGEST_CHECKS), so resolve lazily.
 _HOOK_NAMES = frozenset({
     "REASON_TEXTS", "options_for", "probe_medical", "probe_unusual_mode", "register_ingest_formats",
     "options_from_meta", "register_reader_decoders", "with_keep_dicom_tags", "ingest_leakage_check",
@@ -399,7 +399,7 @@ _HOOK_NAMES = frozenset({
 
 def __getattr__(name: str) -> Any:
     if name in _HOOK_NAMES:
-        from pipelines import medical_hooks
+        from pipelines.imaging import medical_hooks
 
         return getattr(medical_hooks, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines import storage
-from pipelines.report_scan import (  # noqa: F401 - re-exported API
+from pipelines.storage import uris as storage
+from pipelines.report.scan import (  # noqa: F401 - re-exported API
     DuplicateGroup, LeakagePair, ShardScan, find_duplicates, find_leakage, leakage_pairs, leakage_warnings,
     scan_shards,
 )
@@ -60,7 +60,7 @@ class QualityReport:
 def build_report(shards_dir: str | Path, seed: int = 0, thumbnails: int = 8,
                  only: list[str] | None = None) -> QualityReport:
     """Scan a shards folder and collect everything the page shows (thumbnails: per dataset, 0 for none)."""
-    from pipelines.report_thumbs import dataset_thumbnails
+    from pipelines.report.thumbs import dataset_thumbnails
 
     scan = scan_shards(shards_dir, only)
     groups = find_duplicates(scan.images)
@@ -138,7 +138,7 @@ def _duplicates_section(report: QualityReport) -> str:
 
 
 def _plots(report: QualityReport) -> list[tuple[str, bytes]]:
-    from pipelines import report_plots as rp
+    from pipelines.report import plots as rp
 
     ds = report.scan.datasets
     rows_by_mod: dict[str, dict[str, int]] = {}

@@ -62,7 +62,7 @@ HANDLERS: list[FormatHandler] = []
 # Handlers living in other modules, as "module:function" registering them. `probe_image` calls each once per
 # process before its first probe, so Ray workers get them too (a registry filled only in the driver would
 # not reach them). A module that is not installed is skipped.
-EXTENSION_HOOKS: list[str] = ["pipelines.medical_io:register_ingest_formats"]
+EXTENSION_HOOKS: list[str] = ["pipelines.imaging.medical:register_ingest_formats"]
 _extensions_loaded = False
 
 

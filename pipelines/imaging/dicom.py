@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.medical_io import (
+from pipelines.imaging.medical import (
     BAD_FRAME_RULE, DICOM_BURNED_IN, DICOM_DECODE_FAILED, DICOM_DECODER_MISSING, DICOM_INVALID,
     DICOM_NO_PIXELS, DICOM_UNSUPPORTED_PIXELS, DICOM_UNSUPPORTED_SYNTAX, IMAGE_TOO_LARGE, DecodedImage,
     MedicalImageError, MedicalOptions,
 )
-from pipelines.pixel_modes import (
+from pipelines.imaging.pixel_modes import (
     apply_window, encode_png, minmax_window, percentile_window, pixel_hash, scale_to_8bit, to_display,
     window_linear_exact,
 )

@@ -15,7 +15,7 @@ Pack membership follows upstream PackedDataset (bagel-compat §4.3), decided fro
    not come from it, otherwise the pack is closed and the sample waits as `pending` (upstream drops it).
 
 Determinism: every random choice is a hash of (seed, epoch, generation, stream slot, counter); the data
-order is a global permutation per pass (pipelines.mixture_order). See docs/mixture.md for resume and
+order is a global permutation per pass (pipelines.mixture.order). See docs/mixture.md for resume and
 world-size-change semantics.
 """
 from __future__ import annotations
@@ -27,14 +27,14 @@ from typing import Any, Sequence
 
 from datasets_catalog.tokenizer import TextTokenizer
 
-from . import rng
-from .mixture_config import MixtureConfig, MixtureConfigError
-from .mixture_order import Layer, PassOrder, chunk_size, reshard_layer, stream_position, to_global
-from .mixture_recompute import RECOMPUTE_COLUMNS, recompute_images, recompute_row
-from .mixture_sources import GroupSource, ResolvedMixture, resolve_sources
-from .packing_config import PackingConfig
-from .sample import StreamSample
-from .shard_reader import RowGroupCache, table_row
+from pipelines.mixture import rng
+from pipelines.mixture.config import MixtureConfig, MixtureConfigError
+from pipelines.mixture.order import Layer, PassOrder, chunk_size, reshard_layer, stream_position, to_global
+from pipelines.mixture.recompute import RECOMPUTE_COLUMNS, recompute_images, recompute_row
+from pipelines.mixture.sources import GroupSource, ResolvedMixture, resolve_sources
+from pipelines.packing.config import PackingConfig
+from pipelines.packing.sample import StreamSample
+from pipelines.storage.shard_reader import RowGroupCache, table_row
 
 STATE_VERSION = 1
 PENDING_TRIES = 4   # packs a held-over sample may wait beside the mandatory samples before it is reported
@@ -177,7 +177,7 @@ class MixtureStream:
                 f"state belongs to stream slot {state['slot']} of {state['slots']} (rank {state['rank']}/"
                 f"{state['world_size']}, worker {state['worker_id']}/{state['num_workers']}), this is slot "
                 f"{self.slot} of {self.slots}; after a change of world size or workers pass the states of all "
-                f"old streams (a list, or pipelines.mixture.merge_states(states))")
+                f"old streams (a list, or pipelines.mixture.stream.merge_states(states))")
         self._reset(state["generation"], layers)
         self.cursors = [int(state["cursors"][g.name]) for g in self.groups]
         self.choices, self.draws, self.packs = int(state["choices"]), int(state["draws"]), int(state["packs"])
@@ -391,7 +391,7 @@ class MixtureStream:
     def build_batch(self, plan: PackPlan, samples: Sequence[StreamSample], tokenizer: TextTokenizer | None = None):
         """Tensors of a decided pack from its full rows: a pure function of (plan, samples), safe to run in
         a worker thread (touches no stream state and no cache; pass a thread-safe `tokenizer` there)."""
-        from .packing import build_packed_batch   # the packer (issue 3, packing half)
+        from pipelines.packing.packer import build_packed_batch   # the packer (issue 3, packing half)
 
         batch = build_packed_batch(samples, self.packing, tokenizer or self.tokenizer, self.seed)
         # the samples actually packed (one whose image could not be decoded is listed in skipped_samples)
@@ -412,7 +412,7 @@ class MixtureStream:
         Returns a `PrefetchingBatches`: iterate it, and checkpoint its `state_dict()` (or the last consumed
         batch's `stream_state`), never this stream's own `state_dict()`, which runs ahead by the look-ahead.
         """
-        from .mixture_prefetch import PrefetchingBatches
+        from pipelines.mixture.prefetch import PrefetchingBatches
 
         return PrefetchingBatches(self, threads=threads, lookahead=lookahead)
 

@@ -1,7 +1,7 @@
 """Thumbnails of random shard rows, decoded exactly as the trainer decodes them.
 
 Rows are drawn with a seeded RNG per dataset; only the row groups holding them are read, and only the
-image columns. Each image goes through `pipelines.image_decode.load_image_rgb` and the trainer's bicubic
+image columns. Each image goes through `pipelines.imaging.decode.load_image_rgb` and the trainer's bicubic
 resize (`resize_rgb`) to its stored VAE size: the pixels the model gets, before the [-1, 1] scaling.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines.report_scan import IMAGE_COLUMNS, DatasetStats
+from pipelines.report.scan import IMAGE_COLUMNS, DatasetStats
 
 THUMB_PX = 160
 
@@ -32,7 +32,7 @@ class Thumbnail:
 def _trainer_view(data: bytes | None, path: Path | None, meta: str | None, width: int | None,
                   height: int | None) -> bytes:
     """PNG thumbnail of what the trainer sees: the decoded RGB image resized to its stored VAE target."""
-    from pipelines.image_decode import load_image_rgb, resize_rgb
+    from pipelines.imaging.decode import load_image_rgb, resize_rgb
 
     image = load_image_rgb(data, path, meta)
     if width and height:

@@ -41,7 +41,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import storage
+from pipelines.storage import uris as storage
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -449,7 +449,7 @@ def iter_records(cfg: HFSourceConfig, record_style: str, task_name: str, images_
 
 def source_digest(cfg: HFSourceConfig, record_style: str, task_name: str) -> str:
     """Changes when the source files (size, mtime) or the mapping change: decides whether to rebuild."""
-    from .ingest_state import folder_digest
+    from pipelines.ingest.state import folder_digest
 
     root = Path(cfg.path)
     files = folder_digest(root) if root.is_dir() else f"{root.stat().st_size}:{root.stat().st_mtime_ns}"

@@ -1,5 +1,5 @@
 """Ingest into object storage (`--out s3://bucket/prefix`): the same plan, chunks and manifest as
-`pipelines.ingest.run_ingest`, with the atomicity rule rewritten for a store that has no rename.
+`pipelines.ingest.driver.run_ingest`, with the atomicity rule rewritten for a store that has no rename.
 
 Workers write each chunk to a local temp folder, as for a local ingest (same `process_chunk`), then upload
 its two files to `OUT/.staging-<name>-<run>/`, so no shared disk is needed between nodes. The driver then
@@ -21,10 +21,10 @@ from typing import Callable, TextIO
 
 from datasets_catalog.catalog import Catalog
 
-from . import ingest_state as st
-from . import storage
-from .ingest_chunk import ChunkResult, ChunkTask, process_chunk
-from .storage import RemotePath
+from pipelines.ingest import state as st
+from pipelines.storage import uris as storage
+from pipelines.ingest.chunk import ChunkResult, ChunkTask, process_chunk
+from pipelines.storage.uris import RemotePath
 
 
 def process_chunk_remote(task: ChunkTask) -> ChunkResult:
@@ -71,9 +71,9 @@ def clean_stale_staging(out: RemotePath, names: list[str]) -> list[str]:
 def run_ingest_remote(catalog: Catalog, out: str | RemotePath, only: list[str] | None = None, force: bool = False,
                       reference_images: bool = False, address: str | None = None, verify_images: bool = False,
                       progress: bool = True, stream: TextIO | None = None, log: Callable[[str], None] | None = None,
-                      executor: str = "ray"):  # -> pipelines.ingest.IngestReport
+                      executor: str = "ray"):  # -> pipelines.ingest.driver.IngestReport
     """`run_ingest` with `out` on object storage (see the module doc). Same arguments, same report."""
-    from .ingest import (IngestError, IngestReport, execute_chunks, finish_dataset, load_tokenizer, plan_all,
+    from pipelines.ingest.driver import (IngestError, IngestReport, execute_chunks, finish_dataset, load_tokenizer, plan_all,
                          prepare_sources)
 
     if executor not in ("ray", "local"):

@@ -25,8 +25,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:   # pragma: no cover
-    from .mixture import MixtureStream
-    from .packed_batch import PackedBatch
+    from pipelines.mixture.stream import MixtureStream
+    from pipelines.packing.packed_batch import PackedBatch
 
 
 class _LockedTokenizer:

@@ -12,12 +12,12 @@ import pyarrow.compute as pc
 
 from datasets_catalog.tokenizer import TextTokenizer
 
-from .mixture import MixtureStream
-from .mixture_config import MixtureConfig
-from .mixture_recompute import RECOMPUTE_COLUMNS, recompute_row
-from .mixture_sources import ResolvedMixture, resolve_sources
-from .packing_config import PackingConfig
-from .shard_reader import RowGroupCache
+from pipelines.mixture.stream import MixtureStream
+from pipelines.mixture.config import MixtureConfig
+from pipelines.mixture.recompute import RECOMPUTE_COLUMNS, recompute_row
+from pipelines.mixture.sources import ResolvedMixture, resolve_sources
+from pipelines.packing.config import PackingConfig
+from pipelines.storage.shard_reader import RowGroupCache
 
 NEVER_FIT_IDS = 20
 

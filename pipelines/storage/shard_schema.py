@@ -26,7 +26,7 @@ IMAGE_TYPE = pa.struct([
     ("bytes", pa.binary()),         # original encoded bytes; null with --reference-images
     ("meta", pa.string()),          # JSON: medical metadata (modality, window, spacing, ...) or null
     # `store_pixels` datasets only (null otherwise): the image already decoded, converted to RGB and resized
-    # to (vae_width, vae_height) / (vit_width, vit_height), as raw row-major HWC uint8 (pipelines.image_pixels).
+    # to (vae_width, vae_height) / (vit_width, vit_height), as raw row-major HWC uint8 (pipelines.imaging.pixels).
     # Added without a schema bump: older shards simply lack them and readers fall back to decoding `bytes`.
     ("vae_pixels", pa.binary()),
     ("vit_pixels", pa.binary()),

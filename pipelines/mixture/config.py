@@ -11,7 +11,7 @@ top-level keys are ours:
     train: {...}                      # the trainer's section; ignored here
 
 Relative paths resolve against the config file's folder. This module only parses and checks structure;
-`pipelines.mixture_sources.resolve_sources` checks the names against the catalog and the shards.
+`pipelines.mixture.sources.resolve_sources` checks the names against the catalog and the shards.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ DEFAULT_SHUFFLE_WINDOW_BLOCKS = 4
 def _shards_location(base: Path, shards: str):
     """A local shard folder (relative to the config), or an object-storage prefix (`s3://bucket/prefix`,
     read through pyarrow.fs; see docs/cluster.md)."""
-    from pipelines import storage
+    from pipelines.storage import uris as storage
 
     return storage.as_path(shards) if storage.is_remote(shards) else _resolve(base, shards)
 

@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 
 from datasets_catalog.catalog import DatasetSpec
 
-from . import storage
-from .shard_schema import REJECTS_SCHEMA, SCHEMA_VERSION, SHARD_SCHEMA
+from pipelines.storage import uris as storage
+from pipelines.storage.shard_schema import REJECTS_SCHEMA, SCHEMA_VERSION, SHARD_SCHEMA
 
 INGEST_VERSION = 1          # bump when ingest output changes for the same inputs
 MANIFEST = "_manifest.json"

@@ -141,7 +141,7 @@ def resize_rgb(image: Image.Image, width: int, height: int) -> Image.Image:
 def rgb_array_to_tensor(array: np.ndarray) -> torch.Tensor:
     """[H, W, 3] uint8 (writable) -> [3, H, W] float32 in [-1, 1], as ToTensor + Normalize(0.5, 0.5).
 
-    The one normalisation shared by the decode path and stored pixels (pipelines.image_pixels), so both give
+    The one normalisation shared by the decode path and stored pixels (pipelines.imaging.pixels), so both give
     bit-identical tensors."""
     return normalise_(torch.from_numpy(array).permute(2, 0, 1).float())
 
@@ -153,6 +153,6 @@ def normalise_(tensor: torch.Tensor) -> torch.Tensor:
 
 # Issue 7: referenced DICOM / NIfTI files (--reference-images shards) and 16-bit grey PNGs (keep_16bit),
 # which PIL alone cannot read or would clip. Registered here so that every reader process has them.
-from pipelines.medical_io import register_reader_decoders  # noqa: E402
+from pipelines.imaging.medical import register_reader_decoders  # noqa: E402
 
 register_reader_decoders()

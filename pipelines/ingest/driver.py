@@ -1,7 +1,7 @@
 """The ingest driver: a catalog in, validated Parquet shards out, with Ray Data doing the parallel work.
 
 `run_ingest(catalog, ...)` plans each dataset (fingerprint -> skip when unchanged, else cut the JSONL into
-chunks), maps `pipelines.ingest_chunk.process_chunk` over all chunks of all datasets with Ray Data
+chunks), maps `pipelines.ingest.chunk.process_chunk` over all chunks of all datasets with Ray Data
 (`from_items` -> `map_batches`), shows progress as chunks finish, then assembles, checks and publishes each
 dataset atomically. Workers write the shards themselves, so image bytes never cross Ray's object store.
 """
@@ -20,10 +20,10 @@ from datasets_catalog.catalog import Catalog, DatasetSpec
 from datasets_catalog.hooks import resolve_hook
 from datasets_catalog.tokenizer import TextTokenizer
 
-from . import ingest_state as st
-from . import storage
-from .ingest_chunk import PIXEL_ROW_GROUP_BYTES, ROW_GROUP_BYTES, ChunkTask, get_tokenizer, process_chunk
-from .shard_schema import SCHEMA_VERSION
+from pipelines.ingest import state as st
+from pipelines.storage import uris as storage
+from pipelines.ingest.chunk import PIXEL_ROW_GROUP_BYTES, ROW_GROUP_BYTES, ChunkTask, get_tokenizer, process_chunk
+from pipelines.storage.shard_schema import SCHEMA_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
 STATUS_BUILT, STATUS_UP_TO_DATE, STATUS_FAILED = "built", "up to date", "failed"
@@ -83,7 +83,7 @@ class IngestReport:
 # warning lines printed under the summary. Entries are callables or "module:function" strings (imported
 # when the check runs; a module that is not installed is skipped).
 POST_INGEST_CHECKS: list[Callable[[Path, IngestReport], list[str]] | str] = [
-    "pipelines.medical_io:ingest_leakage_check",
+    "pipelines.imaging.medical:ingest_leakage_check",
 ]
 
 
@@ -108,7 +108,7 @@ def reject_limit_exceeded(manifest: dict, spec: DatasetSpec) -> str | None:
 
 def prepare_sources(catalog: Catalog, only: list[str] | None) -> list[DatasetSpec]:
     """The selected datasets, with Hugging Face sources (`source: hf`) materialised into their JSONL cache."""
-    from .hf_source import HFSourceError, prepare_spec
+    from pipelines.ingest.hf_source import HFSourceError, prepare_spec
 
     specs = []
     for spec in catalog.select(only):
@@ -437,8 +437,8 @@ def run_ingest(catalog: Catalog, out: str | Path | None = None, only: list[str] 
     """
     if executor not in ("ray", "local"):
         raise ValueError(f"executor must be 'ray' or 'local', got {executor!r}")
-    if storage.is_remote(out):   # s3://...: same plan and chunks, marker-last publish (pipelines.storage_ingest)
-        from .storage_ingest import run_ingest_remote
+    if storage.is_remote(out):   # s3://...: same plan and chunks, marker-last publish (pipelines.ingest.remote)
+        from pipelines.ingest.remote import run_ingest_remote
 
         return run_ingest_remote(catalog, out, only=only, force=force, reference_images=reference_images,
                                  address=address, verify_images=verify_images, progress=progress, stream=stream,

@@ -25,8 +25,8 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Optional
 
-from . import storage
-from .storage import RemotePath
+from pipelines.storage import uris as storage
+from pipelines.storage.uris import RemotePath
 
 MARKER = "COMPLETE.json"          # trainer.checkpointing.MARKER (kept in sync by a test)
 LOCAL_RUNS_ENV = "MEDLOOM_LOCAL_RUNS"
