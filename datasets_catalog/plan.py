@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 from .task_kinds import TaskKind
 
 ElementType = Literal["text", "vit_image", "vae_image"]
 IMAGE_TAG = "<image>"
 RECON_SUFFIX = "Please also reconstruct the image at the end"
-COUNTERFACTUAL_MAX_TOKENS = 18000
 
 
 @dataclass(frozen=True)
@@ -62,9 +61,16 @@ def _split_tags(value: str) -> list[str]:
     return value.split(IMAGE_TAG)
 
 
-def _sft_turns(plan: SamplePlan, messages: Sequence[Message], vit_cfg: int, with_vae: bool,
-               recon_suffix: bool, global_image_counter: bool, strip_pieces: bool = True,
-               n_images: int | None = None) -> None:
+def _show_input(plan: SamplePlan, kind: TaskKind, slot: ImageSlot) -> None:
+    """An input image in the context, as the kind shows it: clean VAE latents and/or ViT tokens."""
+    if kind.vae_context:
+        plan.vae(slot, loss=0, cfg=0)
+    if kind.vit_context:
+        plan.vit(slot, loss=0, cfg=int(kind.vit_cfg_dropout))
+
+
+def _sft_turns(plan: SamplePlan, kind: TaskKind, messages: Sequence[Message], recon_suffix: bool,
+               n_images: int, strip_pieces: bool = True) -> None:
     """Upstream `change_format` + element loop of the SFT classes.
 
     Upstream details kept for data compatibility: a human turn without `<image>` is kept verbatim (not
@@ -72,6 +78,9 @@ def _sft_turns(plan: SamplePlan, messages: Sequence[Message], vit_cfg: int, with
     while its index within the turn is < the number of images (`idx < num_images`); texts that encode to
     zero tokens (the empty string) are skipped.
     """
+    # Quirk (data compatibility): UMV classes index the image by the tag's position within its own turn
+    # ("per_turn"); BAGEL's vlm_sft consumes images in order across turns ("in_order").
+    in_order = kind.image_tags == "in_order"
     image_counter = 0
     for message in messages:
         if message.role == "gpt":
@@ -92,18 +101,14 @@ def _sft_turns(plan: SamplePlan, messages: Sequence[Message], vit_cfg: int, with
             if piece:
                 plan.text(piece, loss=0, cfg=0)
             if i < len(pieces) - 1:
-                if n_images is not None and i >= n_images:
+                if i >= n_images:
                     continue  # upstream: `(idx != last) and (idx < num_images)`
-                # Quirk (data compatibility): UMV classes index the image by the tag's position within
-                # its own turn; BAGEL's vlm_sft consumes images in order across turns.
-                slot = ImageSlot("input", image_counter if global_image_counter else i)
-                if global_image_counter:
-                    if n_images is not None and image_counter >= n_images:
+                slot = ImageSlot("input", image_counter if in_order else i)
+                if in_order:
+                    if image_counter >= n_images:
                         continue  # upstream would pop from an empty image list; never reference a missing image
                     image_counter += 1
-                if with_vae:
-                    plan.vae(slot, loss=0, cfg=0)
-                plan.vit(slot, loss=0, cfg=vit_cfg)
+                _show_input(plan, kind, slot)
 
 
 def _last(messages: Sequence[Message], role: str) -> str | None:
@@ -113,60 +118,90 @@ def _last(messages: Sequence[Message], role: str) -> str | None:
     return None
 
 
+def _plan_sft_turns(plan: SamplePlan, kind: TaskKind, messages: Sequence[Message], n_input: int,
+                    n_output: int) -> None:
+    """Turns in order; each tagged input image shown where its tag stands (sft, vlm_sft)."""
+    _sft_turns(plan, kind, messages, recon_suffix=False, n_images=n_input)
+
+
+def _plan_sft_recon(plan: SamplePlan, kind: TaskKind, messages: Sequence[Message], n_input: int,
+                    n_output: int) -> None:
+    """The SFT turns with the reconstruction request appended, then every input image as a VAE target."""
+    _sft_turns(plan, kind, messages, recon_suffix=True, n_images=n_input)
+    for i in range(n_input):
+        plan.vae(ImageSlot("input", i), loss=1, cfg=0)
+
+
+def _plan_text_only(plan: SamplePlan, kind: TaskKind, messages: Sequence[Message], n_input: int,
+                    n_output: int) -> None:
+    """Every turn with its tags removed and whitespace collapsed; answers are the loss."""
+    for message in messages:
+        text = re.sub(r"\s+", " ", message.value.replace(IMAGE_TAG, "")).strip()
+        if text:  # upstream drops texts that are empty after cleaning
+            plan.text(text, loss=1 if message.role == "gpt" else 0, cfg=0)
+
+
+def _plan_t2i(plan: SamplePlan, kind: TaskKind, messages: Sequence[Message], n_input: int,
+              n_output: int) -> None:
+    """Captions (prompts CFG-droppable), then every output image as a VAE target (the inputs if none)."""
+    for message in messages:
+        if not message.value:
+            continue  # upstream skips texts that encode to zero tokens
+        if message.role == "human":
+            plan.text(message.value, loss=0, cfg=1)
+        else:
+            plan.text(message.value, loss=1, cfg=0)
+    role = "output" if n_output > 0 else "input"
+    for i in range(n_output if n_output > 0 else n_input):
+        plan.vae(ImageSlot(role, i), loss=1, cfg=0)
+
+
+def _plan_edit(plan: SamplePlan, kind: TaskKind, messages: Sequence[Message], n_input: int,
+               n_output: int) -> None:
+    """Source image, the last instruction, the last answer, then the target image."""
+    _show_input(plan, kind, ImageSlot("input", 0))
+    human, gpt = _last(messages, "human"), _last(messages, "gpt")
+    if human is not None and human.strip():
+        plan.text(human.strip(), loss=0, cfg=0)  # stripped, but <image> is not parsed here (upstream)
+    if gpt and gpt.strip():
+        plan.text(gpt.strip(), loss=1, cfg=0)
+    plan.vae(ImageSlot("output", 0), loss=1, cfg=0)
+
+
+def _plan_counterfactual(plan: SamplePlan, kind: TaskKind, messages: Sequence[Message], n_input: int,
+                         n_output: int) -> None:
+    """Source image, the last instruction without its tags, the target image, then the explanation."""
+    _show_input(plan, kind, ImageSlot("input", 0))
+    human, gpt = _last(messages, "human"), _last(messages, "gpt")
+    for piece in _split_tags(human or ""):
+        if piece.strip():
+            plan.text(piece.strip(), loss=0, cfg=0)
+    plan.vae(ImageSlot("output", 0), loss=1, cfg=0)
+    if gpt and gpt.strip():
+        plan.text(gpt.strip(), loss=1, cfg=0)  # upstream strips the explanation
+
+
+PlanBuilder = Callable[[SamplePlan, TaskKind, Sequence[Message], int, int], None]
+
+# The sequence shapes, by the name a `TaskKind.plan` gives.
+PLAN_BUILDERS: dict[str, PlanBuilder] = {
+    "sft_turns": _plan_sft_turns,
+    "sft_recon": _plan_sft_recon,
+    "text_only": _plan_text_only,
+    "t2i": _plan_t2i,
+    "edit": _plan_edit,
+    "counterfactual": _plan_counterfactual,
+}
+
+
 def build_plan(kind: TaskKind, messages: Sequence[Message], n_input: int, n_output: int) -> SamplePlan:
     """The upstream sequence plan of one validated record of this task kind."""
+    builder = PLAN_BUILDERS.get(kind.plan)
+    if builder is None:
+        raise ValueError(f"task kind {kind.name!r} names plan {kind.plan!r}, which is not one of "
+                         f"{', '.join(PLAN_BUILDERS)}")
     plan = SamplePlan()
-    name = kind.name
-    if name == "sft":
-        _sft_turns(plan, messages, vit_cfg=1, with_vae=False, recon_suffix=False, global_image_counter=False,
-                   n_images=n_input)
-    elif name == "vlm_sft":
-        _sft_turns(plan, messages, vit_cfg=0, with_vae=False, recon_suffix=False, global_image_counter=True,
-                   n_images=n_input)
-    elif name == "text_only":
-        for message in messages:
-            text = re.sub(r"\s+", " ", message.value.replace(IMAGE_TAG, "")).strip()
-            if text:  # upstream drops texts that are empty after cleaning
-                plan.text(text, loss=1 if message.role == "gpt" else 0, cfg=0)
-    elif name in ("sft_recon_v1", "sft_recon_v2"):
-        _sft_turns(plan, messages, vit_cfg=0, with_vae=(name == "sft_recon_v2"), recon_suffix=True,
-                   global_image_counter=False, n_images=n_input)
-        for i in range(n_input):
-            plan.vae(ImageSlot("input", i), loss=1, cfg=0)
-    elif name == "t2i":
-        for message in messages:
-            if not message.value:
-                continue  # upstream skips texts that encode to zero tokens
-            if message.role == "human":
-                plan.text(message.value, loss=0, cfg=1)
-            else:
-                plan.text(message.value, loss=1, cfg=0)
-        role = "output" if n_output > 0 else "input"
-        for i in range(n_output if n_output > 0 else n_input):
-            plan.vae(ImageSlot(role, i), loss=1, cfg=0)
-    elif name == "edit":
-        source, target = ImageSlot("input", 0), ImageSlot("output", 0)
-        plan.vae(source, loss=0, cfg=0)
-        plan.vit(source, loss=0, cfg=0)
-        human, gpt = _last(messages, "human"), _last(messages, "gpt")
-        if human is not None and human.strip():
-            plan.text(human.strip(), loss=0, cfg=0)  # stripped, but <image> is not parsed here (upstream)
-        if gpt and gpt.strip():
-            plan.text(gpt.strip(), loss=1, cfg=0)
-        plan.vae(target, loss=1, cfg=0)
-    elif name == "counterfactual":
-        source, target = ImageSlot("input", 0), ImageSlot("output", 0)
-        plan.vae(source, loss=0, cfg=0)
-        plan.vit(source, loss=0, cfg=0)
-        human, gpt = _last(messages, "human"), _last(messages, "gpt")
-        for piece in _split_tags(human or ""):
-            if piece.strip():
-                plan.text(piece.strip(), loss=0, cfg=0)
-        plan.vae(target, loss=1, cfg=0)
-        if gpt and gpt.strip():
-            plan.text(gpt.strip(), loss=1, cfg=0)  # upstream strips the explanation
-    else:  # pragma: no cover - TASK_KINDS and this function are kept in step by tests
-        raise ValueError(f"no plan rule for task kind {name!r}")
+    builder(plan, kind, messages, n_input, n_output)
     return plan
 
 

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .plan import IMAGE_TAG, COUNTERFACTUAL_MAX_TOKENS, Message, SamplePlan, build_plan
+from .plan import IMAGE_TAG, Message, SamplePlan, build_plan
 from .task_kinds import TaskKind
 
 # Stable reason codes (they appear in `_rejects.parquet` and in summaries; never rename one).
@@ -191,41 +191,42 @@ def _tags(text: str) -> int:
 
 
 def _check_tags(kind: TaskKind, messages: list[Message], n_input: int) -> None:
-    name = kind.name
-    if name == "text_only":
-        return   # tags are removed by this kind
+    """The kind's `image_tags` rule (datasets_catalog.task_kinds) on the messages."""
+    rule = kind.image_tags
+    if rule == "removed":
+        return
     human = [m for m in messages if m.role == "human"]
-    if name in ("sft", "sft_recon_v1", "sft_recon_v2", "vlm_sft", "t2i"):
+    if rule in ("per_turn", "in_order", "forbidden"):
         for i, m in enumerate(messages):
             if m.role == "gpt" and _tags(m.value):
                 raise RecordError("image_tag_mismatch", f"answer (message {i}) contains {IMAGE_TAG}; answers "
-                                                        f"cannot show images in task {name!r}: remove the tag")
-    if name == "t2i":
+                                                        f"cannot show images in task {kind.name!r}: remove the tag")
+    if rule == "forbidden":
         tagged = [i for i, m in enumerate(messages) if _tags(m.value)]
         if tagged:
             raise RecordError("image_tag_mismatch", f"message {tagged[0]} contains {IMAGE_TAG}; text-to-image "
                                                     f"prompts are plain text: remove the tag")
-        return
-    if name == "vlm_sft":
+    elif rule == "in_order":
         total = sum(_tags(m.value) for m in human)
         if total != n_input:
             raise RecordError("image_tag_mismatch", f"{total} {IMAGE_TAG} tag(s) across the prompts but "
                                                     f"{n_input} image(s): add one tag per image, in order")
-        return
-    if name in ("sft", "sft_recon_v1", "sft_recon_v2"):
-        # Upstream indexes images by the tag's position within its own turn (bagel-compat §4.6).
+    elif rule == "per_turn":
+        # Upstream indexes images by the tag's position within its own turn.
         most = max((_tags(m.value) for m in human), default=0)
         if most != n_input:
             raise RecordError("image_tag_mismatch", f"the prompt with the most {IMAGE_TAG} tags has {most} but "
                                                     f"the record gives {n_input} input image(s); in this task the "
                                                     f"k-th tag of a turn shows image k, so one turn must tag "
                                                     f"every image")
-        return
-    if name in ("edit", "counterfactual"):
+    elif rule == "one_source":
         last = human[-1].value if human else ""
         if _tags(last) > 1:
             raise RecordError("image_tag_mismatch", f"the instruction has {_tags(last)} {IMAGE_TAG} tags; task "
-                                                    f"{name!r} shows exactly one source image: keep at most one tag")
+                                                    f"{kind.name!r} shows exactly one source image: keep at most "
+                                                    f"one tag")
+    else:  # pragma: no cover - ImageTagRule is a closed set
+        raise ValueError(f"task kind {kind.name!r} has unknown image_tags rule {rule!r}")
 
 
 def parse_record(obj: dict[str, Any], kind: TaskKind) -> ParsedRecord:
@@ -240,17 +241,17 @@ def parse_record(obj: dict[str, Any], kind: TaskKind) -> ParsedRecord:
         outputs: list[ImageRef] = []
         messages = parse_messages(obj, "conversations", extra)
     else:
-        known = ("message",) if kind.name == "text_only" else UMV_FIELDS
+        known = UMV_FIELDS if kind.needs_images else ("message",)
         inputs = parse_images(obj, "input_img", "input", extra) if kind.needs_images else []
         outputs = parse_images(obj, "output_img", "output", extra) if kind.needs_images else []
         messages = parse_messages(obj, "message", extra)
     extra.update({k: v for k, v in obj.items() if k not in known})
 
-    if kind.name == "t2i":
-        if not inputs and not outputs:
-            raise RecordError("image_count", "task 't2i' needs at least one image in 'output_img' "
-                                             "(or 'input_img')")
-    elif kind.needs_images:
+    if len(inputs) + len(outputs) < kind.min_images:
+        want = "one image" if kind.min_images == 1 else f"{kind.min_images} images"
+        raise RecordError("image_count", f"task {kind.name!r} needs at least {want} in 'output_img' "
+                                         f"(or 'input_img')")
+    if kind.needs_images:
         in_key = "image" if kind.record_style == "vlm_sft" else "input_img"
         _count_check(kind, len(inputs), kind.min_input_images, kind.max_input_images, "input", in_key)
         _count_check(kind, len(outputs), kind.min_output_images, kind.max_output_images, "output", "output_img")
@@ -266,8 +267,8 @@ def parse_record(obj: dict[str, Any], kind: TaskKind) -> ParsedRecord:
 
 
 def check_length(kind: TaskKind, num_tokens: int, n_plan_items: int) -> None:
-    """Counterfactual samples over 18000 content tokens are skipped upstream; we reject them visibly."""
-    if kind.name == "counterfactual" and num_tokens - 2 * n_plan_items > COUNTERFACTUAL_MAX_TOKENS:
-        raise RecordError("too_long", f"{num_tokens - 2 * n_plan_items} tokens, over the "
-                                      f"{COUNTERFACTUAL_MAX_TOKENS} upstream allows for counterfactual samples; "
-                                      f"shorten the text or use smaller images")
+    """Samples over the kind's `max_content_tokens` are skipped upstream; we reject them visibly."""
+    limit = kind.max_content_tokens
+    if limit is not None and num_tokens - 2 * n_plan_items > limit:
+        raise RecordError("too_long", f"{num_tokens - 2 * n_plan_items} tokens, over the {limit} upstream "
+                                      f"allows for {kind.name} samples; shorten the text or use smaller images")

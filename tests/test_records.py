@@ -6,7 +6,8 @@ import json
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from datasets_catalog.records import REASONS, RecordError, decode_line, parse_record
+from datasets_catalog.plan import PLAN_BUILDERS
+from datasets_catalog.records import REASONS, RecordError, check_length, decode_line, parse_record
 from datasets_catalog.task_kinds import TASK_KINDS, resolve_task_kind
 
 
@@ -55,6 +56,33 @@ def test_plan_shapes():
     cf = parse_record(VALID["counterfactual"], resolve_task_kind("counterfactual"))
     assert [(i.type, i.loss) for i in cf.plan.items] == [
         ("vae_image", 0), ("vit_image", 0), ("text", 0), ("vae_image", 1), ("text", 1)]
+
+
+@pytest.mark.parametrize("kind", TASK_KINDS, ids=lambda k: k.name)
+def test_task_kind_fields_agree_with_its_plan(kind):
+    """The facts a TaskKind states about its samples hold for its valid example's plan."""
+    assert kind.plan in PLAN_BUILDERS
+    plan = parse_record(VALID[kind.name], kind).plan.items
+    vit = [i for i in plan if i.type == "vit_image"]
+    assert bool(vit) == kind.vit_context
+    assert all(i.enable_cfg == int(kind.vit_cfg_dropout) for i in vit)
+    assert kind.always_vit == any(i.enable_cfg == 0 for i in vit)
+    assert any(i.type == "vae_image" and i.loss == 0 for i in plan) == kind.vae_context
+    assert any(i.type == "vae_image" and i.loss == 1 for i in plan) == kind.generation
+
+
+def test_always_vit_kinds():
+    assert {k.name for k in TASK_KINDS if k.always_vit} == {
+        "sft_recon_v1", "sft_recon_v2", "edit", "counterfactual", "vlm_sft"}
+
+
+def test_max_content_tokens_rejects_long_samples():
+    kind = resolve_task_kind("counterfactual")
+    check_length(kind, 18000 + 2 * 5, 5)
+    with pytest.raises(RecordError) as err:
+        check_length(kind, 18001 + 2 * 5, 5)
+    assert err.value.reason == "too_long" and "18000" in err.value.detail
+    check_length(resolve_task_kind("edit"), 10 ** 6, 5)   # no limit
 
 
 def test_unknown_fields_are_kept():
