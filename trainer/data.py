@@ -102,10 +102,6 @@ def group_names(mixture_path: str) -> list[str]:
     return MixtureConfig.from_yaml(mixture_path).group_names
 
 
-# task kinds whose plan always carries ViT tokens (no CFG dropout on their ViT elements, bagel-compat §4.6)
-ALWAYS_VIT_TASKS = ("sft_recon_v1", "sft_recon_v2", "edit", "counterfactual", "vlm_sft")
-
-
 def mandatory_coverage(mixture_path: str) -> dict[str, bool]:
     """Whether every pack is guaranteed ViT tokens and generation targets by its mandatory groups (what keeps
     FSDP ranks running the same units, bagel-compat §1.4)."""
@@ -113,5 +109,5 @@ def mandatory_coverage(mixture_path: str) -> dict[str, bool]:
 
     cfg = MixtureConfig.from_yaml(mixture_path)
     mandatory = [g for g in cfg.groups if g.is_mandatory]
-    return {"vit": any(g.task.name in ALWAYS_VIT_TASKS for g in mandatory),
+    return {"vit": any(g.task.always_vit for g in mandatory),
             "gen": any(g.task.generation for g in mandatory)}
