@@ -16,19 +16,16 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from model.inference.image_sampler import RENORM_TYPES  # noqa: E402
-from model.inference.interleave import UMV_GEN_VAE_ARGS, UMV_GEN_VIT_ARGS  # noqa: E402
-from model.inference.jobs_io import (  # noqa: E402
-    format_transform, parse_transform, run_main, save_latent, save_png,
-)
-from model.inference.loading import InferenceError  # noqa: E402
+from jobs import prog
+from model.inference.image_sampler import RENORM_TYPES
+from model.inference.interleave import UMV_GEN_VAE_ARGS, UMV_GEN_VIT_ARGS
+from model.inference.jobs_io import format_transform, parse_transform, save_latent, save_png
+from model.inference.loading import InferenceError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="jobs/generate.py",
+        prog=prog("jobs/generate.py"),
         description="Generate or edit a medical image with a checkpoint (one instruction, or a JSONL batch).",
         epilog='Example: python jobs/generate.py --model_path runs/mix/checkpoints/0000200 --image '
                'examples/radiology/images/pathology/he_tile0.png --instruction "Translate this H&E tile into '
@@ -93,6 +90,18 @@ def _size(text: str | None) -> tuple[int, int] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 2 with one `error:` line for a user mistake (never a traceback), 130 when interrupted."""
+    try:
+        return _main(argv)
+    except InferenceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     batch_mode = args.input is not None or args.output is not None
     if batch_mode and (args.input is None or args.output is None):
@@ -146,4 +155,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    sys.exit(main())

@@ -12,15 +12,14 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from datasets_catalog.catalog import CatalogError, parse_catalog  # noqa: E402
-from datasets_catalog.legacy import LegacyError, convert, to_yaml  # noqa: E402
-from pipelines.storage.uris import write_text_atomic  # noqa: E402
+from datasets_catalog.catalog import CatalogError, parse_catalog
+from datasets_catalog.legacy import LegacyError, convert, to_yaml
+from jobs import prog
+from pipelines.storage.uris import write_text_atomic
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="jobs/import_legacy.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=prog("jobs/import_legacy.py"), description=__doc__.split("\n\n")[0])
     parser.add_argument("dataset_info", help="upstream data/dataset_info.py (read as data, never executed)")
     parser.add_argument("config", nargs="?", help="optional upstream training YAML (dataset_names, transforms)")
     parser.add_argument("--out", metavar="FILE", help="write the catalog here (default: print it)")

@@ -13,18 +13,16 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from datasets_catalog.catalog import CatalogError, load_catalog  # noqa: E402
-from pipelines.ingest.driver import IngestError, format_summary, run_ingest  # noqa: E402
-from pipelines.imaging.medical import with_keep_dicom_tags  # noqa: E402
+from datasets_catalog.catalog import CatalogError, load_catalog
+from jobs import prog
+from pipelines.ingest.driver import IngestError, format_summary, run_ingest
+from pipelines.imaging.medical import with_keep_dicom_tags
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="jobs/ingest.py",
+        prog=prog("jobs/ingest.py"),
         description="Validate the datasets of a catalog and write them as Parquet shards: "
                     "DIR/<dataset>/part-NNNNN.parquet, _rejects.parquet and _manifest.json. "
                     "Unchanged datasets are skipped.",

@@ -12,12 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from model.config import ConfigError, ModelConfig  # noqa: E402
-from model.info import parameter_table  # noqa: E402
+from jobs import prog
+from model.config import ConfigError, ModelConfig
+from model.info import parameter_table
 
 
 def _bool(text: str) -> bool:
@@ -31,7 +29,7 @@ def _bool(text: str) -> bool:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="jobs/model_info.py",
+        prog=prog("jobs/model_info.py"),
         description="Print parameter counts per component of the unified model and which are trainable "
                     "under the freeze flags (upstream names and True/False values). Built on the meta device.",
         epilog="Example: python jobs/model_info.py --model unimedvl-7b --freeze_vit True --json")

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from datasets_catalog.catalog import CatalogError  # noqa: E402
-from pipelines.mixture.config import MixtureConfig, MixtureConfigError  # noqa: E402
-from pipelines.mixture.dry_run import packing_from_config, plan_mixture  # noqa: E402
+from datasets_catalog.catalog import CatalogError
+from jobs import prog
+from pipelines.mixture.config import MixtureConfig, MixtureConfigError
+from pipelines.mixture.dry_run import packing_from_config, plan_mixture
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="jobs/plan.py",
+        prog=prog("jobs/plan.py"),
         description="Simulate N training steps of a dataset mixture on every rank from shard metadata "
                     "(num_tokens) only, and report realised shares, passes, packing efficiency and samples "
                     "that can never fit. Packing settings come from the config's train: section unless given.",
@@ -64,6 +63,7 @@ def format_report(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.ERROR)   # notes are part of the report (no-op where logging is set up)
     args = parse_args(argv)
     if args.steps < 1 or args.world_size < 1 or args.num_workers < 1:
         print("error: --steps, --world-size and --num-workers must be at least 1", file=sys.stderr)
@@ -82,6 +82,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import logging
-    logging.basicConfig(level=logging.ERROR)   # notes are part of the report
     sys.exit(main())

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from jobs import prog
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -78,7 +78,8 @@ def plot(records: list[dict], out: Path, title: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog=prog("jobs/plot.py"), description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path, help="run directory holding metrics.jsonl (storage_path/name)")
     ap.add_argument("--out", type=Path, default=None, help="PNG path (default: RUN_DIR/training_curves.png)")
     args = ap.parse_args(argv)

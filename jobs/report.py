@@ -1,4 +1,5 @@
-"""Dataset quality report over a shards folder: python jobs/report.py SHARDS_DIR [--out report.html] [--strict]
+"""Dataset quality report over a shards folder (one self-contained HTML page).
+    python jobs/report.py SHARDS_DIR [--out report.html] [--strict]
 
 Writes one self-contained HTML page (plots embedded as PNG) with rows per dataset and modality, reject
 reasons, image size / aspect / token / text-length distributions, thumbnails decoded as the trainer sees
@@ -12,14 +13,13 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pipelines.report.quality import write_report  # noqa: E402
+from jobs import prog
+from pipelines.report.quality import write_report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="jobs/report.py", description=__doc__.split("\n\n")[1],
+        prog=prog("jobs/report.py"), description=__doc__.split("\n\n")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Example: python jobs/report.py shards --out shards/report.html --strict",
     )

@@ -11,22 +11,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from datasets_catalog.catalog import CatalogError  # noqa: E402
-from pipelines.mixture.stream import MixtureStream, StreamStateError  # noqa: E402
-from pipelines.mixture.config import MixtureConfig, MixtureConfigError  # noqa: E402
-from pipelines.mixture.dry_run import packing_from_config, tokenizer_for  # noqa: E402
-from pipelines.mixture.sources import resolve_sources  # noqa: E402
+from datasets_catalog.catalog import CatalogError
+from jobs import prog
+from pipelines.mixture.stream import MixtureStream, StreamStateError
+from pipelines.mixture.config import MixtureConfig, MixtureConfigError
+from pipelines.mixture.dry_run import packing_from_config, tokenizer_for
+from pipelines.mixture.sources import resolve_sources
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="jobs/stream.py",
+        prog=prog("jobs/stream.py"),
         description="Print the sample ids of the next N packs a rank (and loader worker) would train on, "
                     "decided from shard metadata exactly as training decides them.",
         epilog="Example: python jobs/stream.py configs/radiology_sft.yaml --rank 0 --world-size 2 --take 5 "
@@ -60,6 +60,7 @@ def _read_states(paths: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.ERROR)   # no-op where logging is set up already
     args = parse_args(argv)
     try:
         cfg = MixtureConfig.from_yaml(args.config)
@@ -92,6 +93,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import logging
-    logging.basicConfig(level=logging.ERROR)
     sys.exit(main())

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from jobs import prog
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     if not argv or "-h" in argv or "--help" in argv:
-        print(__doc__.strip() + "\n\n" + help_text())
+        print(__doc__.strip() + "\n\n" + help_text().replace("python jobs/train.py", prog("python jobs/train.py"), 1))
         return 0 if argv else 2
     as_json = "--json" in argv
     argv = [a for a in argv if a != "--json"]

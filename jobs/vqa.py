@@ -15,16 +15,15 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from model.inference.interleave import VQA_VIT_ARGS  # noqa: E402
-from model.inference.jobs_io import format_transform, parse_transform, run_main  # noqa: E402
-from model.inference.loading import InferenceError  # noqa: E402
+from jobs import prog
+from model.inference.interleave import VQA_VIT_ARGS
+from model.inference.jobs_io import format_transform, parse_transform
+from model.inference.loading import InferenceError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="jobs/vqa.py",
+        prog=prog("jobs/vqa.py"),
         description="Answer a question about a medical image (or a batch of JSONL records) with a checkpoint.",
         epilog='Example: python jobs/vqa.py --model_path runs/mix/checkpoints/0000200 '
                '--image examples/radiology/images/ct/ct_small_bone.png --prompt "Describe the vertebral body."')
@@ -58,6 +57,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 2 with one `error:` line for a user mistake (never a traceback), 130 when interrupted."""
+    try:
+        return _main(argv)
+    except InferenceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     batch_mode = args.input is not None or args.output is not None
     if batch_mode and (args.input is None or args.output is None):
@@ -94,4 +105,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""The jobs: one module per `medloom <command>` (the table is in jobs/cli.py), each also runnable as a script
+(`python jobs/<name>.py ...`, `ray job submit --working-dir . -- python jobs/train.py ...`).
+
+A job module keeps the shape: imports at the top, `main(argv: list[str] | None = None) -> int` that returns the
+exit status, and `if __name__ == "__main__": sys.exit(main())` at the end. Its argument parser names itself
+with `prog("jobs/<name>.py")`, so its usage line reads `medloom <command>` when the medloom command runs it.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+_command: str | None = None     # "medloom ingest" while jobs.cli runs that sub-command
+
+
+def prog(script: str) -> str:
+    """The program name a job's usage line shows: `medloom <command>` under the medloom command, else `script`."""
+    return _command or script
+
+
+@contextmanager
+def running_as(command: str) -> Iterator[None]:
+    """While jobs.cli runs a job's main: its usage and errors say `command` (e.g. "medloom ingest")."""
+    global _command
+    previous, _command = _command, command
+    try:
+        yield
+    finally:
+        _command = previous
