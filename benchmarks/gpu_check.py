@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def main() -> int:
@@ -61,6 +60,8 @@ def main() -> int:
     from model.attention import choose_backend
     from model.config import LLMConfig, ModelConfig, VAEConfig, ViTConfig
     from model.unified import UnifiedModel
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))        # tests.shard_factory (tests/ is not an installed package)
     from tests.shard_factory import DatasetRecipe, make_catalog, write_config
     from trainer.config import load_config, validate
     from trainer.data import generation_groups

@@ -33,7 +33,6 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def _image(rng: np.random.Generator, width: int, height: int, gray: bool) -> Image.Image:

@@ -34,15 +34,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
-from datasets_catalog.task_kinds import resolve_task_kind  # noqa: E402
-from datasets_catalog.tokenizer import TextTokenizer  # noqa: E402
-from datasets_catalog.transforms import ImageTransformArgs  # noqa: E402
-from pipelines.mixture.recompute import recompute_row  # noqa: E402
-from pipelines.packing.config import PackingConfig  # noqa: E402
-from pipelines.packing.sample import StreamSample  # noqa: E402
+from datasets_catalog.task_kinds import resolve_task_kind
+from datasets_catalog.tokenizer import TextTokenizer
+from datasets_catalog.transforms import ImageTransformArgs
+from pipelines.mixture.recompute import recompute_row
+from pipelines.packing.config import PackingConfig
+from pipelines.packing.sample import StreamSample
 
 VAE = ImageTransformArgs(max_image_size=512, min_image_size=256, image_stride=16)
 VIT = ImageTransformArgs(max_image_size=378, min_image_size=224, image_stride=14, max_pixels=378 * 378)
@@ -63,6 +61,8 @@ def build_catalog(root: Path, rows: int, distinct: int | None, embed: bool = Tru
                   store_pixels: bool = False) -> Path:
     """Shards as ingest writes them; `store_pixels`: also the decoded, resized pixels (`--store-pixels`),
     in smaller row groups (a row then carries ~1-2 MB of pixels). Same seeds: same records either way."""
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests"))        # tests/shard_factory.py (tests/ is not an installed package)
     from shard_factory import DatasetRecipe, make_catalog
 
     rows_per_group = 16 if store_pixels else 64 if rows < 100_000 else 1000
