@@ -4,6 +4,8 @@ Plans are written out by hand as (type, loss, enable_cfg, text or image slot) tu
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from datasets_catalog.plan import RECON_SUFFIX, ImageSlot, Message, build_plan
@@ -126,3 +128,21 @@ def test_every_kind_has_a_plan_with_a_loss(kind):
     for item in plan.items:  # every image a plan references exists in the record
         if item.image is not None:
             assert item.image.index < (n_in if item.image.role == "input" else n_out)
+
+
+def test_a_new_kind_is_one_entry():
+    """A kind built from fields alone gets its plan from them: here vlm_sft's in-order tags with sft_recon_v2's
+    VAE + ViT context, CFG-droppable ViT."""
+    kind = replace(resolve_task_kind("vlm_sft"), name="vlm_vae", vae_context=True, vit_cfg_dropout=True)
+    msgs = [Message("human", "<image> a"), Message("gpt", "b"), Message("human", "c <image>"), Message("gpt", "d")]
+    plan = [(i.type, i.loss, i.enable_cfg, i.text if i.type == "text" else i.image)
+            for i in build_plan(kind, msgs, 2, 0).items]
+    assert plan == [VAE(IN0, 0, 0), VIT(IN0, 0, 1), T("a", 0, 0), T("b", 1, 0), T("c", 0, 0), VAE(IN1, 0, 0),
+                    VIT(IN1, 0, 1), T("d", 1, 0)]
+    assert not kind.always_vit
+
+
+def test_a_kind_naming_an_unknown_plan_is_refused():
+    kind = replace(resolve_task_kind("sft"), plan="nope")
+    with pytest.raises(ValueError, match="names plan 'nope'"):
+        build_plan(kind, [Message("human", "q")], 0, 0)
