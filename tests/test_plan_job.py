@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from jobs import plan as plan_job
 from shard_factory import make_catalog, tiny, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "jobs"))
-import plan as plan_job  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -2,16 +2,11 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
+from jobs import stream as stream_job
 from shard_factory import make_catalog, tiny, write_config
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "jobs"))
-import stream as stream_job  # noqa: E402
 
 
 @pytest.fixture(scope="module")
