@@ -22,11 +22,25 @@ import copy
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:   # pragma: no cover
-    from pipelines.mixture.stream import MixtureStream
     from pipelines.packing.packed_batch import PackedBatch
+
+
+class PlanSource(Protocol):
+    """What the look-ahead needs of a stream (`pipelines.mixture.stream.MixtureStream` is one): named here,
+    not imported, because the stream builds its look-ahead from this module."""
+
+    tokenizer: Any
+
+    def next_plan(self) -> Any: ...
+
+    def materialise(self, plan: Any, tokenizer: Any = None) -> "PackedBatch": ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class _LockedTokenizer:
@@ -55,7 +69,7 @@ class PrefetchingBatches:
     `threads=0` builds in the calling thread (no pool, no look-ahead): the sequential reference path.
     """
 
-    def __init__(self, stream: "MixtureStream", threads: int = 2, lookahead: int | None = None) -> None:
+    def __init__(self, stream: PlanSource, threads: int = 2, lookahead: int | None = None) -> None:
         if threads < 0:
             raise ValueError(f"threads must be >= 0, got {threads}")
         self.stream = stream
