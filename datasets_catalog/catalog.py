@@ -29,11 +29,11 @@ import difflib
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
-from .hooks import resolve_hook
+from .hf_mapping import HFSourceError, parse_hf_mapping
 from .task_kinds import TaskKind, UnknownTaskKind, resolve_task_kind
 from .tokenizer import BUILTIN_SPECS
 from .transforms import DEFAULT_VAE_ARGS, DEFAULT_VIT_ARGS, ImageTransformArgs
@@ -56,17 +56,21 @@ EXTRA_OPTION_KEYS: set[str] = {
 }
 
 
-# Validators of `extra_options`, as "module:function" (imported only when a dataset has such options; a
-# module that is not installed is skipped). A validator raises an exception whose optional `.key` attribute
-# names the offending field; the message becomes a CatalogError.
-OPTION_VALIDATORS: list[str] = ["pipelines.imaging.medical:validate_catalog_options"]
+# Validators of `extra_options`, run when a dataset has such options. The catalog knows no extension: each
+# one registers its validator at start-up (`register_option_validator`, e.g. from the ingest job), so a
+# catalog loaded before that is checked without it. A validator raises ValueError or TypeError, whose
+# optional `.key` attribute names the offending field; the message becomes a CatalogError.
+OPTION_VALIDATORS: list[Callable[[dict[str, Any]], None]] = []
+
+
+def register_option_validator(validator: Callable[[dict[str, Any]], None]) -> None:
+    """Check every dataset's `extra_options` with `validator` from now on (registering it again is a no-op)."""
+    if validator not in OPTION_VALIDATORS:
+        OPTION_VALIDATORS.append(validator)
 
 
 def _validate_extra(ctx: "_Ctx", extra: dict[str, Any]) -> None:
-    for entry in OPTION_VALIDATORS:
-        validator = resolve_hook(entry)
-        if validator is None:
-            continue
+    for validator in OPTION_VALIDATORS:
         try:
             validator(extra)
         except (ValueError, TypeError) as exc:
@@ -308,7 +312,7 @@ def _parse_dataset(path: Path, base: Path, index: int, entry: Any, top: dict) ->
 
 def _hf_source(ctx: _Ctx, path: Path, base: Path, entry: dict, kind: TaskKind, name: str
                ) -> tuple[Path, Path, dict] | None:
-    """For `source: hf` (or an `hf:` mapping): check the mapping (pipelines.ingest.hf_source) and return the JSONL
+    """For `source: hf` (or an `hf:` mapping): check the mapping (datasets_catalog.hf_mapping) and return the JSONL
     and image folder the ingest materialises it into, plus the mapping for `extra_options["hf_source"]`."""
     source = entry.get("source", "hf" if "hf" in entry else "jsonl")
     if source not in ("jsonl", "hf"):
@@ -320,8 +324,6 @@ def _hf_source(ctx: _Ctx, path: Path, base: Path, entry: dict, kind: TaskKind, n
         if key in entry:
             raise ctx.error(key, "a 'source: hf' dataset takes its rows and images from hf.path; remove "
                                  f"{key} (or drop source: hf)")
-    from pipelines.ingest.hf_source import HFSourceError, parse_hf_mapping
-
     try:
         cfg = parse_hf_mapping(entry.get("hf"), base, default_output_dir(path) / "_hf_cache" / name, kind.name,
                                kind.needs_images)

@@ -18,6 +18,8 @@ from datasets_catalog.catalog import CatalogError, load_catalog
 from jobs import prog
 from pipelines.ingest.driver import IngestError, format_summary, run_ingest
 from pipelines.imaging.medical import with_keep_dicom_tags
+from pipelines.imaging.medical_hooks import register_medical_imaging
+from pipelines.report.ingest_checks import register_ingest_checks
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    register_medical_imaging()   # DICOM / NIfTI: catalog options, probing, reject reasons
+    register_ingest_checks()     # train/val leakage warnings under the summary
     try:
         catalog = load_catalog(args.catalog)
         if args.keep_dicom_tags:

@@ -12,8 +12,15 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from datasets_catalog.catalog import CatalogError, DatasetSpec, load_catalog, parse_catalog
 from datasets_catalog.task_kinds import TASK_KINDS
 from datasets_catalog.transforms import DEFAULT_VAE_ARGS, DEFAULT_VIT_ARGS, ImageTransformArgs
+from pipelines.imaging.medical_hooks import register_medical_imaging
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _medical_options_checked():
+    """What jobs/ingest.py does before it loads a catalog: the medical option validator is registered."""
+    register_medical_imaging()
 
 
 def test_shipped_catalog_covers_every_task_kind():

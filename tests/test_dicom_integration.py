@@ -18,15 +18,14 @@ from pydicom.data import get_testdata_file
 from datasets_catalog.records import REASONS
 from pipelines.imaging import decode as image_decode
 from pipelines.imaging import probe as image_io
-from pipelines.imaging.medical import options_from_meta, register_ingest_formats, register_reader_decoders
+from pipelines.imaging.medical_hooks import options_from_meta, register_medical_imaging
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
 
 @pytest.fixture(autouse=True)
 def _registered():
-    register_ingest_formats()
-    register_reader_decoders()
+    register_medical_imaging()
 
 
 def _copy(tmp_path, name: str, target: str | None = None):

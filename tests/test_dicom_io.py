@@ -16,9 +16,10 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
 from pipelines.imaging.medical import (
     DICOM_BURNED_IN, DICOM_DECODE_FAILED, DICOM_DECODER_MISSING, IMAGE_TOO_LARGE, MedicalImageError,
-    MedicalOptions, decode_medical, is_medical,
+    MedicalOptions, is_medical,
 )
 from pipelines.imaging.dicom import decode_dicom
+from pipelines.imaging.medical_hooks import decode_medical
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

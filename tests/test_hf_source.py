@@ -20,7 +20,8 @@ datasets = pytest.importorskip("datasets")
 
 from datasets_catalog.catalog import load_catalog  # noqa: E402
 from pipelines.ingest import hf_source  # noqa: E402
-from pipelines.ingest.hf_source import HFSourceError, materialize, parse_hf_mapping  # noqa: E402
+from datasets_catalog.hf_mapping import HFSourceConfig, HFSourceError, parse_hf_mapping  # noqa: E402
+from pipelines.ingest.hf_source import materialize  # noqa: E402
 from pipelines.ingest.driver import run_ingest  # noqa: E402
 
 
@@ -77,7 +78,7 @@ def sources(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "hf": root / "vqa_hf", "parquet": root / "vqa_parquet", "jsonl": root / "jsonl"}
 
 
-def _mapping(path: Path, cache: Path, **extra) -> hf_source.HFSourceConfig:
+def _mapping(path: Path, cache: Path, **extra) -> HFSourceConfig:
     raw = {"path": str(path), "question": "question", "answer": "answer", "input_images": ["image"], **extra}
     return parse_hf_mapping(raw, path.parent, cache, "sft", True)
 
@@ -228,7 +229,7 @@ def test_mapped_rows_are_valid_records_of_their_task(tmp_path_factory, task, que
     row = {"q": question, "a": answer, "img": [{"bytes": CT, "path": f"i{k}.png"} for k in range(n_images)],
            "target": {"bytes": MR, "path": "target.jpg"}, "note": 7}
     n_in = {"t2i": 0, "edit": 1}.get(task, n_images)
-    cfg = hf_source.HFSourceConfig(path=str(images), question="q", answer=None if task == "t2i" else "a",
+    cfg = HFSourceConfig(path=str(images), question="q", answer=None if task == "t2i" else "a",
                                    input_images=("img",) if n_in else (),
                                    output_images=("target",) if task in ("t2i", "edit") else ())
     if task == "edit":

@@ -8,9 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.imaging.decode import (
-    ImageDecodeError, ImageDecoder, image_to_tensor, load_image_rgb, register_decoder, unregister_decoder,
-)
+from pipelines.imaging.decode import ImageDecodeError, image_to_tensor, load_image_rgb
+from pipelines.imaging.decoders import ImageDecoder, register_decoder, unregister_decoder
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kw) -> bytes:

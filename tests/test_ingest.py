@@ -23,7 +23,8 @@ from datasets_catalog.task_kinds import resolve_task_kind
 from datasets_catalog.tokenizer import TextTokenizer
 from datasets_catalog.transforms import DEFAULT_VAE_ARGS, DEFAULT_VIT_ARGS, resize_target
 from pipelines.ingest import chunk as ingest_chunk
-from pipelines.ingest.driver import STATUS_BUILT, STATUS_FAILED, STATUS_UP_TO_DATE, format_summary, run_ingest
+from pipelines.ingest.build import STATUS_BUILT, STATUS_FAILED, STATUS_UP_TO_DATE
+from pipelines.ingest.driver import format_summary, run_ingest
 from pipelines.storage.shard_schema import REJECTS_SCHEMA, SHARD_SCHEMA
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from datasets_catalog.catalog import load_catalog
 from pipelines.imaging import probe as image_io
+from pipelines.imaging.medical_hooks import register_medical_imaging
 from pipelines.imaging.probe import FormatHandler, ImageError, ImageProbe, probe_image, \
     register_format, resolve_image_path
 from pipelines.ingest.driver import run_ingest
@@ -109,7 +110,7 @@ def fake_format():
                           frames=tuple(ImageProbe(20, 10, "PNG", one.data, f"{one.sha256}:{i}", one.meta)
                                        for i in range(frames)))
 
-    image_io.load_extensions()
+    register_medical_imaging()   # what the ingest registers first, so "fake" is tried before it
     saved = list(image_io.HANDLERS)
     register_format(FormatHandler("fake", sniff, probe))
     yield

@@ -13,7 +13,8 @@ from PIL import Image
 from datasets_catalog.catalog import load_catalog
 from datasets_catalog.records import vit_img_num
 from datasets_catalog.transforms import resize_target, vae_tokens, vit_tokens
-from pipelines.ingest.driver import STATUS_BUILT, STATUS_UP_TO_DATE, format_summary, run_ingest
+from pipelines.ingest.build import STATUS_BUILT, STATUS_UP_TO_DATE
+from pipelines.ingest.driver import format_summary, run_ingest
 
 ROOT = Path(__file__).resolve().parent.parent
 

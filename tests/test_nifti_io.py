@@ -11,7 +11,8 @@ import pytest
 from nibabel.testing import data_path
 from PIL import Image
 
-from pipelines.imaging.medical import MedicalImageError, MedicalOptions, decode_medical, is_medical
+from pipelines.imaging.medical import MedicalImageError, MedicalOptions, is_medical
+from pipelines.imaging.medical_hooks import decode_medical
 
 
 def _file(name: str) -> bytes:

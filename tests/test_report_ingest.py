@@ -21,6 +21,7 @@ from pydicom.uid import RLELossless
 
 from datasets_catalog.catalog import load_catalog
 from pipelines.ingest.driver import format_summary, run_ingest
+from pipelines.report.ingest_checks import register_ingest_checks
 
 warnings.filterwarnings("ignore", category=UserWarning)
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,6 +60,7 @@ def leaky(tmp_path_factory) -> Path:
         "output_dir: shards\ndatasets:\n"
         "  - {name: cxr_train, task: sft, jsonl_path: train.jsonl, data_dir: train_imgs, split: train}\n"
         "  - {name: cxr_val, task: sft, jsonl_path: val.jsonl, data_dir: val_imgs, split: val}\n")
+    register_ingest_checks()   # what jobs/ingest.py does at start-up
     report = run_ingest(load_catalog(root / "c.yaml"), executor="local", progress=False, log=lambda m: None)
     assert report.ok
     summary = format_summary(report)

@@ -22,7 +22,8 @@ from datasets_catalog.transforms import ImageTransformArgs
 from pipelines.packing import packer as packing
 from pipelines.imaging.decode import image_to_tensor, load_image_rgb
 from pipelines.imaging.pixels import stored_pixels_tensor
-from pipelines.ingest.driver import STATUS_BUILT, run_ingest
+from pipelines.ingest.build import STATUS_BUILT
+from pipelines.ingest.driver import run_ingest
 from pipelines.mixture.recompute import recompute_row
 from pipelines.packing.config import PackingConfig
 from pipelines.packing.sample import StreamSample

@@ -4,78 +4,24 @@
 resizes it to a stored target size and normalises it to [-1, 1] exactly like upstream `ImageTransform`
 (PIL bicubic resize, which antialiases, then ToTensor and Normalize(0.5, 0.5)).
 
-Formats are pluggable: a decoder is a (sniff, decode) pair tried in registration order on the raw bytes,
-with PIL as the fallback. Medical formats (DICOM, NIfTI) register themselves with `register_decoder`
-and return any PIL image; the shared RGB conversion runs after every decoder.
+Formats are pluggable: a decoder is a (sniff, decode) pair (`pipelines.imaging.decoders`) tried in
+registration order on the raw bytes, with PIL as the fallback. The medical readers (DICOM, NIfTI, 16-bit
+grey PNG) are registered by `register_medical_imaging()`, which `load_image_rgb` calls (a no-op after the
+first time), so every process that decodes has them: trainer, loader workers, report, inference. A decoder
+returns any PIL image; the shared RGB conversion (`pil_img2rgb`) runs after every decoder.
 """
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
-ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-
-
-class ImageDecodeError(ValueError):
-    """An image that cannot be read or decoded; the message names the file."""
-
-
-@dataclass(frozen=True)
-class ImageDecoder:
-    name: str
-    sniff: Callable[[bytes, Path | None], bool]                       # (raw bytes, path or None) -> mine?
-    decode: Callable[[bytes, Path | None, str | None], Image.Image]   # (raw bytes, path, meta JSON) -> image
-
-
-def _pil_sniff(data: bytes, path: Path | None) -> bool:
-    return True
-
-
-def _pil_decode(data: bytes, path: Path | None, meta: str | None) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
-
-
-PIL_DECODER = ImageDecoder("pil", _pil_sniff, _pil_decode)
-_DECODERS: list[ImageDecoder] = []
-
-
-def register_decoder(decoder: ImageDecoder) -> None:
-    """Add a format decoder, tried before the ones registered earlier and before PIL (re-registering a
-    name replaces it)."""
-    _DECODERS[:] = [d for d in _DECODERS if d.name != decoder.name]
-    _DECODERS.insert(0, decoder)
-
-
-def unregister_decoder(name: str) -> None:
-    """Remove a registered decoder (PIL, the fallback, cannot be removed)."""
-    _DECODERS[:] = [d for d in _DECODERS if d.name != name]
-
-
-def registered_decoders() -> list[ImageDecoder]:
-    return [*_DECODERS, PIL_DECODER]
-
-
-def pil_img2rgb(image: Image.Image) -> Image.Image:
-    """RGB image; transparent pixels are composited over white (upstream `pil_img2rgb`).
-
-    Upstream composites RGBA and images with a `transparency` entry; we also composite the other modes
-    with an alpha band (LA, PA), where upstream's plain RGB conversion would expose whatever colour
-    lies under transparent pixels.
-    """
-    if image.mode in ALPHA_MODES or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGB", rgba.size, (255, 255, 255))
-        white.paste(rgba, mask=rgba.split()[3])
-        return white
-    return image.convert("RGB")
+from pipelines.imaging.decoders import ImageDecodeError, PIL_DECODER, registered_decoders
+from pipelines.imaging.medical_hooks import register_medical_imaging
+from pipelines.imaging.pixel_modes import pil_img2rgb
 
 
 def _pil_decode_draft(data: bytes, draft_size: tuple[int, int]) -> Image.Image:
@@ -106,6 +52,7 @@ def load_image_rgb(data: bytes | None, path: Path | str | None, meta: str | None
         except OSError as exc:
             raise ImageDecodeError(f"cannot read image file {path}: {exc.strerror or exc}") from exc
     where = str(path) if path is not None else "stored bytes"
+    register_medical_imaging()   # once per process: DICOM / NIfTI / 16-bit PNG readers (referenced files)
     for decoder in registered_decoders():
         if decoder.sniff(data, path):
             try:
@@ -149,10 +96,3 @@ def rgb_array_to_tensor(array: np.ndarray) -> torch.Tensor:
 def normalise_(tensor: torch.Tensor) -> torch.Tensor:
     """In place: float pixel values 0..255 -> [-1, 1], with upstream's exact float ops (x / 255 - 0.5) / 0.5."""
     return tensor.div_(255).sub_(0.5).div_(0.5)
-
-
-# Issue 7: referenced DICOM / NIfTI files (--reference-images shards) and 16-bit grey PNGs (keep_16bit),
-# which PIL alone cannot read or would clip. Registered here so that every reader process has them.
-from pipelines.imaging.medical import register_reader_decoders  # noqa: E402
-
-register_reader_decoders()

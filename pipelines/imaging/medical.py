@@ -1,8 +1,10 @@
 """Medical image sources (DICOM, NIfTI) turned into what a shard stores: lossless PNG + safe metadata.
 
-The public entry points are `is_medical()` (sniff), `decode_medical()` (bytes -> one or more
-`DecodedImage`), `MedicalOptions.from_mapping()` (the catalog options, validated) and
-`MedicalImageError` (a stable `reason` code plus a sentence a person can act on).
+This module holds what the readers (`pipelines.imaging.dicom`, `pipelines.imaging.nifti`) and their users
+share, and nothing that needs a reader: `is_medical()` (sniff), `MedicalOptions.from_mapping()` (the
+catalog options, validated), `DecodedImage` (what a reader returns) and `MedicalImageError` (a stable
+`reason` code plus a sentence a person can act on). `pipelines.imaging.medical_hooks.decode_medical()`
+(bytes -> one or more `DecodedImage`) picks the reader.
 
 No patient or institution identifier ever reaches `DecodedImage.meta`: the metadata is built from a
 fixed list of technical attributes (`SAFE_DICOM_FIELDS`), plus only the tags a user allow-lists
@@ -342,25 +344,6 @@ def is_medical(head: bytes, path: str | PurePath | None = None) -> bool:
     return medical_format(head, path) is not None
 
 
-def decode_medical(data: bytes, path: str | PurePath | None = None,
-                   options: MedicalOptions | None = None) -> list[DecodedImage]:
-    """Decode a DICOM or NIfTI file's bytes into display images by the options' rules.
-
-    Raises MedicalImageError (reason + detail) for anything that cannot be ingested.
-    """
-    options = options or MedicalOptions()
-    fmt = medical_format(data[:512], path)
-    if fmt == "DICOM":
-        from pipelines.imaging.dicom import decode_dicom
-
-        return decode_dicom(data, options)
-    if fmt == "NIFTI":
-        from pipelines.imaging.nifti import decode_nifti
-
-        return decode_nifti(data, options)
-    raise MedicalImageError(DICOM_INVALID, f"{path or 'data'} is neither DICOM nor NIfTI")
-
-
 class OptionError(ValueError):
     """A bad medical option in a catalog; `key` is the catalog field to name in the message."""
 
@@ -389,17 +372,17 @@ def validate_catalog_options(extra: dict[str, Any] | None) -> None:
         raise OptionError(key, message) from None
 
 
-# The ingest / reader / catalog hooks live in pipelines.imaging.medical_hooks; other modules name them as
-# "pipelines.imaging.medical:<function>" (image_io.EXTENSION_HOOKS, ingest.POST_INGEST_CHECKS), so resolve lazily.
-_HOOK_NAMES = frozenset({
-    "REASON_TEXTS", "options_for", "probe_medical", "probe_unusual_mode", "register_ingest_formats",
-    "options_from_meta", "register_reader_decoders", "with_keep_dicom_tags", "ingest_leakage_check",
-})
+def with_keep_dicom_tags(catalog: Any, keywords: Iterable[str]):
+    """A copy of a `Catalog` whose datasets also keep these DICOM tags (jobs/ingest.py --keep-dicom-tags).
+    The allow-list is part of each dataset's settings, so changing it rebuilds the datasets."""
+    from dataclasses import replace
 
-
-def __getattr__(name: str) -> Any:
-    if name in _HOOK_NAMES:
-        from pipelines.imaging import medical_hooks
-
-        return getattr(medical_hooks, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    extra = validate_dicom_keywords([k.strip() for k in keywords if k and k.strip()])
+    if not extra:
+        return catalog
+    datasets = {}
+    for name, spec in catalog.datasets.items():
+        current = validate_dicom_keywords(spec.extra_options.get("keep_dicom_tags") or [])
+        merged = list(validate_dicom_keywords([*current, *extra]))
+        datasets[name] = replace(spec, extra_options={**spec.extra_options, "keep_dicom_tags": merged})
+    return replace(catalog, datasets=datasets)

@@ -1,21 +1,37 @@
-"""Glue between the medical readers and the rest of MedLoom: image_io format handlers (ingest), image_decode
-readers (trainer, report, inference), the catalog's --keep-dicom-tags and the post-ingest leakage check.
+"""Glue between the medical readers and the rest of MedLoom: `decode_medical` picks the reader, and
+`register_medical_imaging()` plugs the readers into the registries of the code that needs them:
 
-Everything here is registered by name from other modules ("pipelines.imaging.medical:register_ingest_formats"
-in image_io.EXTENSION_HOOKS, ...); `pipelines.imaging.medical` re-exports these names.
+- `pipelines.imaging.probe.HANDLERS` (ingest probing: DICOM, NIfTI, unusual PIL modes),
+- `pipelines.imaging.decoders` (`load_image_rgb`: referenced DICOM / NIfTI files, 16-bit grey PNGs),
+- `datasets_catalog.catalog.OPTION_VALIDATORS` (window, frame, slices, ... checked when a catalog loads),
+- `datasets_catalog.records.REASONS` (the reject codes of the readers).
+
+Those registries are owned by lower modules that know no medical format; the registration is an explicit
+call, made by the ingest job before it loads a catalog, by every ingest chunk (Ray workers included) and by
+`load_image_rgb`, and is a no-op after the first time in a process.
 """
 from __future__ import annotations
 
 import io
-from typing import Any, Iterable
+import json
+from typing import Any
 
+import numpy as np
+from PIL import Image
+
+from datasets_catalog.catalog import register_option_validator
+from datasets_catalog.records import REASONS
+from pipelines.imaging import probe as image_io
+from pipelines.imaging.decoders import ImageDecoder, register_decoder
+from pipelines.imaging.dicom import decode_dicom
 from pipelines.imaging.medical import (
     BAD_FRAME_RULE, DICOM_BURNED_IN, DICOM_DECODE_FAILED, DICOM_DECODER_MISSING, DICOM_INVALID, DICOM_NO_PIXELS,
-    DICOM_UNSUPPORTED_PIXELS, DICOM_UNSUPPORTED_SYNTAX, NIFTI_INVALID, NIFTI_UNSUPPORTED, AXIS_NAMES, IndexRule,
-    MedicalImageError, MedicalOptions, decode_medical, is_medical, looks_like_dicom, looks_like_nifti,
-    medical_format, validate_dicom_keywords,
+    DICOM_UNSUPPORTED_PIXELS, DICOM_UNSUPPORTED_SYNTAX, NIFTI_INVALID, NIFTI_UNSUPPORTED, AXIS_NAMES, DecodedImage,
+    IndexRule, MedicalImageError, MedicalOptions, is_medical, looks_like_dicom, looks_like_nifti, medical_format,
+    validate_catalog_options,
 )
-from pipelines.imaging.pixel_modes import WindowSpec
+from pipelines.imaging.nifti import decode_nifti
+from pipelines.imaging.pixel_modes import WindowSpec, convert_unusual, header_mode_is_plain, needs_conversion
 
 REASON_TEXTS = {
     DICOM_INVALID: "a DICOM file cannot be parsed or lacks image attributes",
@@ -30,25 +46,31 @@ REASON_TEXTS = {
     BAD_FRAME_RULE: "the catalog's frame/slice/volume rule points outside the file",
 }
 
+
+def decode_medical(data: bytes, path: Any = None, options: MedicalOptions | None = None) -> list[DecodedImage]:
+    """Decode a DICOM or NIfTI file's bytes into display images by the options' rules.
+
+    Raises MedicalImageError (reason + detail) for anything that cannot be ingested.
+    """
+    options = options or MedicalOptions()
+    fmt = medical_format(data[:512], path)
+    if fmt == "DICOM":
+        return decode_dicom(data, options)
+    if fmt == "NIFTI":
+        return decode_nifti(data, options)
+    raise MedicalImageError(DICOM_INVALID, f"{path or 'data'} is neither DICOM nor NIfTI")
+
+
 _OPTIONS_CACHE: dict[tuple[str, str | None, int | None], MedicalOptions] = {}
 
 
 def options_for(extra: dict[str, Any] | None, fmt: str | None, max_pixels: int | None = None) -> MedicalOptions:
     """MedicalOptions for one dataset's `extra_options` and a source format (cached: ingest calls this per
     image)."""
-    import json
-
     key = (json.dumps(extra or {}, sort_keys=True, default=str), fmt, max_pixels)
     if key not in _OPTIONS_CACHE:
         _OPTIONS_CACHE[key] = MedicalOptions.from_mapping(extra or {}, max_pixels=max_pixels, fmt=fmt, strict=False)
     return _OPTIONS_CACHE[key]
-
-
-def _register_reasons() -> None:
-    from datasets_catalog.records import REASONS
-
-    for code, text in REASON_TEXTS.items():
-        REASONS.setdefault(code, text)
 
 
 def probe_medical(data: bytes, path: Any, context: Any):
@@ -57,22 +79,20 @@ def probe_medical(data: bytes, path: Any, context: Any):
     A rule that expands (frame: all, slices: every N, ...) returns the first image with `frames` holding
     one probe per frame/slice; ingest writes one row per frame.
     """
-    from pipelines.imaging.probe import ImageError, ImageProbe
-
     fmt = medical_format(data[:512], path)
     try:
         options = options_for(getattr(context, "options", None), fmt, getattr(context, "max_pixels", None))
         images = decode_medical(data, path, options)
     except MedicalImageError as exc:
-        raise ImageError(exc.reason, f"{path}: {exc.detail}") from None
+        raise image_io.ImageError(exc.reason, f"{path}: {exc.detail}") from None
     except ValueError as exc:  # options that only fail for this format's section
-        raise ImageError(BAD_FRAME_RULE, f"{path}: {exc}") from None
-    probes = [ImageProbe(i.width, i.height, i.format, i.png, i.sha256, {**i.meta, "frame_id": i.suffix}
-                         if i.suffix else i.meta) for i in images]
+        raise image_io.ImageError(BAD_FRAME_RULE, f"{path}: {exc}") from None
+    probes = [image_io.ImageProbe(i.width, i.height, i.format, i.png, i.sha256,
+                                  {**i.meta, "frame_id": i.suffix} if i.suffix else i.meta) for i in images]
     if any(i.suffix for i in images):   # only an expanding frame/slice rule names its images
         first = probes[0]
-        return ImageProbe(first.width, first.height, first.format, first.data, first.sha256, first.meta,
-                          frames=tuple(probes))
+        return image_io.ImageProbe(first.width, first.height, first.format, first.data, first.sha256, first.meta,
+                                   frames=tuple(probes))
     return probes[0]
 
 
@@ -80,18 +100,11 @@ def probe_unusual_mode(data: bytes, path: Any, context: Any):
     """image_io handler for PIL formats: the built-in probe, then unusual modes are recorded in `meta`;
     16-bit / float grey is re-encoded as a plain PNG (readers would clip it), the others (LA, RGBA,
     P with transparency, CMYK, 1-bit) keep their bytes because every reader converts them the same way."""
-    import io as _io
-
-    from PIL import Image
-
-    from pipelines.imaging import probe as image_io
-    from pipelines.imaging.pixel_modes import convert_unusual, header_mode_is_plain, needs_conversion
-
     probe = image_io._pil_probe(data, path, context)
     if header_mode_is_plain(data):  # nearly every PNG/JPEG: decided from the header bytes, no PIL open
         return probe
     try:
-        with Image.open(_io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data)) as img:
             mode = img.mode
     except Exception:  # the built-in probe already accepted the header; keep its answer
         return probe
@@ -108,16 +121,6 @@ def probe_unusual_mode(data: bytes, path: Any, context: Any):
         return image_io.ImageProbe(probe.width, probe.height, probe.format, probe.data, probe.sha256, conv.meta,
                                    frames=probe.frames)
     return image_io.ImageProbe(conv.width, conv.height, probe.format, conv.png, probe.sha256, conv.meta)
-
-
-def register_ingest_formats() -> None:
-    """Put the DICOM / NIfTI / unusual-mode handlers in front of image_io's built-in PIL handler."""
-    from pipelines.imaging import probe as image_io
-
-    _register_reasons()
-    image_io.register_format(image_io.FormatHandler("pil_modes", image_io._pil_sniff, probe_unusual_mode), first=True)
-    image_io.register_format(image_io.FormatHandler("nifti", looks_like_nifti, probe_medical), first=True)
-    image_io.register_format(image_io.FormatHandler("dicom", looks_like_dicom, probe_medical), first=True)
 
 
 def options_from_meta(meta: dict[str, Any] | None) -> MedicalOptions:
@@ -143,11 +146,7 @@ def _reader_sniff(data: bytes, path: Any) -> bool:
 
 
 def _reader_decode(data: bytes, path: Any, meta: str | None):
-    """image_decode decoder: a referenced DICOM/NIfTI file shown as ingest recorded it (8-bit)."""
-    import json
-
-    from PIL import Image
-
+    """load_image_rgb decoder: a referenced DICOM/NIfTI file shown as ingest recorded it (8-bit)."""
     parsed = json.loads(meta) if meta else None
     [first, *_] = decode_medical(data, path, options_from_meta(parsed))
     return Image.open(io.BytesIO(first.png))
@@ -160,45 +159,28 @@ def _png16_sniff(data: bytes, path: Any) -> bool:
 
 def _png16_decode(data: bytes, path: Any, meta: str | None):
     """16-bit grey PNG (keep_16bit) -> 8-bit L by the high byte; PIL's own RGB conversion would clip."""
-    import numpy as np
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as img:
         arr = np.asarray(img, dtype=np.uint32)
     return Image.fromarray((arr >> 8).astype(np.uint8))
 
 
-def register_reader_decoders() -> None:
-    """Teach pipelines.imaging.decode.load_image_rgb DICOM/NIfTI files and 16-bit grey PNGs."""
-    from pipelines.imaging import decode as image_decode
-
-    image_decode.register_decoder(image_decode.ImageDecoder("png16", _png16_sniff, _png16_decode))
-    image_decode.register_decoder(image_decode.ImageDecoder("medical", _reader_sniff, _reader_decode))
+_registered = False
 
 
-def with_keep_dicom_tags(catalog: Any, keywords: Iterable[str]):
-    """A copy of a `Catalog` whose datasets also keep these DICOM tags (jobs/ingest.py --keep-dicom-tags).
-    The allow-list is part of each dataset's settings, so changing it rebuilds the datasets."""
-    from dataclasses import replace
-
-    extra = validate_dicom_keywords([k.strip() for k in keywords if k and k.strip()])
-    if not extra:
-        return catalog
-    datasets = {}
-    for name, spec in catalog.datasets.items():
-        current = validate_dicom_keywords(spec.extra_options.get("keep_dicom_tags") or [])
-        merged = list(validate_dicom_keywords([*current, *extra]))
-        datasets[name] = replace(spec, extra_options={**spec.extra_options, "keep_dicom_tags": merged})
-    return replace(catalog, datasets=datasets)
-
-
-def ingest_leakage_check(out_dir: Any, report: Any = None) -> list[str]:
-    """pipelines.ingest.driver POST_INGEST_CHECKS hook: warning lines (without the 'WARNING:' prefix) naming rows
-    that share an image between a train and a validation/test dataset of the output folder."""
-    from pipelines.report.scan import leakage_warnings
-
-    lines = leakage_warnings(out_dir)
-    if not lines:
-        return []
-    head = lines[0].removeprefix("WARNING: ")
-    return [head, *(line.strip() for line in lines[1:])]
+def register_medical_imaging() -> None:
+    """Plug the medical readers into the probe, decoder, catalog-option and reject-reason registries (see the
+    module doc). Idempotent and cheap after the first call, so every entry point may call it."""
+    global _registered
+    if _registered:
+        return
+    for code, text in REASON_TEXTS.items():
+        REASONS.setdefault(code, text)
+    register_option_validator(validate_catalog_options)
+    # probe handlers in front of the built-in PIL one, tried in this order: DICOM, NIfTI, unusual PIL modes
+    image_io.register_format(image_io.FormatHandler("pil_modes", image_io._pil_sniff, probe_unusual_mode),
+                             first=True)
+    image_io.register_format(image_io.FormatHandler("nifti", looks_like_nifti, probe_medical), first=True)
+    image_io.register_format(image_io.FormatHandler("dicom", looks_like_dicom, probe_medical), first=True)
+    register_decoder(ImageDecoder("png16", _png16_sniff, _png16_decode))
+    register_decoder(ImageDecoder("medical", _reader_sniff, _reader_decode))
+    _registered = True

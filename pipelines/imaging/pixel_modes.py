@@ -218,7 +218,7 @@ def pixel_hash(arr: np.ndarray) -> str:
 class ModeConversion:
     """What an unusual PNG/TIFF becomes: `png` holds new bytes when the pixels had to be rewritten at
     ingest (high bit depth), or None when the original bytes are kept because every reader's decoder
-    (`image_decode.pil_img2rgb`) already converts them this way; `meta` records the conversion either way."""
+    (`pil_img2rgb`) already converts them this way; `meta` records the conversion either way."""
 
     png: bytes | None
     width: int
@@ -232,7 +232,7 @@ REWRITTEN_MODES = SIXTEEN_BIT_MODES | {"F", "I;32", "I;32B", "I;32L"}
 
 
 def decode_time_conversion(mode: str, info: dict[str, Any]) -> tuple[str, str]:
-    """(output mode, description) of what `image_decode.pil_img2rgb` does to a mode it reads as-is."""
+    """(output mode, description) of what `pil_img2rgb` does to a mode it reads as-is."""
     if mode in ("LA", "La", "RGBA", "RGBa", "PA") or info.get("transparency") is not None:
         return "RGB", f"{mode}{' with transparency' if mode in ('P', 'L', 'RGB') else ''}->RGB " \
                       "(alpha composited over white at decode time, as upstream pil_img2rgb)"
@@ -282,10 +282,26 @@ def convert_pil_image(img: Image.Image, keep_16bit: bool = False) -> tuple[Image
         raise ValueError(f"cannot convert PIL mode {mode!r}: {exc}") from exc
 
 
-def _over_white(rgba: Image.Image) -> Image.Image:
-    """Transparent pixels over white: the trainer's own conversion, so ingest and training agree."""
-    from pipelines.imaging.decode import pil_img2rgb  # lazy: image_decode imports this package's hooks
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
+
+def pil_img2rgb(image: Image.Image) -> Image.Image:
+    """RGB image; transparent pixels are composited over white (upstream `pil_img2rgb`).
+
+    Upstream composites RGBA and images with a `transparency` entry; we also composite the other modes
+    with an alpha band (LA, PA), where upstream's plain RGB conversion would expose whatever colour
+    lies under transparent pixels. Every reader (`pipelines.imaging.decode.load_image_rgb`) ends with it.
+    """
+    if image.mode in ALPHA_MODES or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGB", rgba.size, (255, 255, 255))
+        white.paste(rgba, mask=rgba.split()[3])
+        return white
+    return image.convert("RGB")
+
+
+def _over_white(rgba: Image.Image) -> Image.Image:
+    """Transparent pixels over white: the readers' own conversion, so ingest and training agree."""
     return pil_img2rgb(rgba)
 
 

@@ -2,8 +2,8 @@
 first bytes, reads the size from the header (never a full decode just to get the size) and returns the bytes
 to embed with their sha256.
 
-Formats are handlers in a small registry (`register_format`), so DICOM and NIfTI readers (issue 7) plug in
-without touching ingest. Every failure is an `ImageError` whose `reason` is a stable code from
+Formats are handlers in a small registry (`register_format`), so DICOM and NIfTI readers plug in without
+touching ingest. Every failure is an `ImageError` whose `reason` is a stable code from
 `datasets_catalog.records.REASONS`.
 """
 from __future__ import annotations
@@ -22,7 +22,6 @@ from typing import Any, Callable
 
 from PIL import Image, UnidentifiedImageError
 
-from datasets_catalog.hooks import resolve_hook
 from datasets_catalog.records import RecordError
 
 
@@ -57,25 +56,10 @@ class FormatHandler:
     probe: Callable[[bytes, Path, ProbeContext], ImageProbe]   # (whole file, path, context) -> probe
 
 
+# Tried in order on each file's first bytes; the built-in PIL handler (registered below) comes last. Other
+# formats are added by an explicit call (`pipelines.imaging.medical_hooks.register_medical_imaging`, which
+# the ingest chunk makes in every worker process) rather than by importing this module.
 HANDLERS: list[FormatHandler] = []
-
-# Handlers living in other modules, as "module:function" registering them. `probe_image` calls each once per
-# process before its first probe, so Ray workers get them too (a registry filled only in the driver would
-# not reach them). A module that is not installed is skipped.
-EXTENSION_HOOKS: list[str] = ["pipelines.imaging.medical:register_ingest_formats"]
-_extensions_loaded = False
-
-
-def load_extensions() -> None:
-    """Run the EXTENSION_HOOKS once in this process (idempotent)."""
-    global _extensions_loaded
-    if _extensions_loaded:
-        return
-    _extensions_loaded = True
-    for entry in EXTENSION_HOOKS:
-        hook = resolve_hook(entry)
-        if hook is not None:
-            hook()
 
 
 def register_format(handler: FormatHandler, first: bool = True) -> None:
@@ -164,7 +148,6 @@ def _read(path: Path) -> bytes:
 def probe_image(path: Path, max_pixels: int, options: dict[str, Any] | None = None,
                 verify: bool = False) -> ImageProbe:
     """Read `path` once and return its size, format, bytes and sha256; ImageError with a reason otherwise."""
-    load_extensions()
     data = _read(path)
     if not data:
         raise ImageError("image_empty", f"image file {path} is empty (0 bytes)")

@@ -1,7 +1,7 @@
 """One unit of ingest work: a byte range of one JSONL file -> one Parquet shard + its rejects.
 
-Pure Python + pyarrow, no Ray: the Ray Data driver (`pipelines.ingest.driver`) maps this over chunks in parallel,
-and tests call it directly. A chunk streams its lines (bounded memory: one row group of image bytes at a
+Pure Python + pyarrow, no Ray: the ingest (`pipelines.ingest.execute`) maps this over chunks in parallel with
+Ray Data, and tests call it directly. A chunk streams its lines (bounded memory: one row group of image bytes at a
 time), validates each record (`datasets_catalog.records`), probes its images (`pipelines.imaging.probe`),
 computes the resize targets and token counts with the shared rules, and writes the shard itself, so image
 bytes never travel through Ray's object store.
@@ -24,7 +24,7 @@ from datasets_catalog.task_kinds import resolve_task_kind
 from datasets_catalog.tokenizer import TextTokenizer
 from datasets_catalog.transforms import ImageTransformArgs, resize_target, vae_tokens, vit_tokens
 
-from pipelines.storage import uris as storage
+from pipelines.imaging.medical_hooks import register_medical_imaging
 from pipelines.imaging.probe import ImageError, ImageProbe, clear_path_cache, probe_image, resolve_image_path
 from pipelines.storage.shard_schema import PIXEL_FIELDS, REJECTS_SCHEMA, SHARD_SCHEMA, leaf_paths
 
@@ -275,11 +275,9 @@ class _ShardWriter:
 
 
 def process_chunk(task: ChunkTask) -> ChunkResult:
-    """Process one chunk: write `staging/chunk-NNNNN.parquet` and `staging/_rejects-NNNNN.parquet`."""
-    if storage.is_remote(task.staging_dir):
-        from pipelines.ingest.remote import process_chunk_remote   # object storage: build locally, then upload
-
-        return process_chunk_remote(task)
+    """Process one chunk: write `staging/chunk-NNNNN.parquet` and `staging/_rejects-NNNNN.parquet` (a local
+    folder; `pipelines.ingest.remote.process_chunk_remote` wraps this for object storage)."""
+    register_medical_imaging()   # this may be a fresh Ray worker: DICOM / NIfTI handlers for probe_image
     started = time.perf_counter()
     processor = ChunkProcessor(task)
     staging = Path(task.staging_dir)

@@ -1,5 +1,5 @@
 """Ingest into object storage (`--out s3://bucket/prefix`): the same plan, chunks and manifest as
-`pipelines.ingest.driver.run_ingest`, with the atomicity rule rewritten for a store that has no rename.
+`pipelines.ingest.driver.run_ingest` (`pipelines.ingest.build`, `pipelines.ingest.execute`), with the atomicity rule rewritten for a store that has no rename.
 
 Workers write each chunk to a local temp folder, as for a local ingest (same `process_chunk`), then upload
 its two files to `OUT/.staging-<name>-<run>/`, so no shared disk is needed between nodes. The driver then
@@ -21,9 +21,14 @@ from typing import Callable, TextIO
 
 from datasets_catalog.catalog import Catalog
 
+from pipelines.imaging.medical_hooks import register_medical_imaging
 from pipelines.ingest import state as st
-from pipelines.storage import uris as storage
+from pipelines.ingest.build import (
+    IngestError, IngestReport, finish_dataset, load_tokenizer, plan_all, prepare_sources,
+)
 from pipelines.ingest.chunk import ChunkResult, ChunkTask, process_chunk
+from pipelines.ingest.execute import execute_chunks
+from pipelines.storage import uris as storage
 from pipelines.storage.uris import RemotePath
 
 
@@ -71,11 +76,8 @@ def clean_stale_staging(out: RemotePath, names: list[str]) -> list[str]:
 def run_ingest_remote(catalog: Catalog, out: str | RemotePath, only: list[str] | None = None, force: bool = False,
                       reference_images: bool = False, address: str | None = None, verify_images: bool = False,
                       progress: bool = True, stream: TextIO | None = None, log: Callable[[str], None] | None = None,
-                      executor: str = "ray"):  # -> pipelines.ingest.driver.IngestReport
+                      executor: str = "ray") -> IngestReport:
     """`run_ingest` with `out` on object storage (see the module doc). Same arguments, same report."""
-    from pipelines.ingest.driver import (IngestError, IngestReport, execute_chunks, finish_dataset, load_tokenizer, plan_all,
-                         prepare_sources)
-
     if executor not in ("ray", "local"):
         raise ValueError(f"executor must be 'ray' or 'local', got {executor!r}")
     started = time.perf_counter()
@@ -88,6 +90,7 @@ def run_ingest_remote(catalog: Catalog, out: str | RemotePath, only: list[str] |
         shown = out.display() if isinstance(out, RemotePath) else str(out).split("?", 1)[0]
         raise IngestError(f"cannot use output {shown}: {exc}") from None
     tokenizer = load_tokenizer(catalog)
+    register_medical_imaging()   # DICOM / NIfTI probing when chunks run in this process (workers register too)
 
     specs = prepare_sources(catalog, only)
     clean_stale_staging(out, [s.name for s in specs])
@@ -95,7 +98,7 @@ def run_ingest_remote(catalog: Catalog, out: str | RemotePath, only: list[str] |
         catalog, specs, out, tokenizer.name, reference_images, verify_images, force, say,
         make_staging=lambda spec: out / f"{st.STAGING_PREFIX}{spec.name}-{uuid.uuid4().hex[:12]}",
         shown=RemotePath.display)
-    nodes = execute_chunks(plans, tasks, executor, address, say, stream, progress,
+    nodes = execute_chunks(plans, tasks, process_chunk_remote, executor, address, say, stream, progress,
                            discard_staging=lambda plan: plan.staging.rmtree())
 
     for plan in plans:

@@ -1,0 +1,186 @@
+"""Run the chunk tasks of an ingest: mapped with Ray Data over a cluster (or a local Ray), or one by one in
+this process, with a progress line either way.
+
+The caller passes the function that builds one chunk (`pipelines.ingest.chunk.process_chunk`, or the
+object-storage variant in `pipelines.ingest.remote`), so this module needs to know neither output kind.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+from pipelines.ingest.build import DatasetPlan, IngestError
+from pipelines.ingest.chunk import ChunkResult, ChunkTask
+
+ROOT = Path(__file__).resolve().parents[2]   # the repository: Ray workers import `pipelines` from here
+ChunkRunner = Callable[[ChunkTask], ChunkResult]   # builds one chunk where its task says; returns its counts
+
+
+# -- progress -------------------------------------------------------------------------------------------
+
+class Progress:
+    """One status line on stderr, redrawn in place on a terminal, at most every few seconds otherwise."""
+
+    def __init__(self, total_rows: int, total_chunks: int, stream: TextIO | None = None,
+                 enabled: bool = True) -> None:
+        self.total_rows, self.total_chunks = total_rows, total_chunks
+        self.rows = self.chunks = self.bytes = 0
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.started = time.perf_counter()
+        self.last = 0.0
+
+    def update(self, result: dict[str, Any]) -> None:
+        self.rows += result["rows_read"] + result["blank_lines"]
+        self.chunks += 1
+        self.bytes += result["shard_bytes"]
+        now = time.perf_counter()
+        if not self.enabled or (not self.tty and now - self.last < 2.0 and self.chunks < self.total_chunks):
+            return
+        self.last = now
+        elapsed = now - self.started
+        rate = self.rows / elapsed if elapsed > 0 else 0.0
+        line = (f"[ingest] chunks {self.chunks}/{self.total_chunks}  lines {self.rows:,}/{self.total_rows:,}  "
+                f"{self.bytes / 1e6:,.1f} MB written  {rate:,.0f} lines/s  {elapsed:.1f} s")
+        self.stream.write(("\r" + line) if self.tty else (line + "\n"))
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# -- Ray ------------------------------------------------------------------------------------------------
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on a host:port nobody listens on (Ray itself retries for minutes)."""
+    import socket
+
+    target = address.split("://", 1)[-1]
+    if target == "auto" or ":" not in target:
+        return
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as exc:
+        raise IngestError(f"cannot reach the Ray cluster at {address!r} ({exc}); check the address, start one "
+                          f"with `ray start --head`, or drop --address / RAY_ADDRESS to use a local Ray") from None
+
+
+def _ensure_ray(address: str | None, say: Callable[[str], None] = lambda m: None) -> bool:
+    """Use a running Ray if there is one; else join `address`/RAY_ADDRESS or start a local one.
+    Returns True when this call started (and so must stop) Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}}
+    address = address or os.environ.get("RAY_ADDRESS")
+    say(f"[ingest] joining Ray at {address}" if address else
+        f"[ingest] starting a local Ray ({os.cpu_count() or 2} CPUs; takes a few seconds)")
+    quiet = {"log_to_driver": False, "logging_level": logging.WARNING, "runtime_env": env}
+    if address:
+        _check_reachable(address)
+        try:
+            ray.init(address=address, **quiet)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise IngestError(f"cannot join the Ray cluster at {address!r} ({exc}); start one with "
+                              f"`ray start --head`, or drop --address / RAY_ADDRESS to use a local Ray") from None
+    else:
+        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False,
+                 object_store_memory=256 * 1024 * 1024, **quiet)
+    return True
+
+
+def _process_batch(batch: dict[str, Any], run_chunk: ChunkRunner) -> dict[str, list]:
+    """Ray Data UDF: one batch of chunk tasks -> one batch of chunk results (small dicts only)."""
+    import json as _json
+
+    keys = list(batch)
+    n = len(batch[keys[0]])
+    out: dict[str, list] = {"result": []}
+    for i in range(n):
+        task = ChunkTask(**_json.loads(batch["task"][i]))
+        result = run_chunk(task).to_dict()
+        result["node_id"] = _node_id()   # which node did the work (IngestReport.nodes)
+        out["result"].append(_json.dumps(result))
+    return out
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray: no node id
+        return None
+
+
+def _run_chunks(tasks: list[ChunkTask], run_chunk: ChunkRunner, on_result: Callable[[dict], None],
+                address: str | None, say: Callable[[str], None] = lambda m: None) -> None:
+    import json as _json
+
+    import ray
+    import ray.data
+
+    started_here = _ensure_ray(address, say)
+    for name in ("ray.data", "ray"):   # our progress line replaces Ray Data's own log lines
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False            # we print our own progress line
+        ctx.execution_options.preserve_order = False
+        if hasattr(ctx, "print_on_execution_start"):
+            ctx.print_on_execution_start = False
+        items = [{"task": _json.dumps(t.to_dict(), default=str)} for t in tasks]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map_batches(_process_batch, fn_kwargs={"run_chunk": run_chunk}, batch_size=1,
+                            batch_format="numpy", num_cpus=1, zero_copy_batch=False)
+        for row in ds.iter_rows():
+            on_result(_json.loads(row["result"]))
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def execute_chunks(plans: list[DatasetPlan], tasks: list[ChunkTask], run_chunk: ChunkRunner, executor: str,
+                   address: str | None, say: Callable[[str], None], stream: TextIO | None, progress: bool,
+                   discard_staging: Callable[[DatasetPlan], None]) -> dict[str, int]:
+    """Run every chunk with `run_chunk` (in Ray Data workers or in this process), collect results into their
+    plans; {node id: chunks}.
+
+    If any chunk did not come back, every plan's staging is discarded and the error propagates: nothing
+    half-built is ever published.
+    """
+    by_name = {plan.spec.name: plan for plan in plans}
+    nodes: dict[str, int] = {}
+    if not tasks:
+        return nodes
+    bar = Progress(sum(p.scan.lines for p in plans), len(tasks), stream, enabled=progress)
+
+    def on_result(result: dict) -> None:
+        by_name[result["dataset"]].results.append(result)
+        if result.get("node_id"):
+            nodes[result["node_id"]] = nodes.get(result["node_id"], 0) + 1
+        bar.update(result)
+
+    try:
+        if executor == "ray":
+            _run_chunks(tasks, run_chunk, on_result, address, say)
+        else:
+            for task in tasks:
+                on_result(run_chunk(task).to_dict())
+    finally:
+        bar.close()
+        if any(len(p.results) != p.expected_chunks for p in plans):
+            for plan in plans:
+                discard_staging(plan)
+    return nodes
