@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"[train] run {cfg.run_name}: {cfg.run.num_workers} worker(s), "
           f"{'GPU' if cfg.run.use_gpu else 'CPU'}, {cfg.train.total_steps} steps; start: {plan.reason}")
-    from pipelines.storage.checkpoints import remote_checkpoint_root
+    from trainer.checkpoint_remote import remote_checkpoint_root
 
     remote = remote_checkpoint_root(cfg.run.storage_path, cfg.run_name)
     if remote is not None:

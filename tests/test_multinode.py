@@ -19,7 +19,7 @@ import pytest
 
 from pipelines.storage import uris as storage
 
-from pipelines.storage import checkpoints as storage_checkpoints
+from trainer import checkpoint_remote
 from tests.ray_nodes import RayNode, free_port, pids_under, stop_nodes
 from tests.test_s3 import s3_server  # noqa: F401  (the localhost S3 server fixture)
 
@@ -101,7 +101,7 @@ train:
         assert summary["error"] is None and summary["metrics"]["step"] == 2, summary
         remote = bucket / "runs" / "mix" / "checkpoints"
         assert summary["remote_checkpoint_dir"] == remote.display()
-        assert storage_checkpoints.newest_remote_complete(remote) == remote / "0000002"
+        assert checkpoint_remote.newest_remote_complete(remote) == remote / "0000002"
         workers = [json.loads(line) for line in (runs / "mix" / "workers.jsonl").read_text().splitlines()]
         assert sorted(w["rank"] for w in workers) == [0, 1]
         train_nodes = {w["node_id"] for w in workers}

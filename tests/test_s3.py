@@ -333,9 +333,8 @@ def _local_checkpoint(root, step: int):
 
 def test_checkpoints_round_trip_through_s3(bucket, tmp_path, monkeypatch):
     from trainer import checkpointing as ck
-    from pipelines.storage import checkpoints as sc
+    from trainer import checkpoint_remote as sc
 
-    assert sc.MARKER == ck.MARKER
     remote = sc.remote_checkpoint_root(str(bucket / "runs"), "mix")
     assert remote == bucket / "runs" / "mix" / "checkpoints" and sc.remote_checkpoint_root("runs", "mix") is None
     local = tmp_path / "node_a" / "checkpoints"
@@ -377,7 +376,7 @@ def test_training_reads_s3_shards_and_resumes_from_s3_checkpoints(bucket, tmp_pa
     """The whole chain in-process (world size 1, no Ray): ingest to S3, train from the S3 shards with
     --storage_path s3://..., then a "fresh machine" (empty local run dir) resumes from the S3 checkpoint."""
     from datasets_catalog.catalog import load_catalog
-    from pipelines.storage import checkpoints as sc
+    from trainer import checkpoint_remote as sc
     from tests.test_train_loop import write_mixture
     from trainer.config import load_config, validate
     from trainer.data import generation_groups
@@ -428,7 +427,7 @@ def _rank_main(rank: int, world: int, port: int, mix: str, storage_path: str, lo
     nodes that share nothing but the S3 endpoint. Writes what it saw to out_dir/rank{r}.json."""
     import torch.distributed as dist
 
-    from pipelines.storage import checkpoints as sc
+    from trainer import checkpoint_remote as sc
     from trainer import checkpointing as ck
     from trainer.config import load_config, validate
     from trainer.data import generation_groups, mandatory_coverage
@@ -497,7 +496,7 @@ def test_two_ranks_without_shared_disk_save_and_resume_through_s3(bucket, tmp_pa
 
     import torch
 
-    from pipelines.storage import checkpoints as sc
+    from trainer import checkpoint_remote as sc
     from trainer import checkpointing as ck
 
     mix = _fsdp_mixture(tmp_path / "data")
@@ -550,7 +549,7 @@ def _download(src: RemotePath, dst: Path) -> Path:
 def test_remote_seal_and_rotation_rules(bucket, tmp_path):
     """seal_remote refuses (no marker) while a listed file is missing; rotation counts complete checkpoints
     only, never touches a newer incomplete one, and drops dead incomplete ones older than the newest."""
-    from pipelines.storage import checkpoints as sc
+    from trainer import checkpoint_remote as sc
 
     root = bucket / "ckpts"
     staged = tmp_path / "stage"

@@ -1,4 +1,5 @@
-"""Checkpoint directories in the UniMedVL layout (bagel-compat §1.7), written atomically.
+"""Checkpoint directories in the UniMedVL layout, written atomically, and the save / restore of a training
+state through them.
 
 `checkpoint_dir/{step:07d}/` holds model.safetensors, ema.safetensors, optimizer.{i:05d}-of-{N:05d}.pt,
 scheduler.pt, stream_state.{rank:05d}-of-{W:05d}.json (the exact data-stream state of each rank, replacing
@@ -7,7 +8,7 @@ tokenizer) and finally `COMPLETE.json`. Everything is written into `.tmp-{step:0
 last, then the directory is renamed: a crash mid-save never leaves a directory that looks complete.
 
 With `--storage_path s3://...` object storage is the checkpoint store and no disk is shared: each rank stages
-and uploads its own files (pipelines/storage/checkpoints.py), and the local folder on rank 0's node is a copy
+and uploads its own files (trainer/checkpoint_remote.py), and the local folder on rank 0's node is a copy
 of rank 0's part (its marker lists the whole checkpoint, so with several ranks it is not complete locally).
 """
 from __future__ import annotations
@@ -17,9 +18,14 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
+
+from trainer.parallel import Parallel, barrier, full_state_dict, load_optimizer_state, optimizer_state_for_save
+
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
 
 MARKER = "COMPLETE.json"
 MODEL_FILE = "model.safetensors"
@@ -229,7 +235,7 @@ def plan_resume(*, checkpoint_dir: Path, auto_resume: bool, resume_from: Optiona
     return ResumePlan(None, reason="random init (--from_scratch)")
 
 
-def plan_resume_for(cfg: Any, *, auto_resume: Optional[bool] = None,
+def plan_resume_for(cfg: TrainConfig, *, auto_resume: Optional[bool] = None,
                     ray_checkpoint: Optional[Path] = None) -> ResumePlan:
     """`plan_resume` with the settings of a `trainer.config.TrainConfig` (`auto_resume` overrides its own)."""
     t = cfg.train
@@ -266,3 +272,132 @@ def load_stream_state(path: Path, rank: int, world: int) -> Optional[dict]:
         raise ResumeError(f"{path} was saved with a different number of workers ({others[0]}); resume with the "
                           f"same --num_workers ({world} now), or pass --resume_model_only True")
     return None
+
+
+def load_weights_checked(model, source: Path, filename: str, *, strict: bool, log: Callable[[str], None]) -> None:
+    """Load weights; never let a wrong directory silently leave the model at random init."""
+    from trainer.model_setup import load_weights_into
+
+    missing, unexpected, loaded = load_weights_into(model, source, filename)
+    if loaded == 0:
+        raise ResumeError(f"{source / filename}: no tensor matches the model (unexpected keys e.g. "
+                          f"{unexpected[:3]}); is this a checkpoint of this architecture?")
+    if missing and strict:
+        raise ResumeError(f"{source / filename} lacks {len(missing)} tensors of the model (e.g. {missing[:3]}); "
+                          f"a training checkpoint must resume completely")
+    if missing:
+        log(f"note: {len(missing)} tensors not in {filename} keep their init, e.g. {missing[:3]}")
+    if unexpected:
+        log(f"warning: {len(unexpected)} unexpected keys in {filename} ignored, e.g. {unexpected[:3]}")
+
+
+# ---- a training state: what a checkpoint saves and a full resume restores --------------------------------
+@dataclass
+class TrainingState:
+    """Everything a checkpoint saves besides each rank's data-stream state."""
+    par: Parallel                   # the wrapped model (DDP or FSDP2) and its sharding of the optimizer
+    ema: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    model_config: Any               # written as the inference files (llm/vit configs)
+    tokenizer: Any
+
+    def full_states(self) -> tuple[Optional[dict], Optional[dict]]:
+        """Full model and EMA state dicts (collectives under FSDP: every rank calls; rank 0 gets them)."""
+        return full_state_dict(self.par.model, self.par.kind), full_state_dict(self.ema, self.par.kind)
+
+
+def restore_train_state(source: Path, state: TrainingState, *, load_optimizer: bool, rank: int, world: int,
+                        fetch: Optional[Callable[[str], Any]] = None) -> tuple[int, Optional[dict]]:
+    """A full resume from `source`: returns (completed steps, this rank's stream state) after loading this
+    rank's optimizer shard and the LR schedule (or, without the optimizer, only the schedule's step).
+    `fetch(name)` downloads a file of this rank that is not on disk yet (object storage: its optimizer shard)."""
+    step = int(read_train_state(source).get("step", 0))
+    if load_optimizer:
+        _load_optimizer(source, state, fetch)
+    else:
+        state.scheduler.load_state_dict({"last_step": step})
+    return step, load_stream_state(source, rank, world)
+
+
+def _load_optimizer(source: Path, state: TrainingState, fetch: Optional[Callable[[str], Any]]) -> None:
+    idx, count = state.par.optimizer_load_shard
+    f = source / optimizer_file(idx, count)
+    if fetch is not None and not f.is_file():   # this rank's shard only, fetched by this rank
+        fetch(f.name)
+    if not f.is_file():
+        raise ResumeError(f"{source} has no {f.name} for this rank (saved with another "
+                          f"world size or sharding); resume with the same --num_workers")
+    load_optimizer_state(state.optimizer, torch.load(f, map_location="cpu", weights_only=False))
+    sched_file = source / SCHEDULER_FILE
+    if sched_file.is_file():
+        state.scheduler.load_state_dict(torch.load(sched_file, map_location="cpu", weights_only=False))
+
+
+def save_checkpoint(cfg: TrainConfig, state: TrainingState, step: int, stream_state: Optional[dict], rank: int,
+                    world: int) -> Path:
+    """Every rank writes its own files into the temp dir; rank 0 the full weights; then rank 0 marks the
+    directory complete and renames it into place (`finalize`). Needs a disk all ranks share."""
+    is_main = rank == 0
+    root = cfg.checkpoint_dir
+    if is_main:
+        prepare_temp(root, step)
+    barrier()
+    tmp = temp_dir(root, step)
+    model_state, ema_state = state.full_states()
+    write_rank_files(tmp, state, stream_state, rank, world)
+    files = per_rank_files(state.par, world)
+    if is_main:
+        files += write_shared_files(tmp, cfg, state, model_state, ema_state, step, world)
+    barrier()
+    final = None
+    if is_main:
+        final = finalize(root, step, files, {"world_size": world})
+        rotate(root, cfg.train.max_checkpoints)
+    barrier()
+    return final if is_main else (root / step_dir_name(step))
+
+
+def write_rank_files(folder: Path, state: TrainingState, stream_state: Optional[dict], rank: int,
+                     world: int) -> list[str]:
+    """This rank's own files: its optimizer shard (if it writes one) and its stream state."""
+    own = []
+    if state.par.optimizer_shard is not None:
+        idx, count = state.par.optimizer_shard
+        save_state_file(optimizer_state_for_save(state.optimizer), folder / optimizer_file(idx, count))
+        own.append(optimizer_file(idx, count))
+    write_json(folder / stream_state_file(rank, world), stream_state)
+    own.append(stream_state_file(rank, world))
+    return own
+
+
+def per_rank_files(par: Parallel, world: int) -> list[str]:
+    """Every rank's files a complete checkpoint holds (stream states, optimizer shards)."""
+    files = [stream_state_file(i, world) for i in range(world)]
+    if par.kind == "fsdp":
+        shard_count = par.optimizer_shard[1] if par.optimizer_shard else par.optimizer_load_shard[1]
+        files += [optimizer_file(i, shard_count) for i in range(shard_count)]
+    else:
+        files.append(optimizer_file(0, 1))
+    return files
+
+
+def write_shared_files(folder: Path, cfg: TrainConfig, state: TrainingState, model_state, ema_state, step: int,
+                       world: int) -> list[str]:
+    """Rank 0: full weights, EMA, scheduler, train state, inference files. Returns the marker-listed names."""
+    from model.checkpoint import VAE_FILES, save_weights, write_inference_files
+    from trainer.model_setup import split_vae
+
+    files = []
+    model_main, vae_state = split_vae(model_state, cfg.train.freeze_vae)
+    ema_main, _ = split_vae(ema_state, cfg.train.freeze_vae)
+    save_weights(model_main, folder / MODEL_FILE)
+    save_weights(ema_main, folder / EMA_FILE)
+    if vae_state is not None:  # frozen VAE: ae.safetensors (FLUX names), as checkpoints are loaded
+        save_weights(vae_state, folder / VAE_FILES[0])
+        files.append(VAE_FILES[0])
+    save_state_file(state.scheduler.state_dict(), folder / SCHEDULER_FILE)
+    write_json(folder / TRAIN_STATE_FILE, {"step": step, "world_size": world, "train_steps": step})
+    write_inference_files(folder, state.model_config, state.tokenizer, training_args=cfg.flat())
+    files += [MODEL_FILE, EMA_FILE, SCHEDULER_FILE, TRAIN_STATE_FILE, TRAINING_ARGS_FILE]
+    return files

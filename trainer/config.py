@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, get_type_hints
@@ -199,8 +200,6 @@ class TrainConfig:
     def results_dir(self) -> Path:
         if self.train.results_dir:
             return Path(self.train.results_dir).resolve()
-        from pipelines.storage.checkpoints import local_runs_root   # s3:// storage: a local run dir
-
         return (local_runs_root(self.run.storage_path) / self.run_name).resolve()
 
     @property
@@ -469,6 +468,20 @@ def resolve_paths(cfg: TrainConfig, base: Optional[Path] = None) -> TrainConfig:
         if value and "://" not in str(value):   # URIs (s3://...) are left as they are
             cfg.set(name, str((base / Path(value).expanduser()).resolve()))
     return cfg
+
+
+LOCAL_RUNS_ENV = "MEDLOOM_LOCAL_RUNS"
+
+
+def local_runs_root(storage_path: str) -> Path:
+    """Where run directories live on this machine. A local storage_path is its own root; with a remote one
+    (s3://: checkpoints go there, trainer.checkpoint_remote) the run directory stays local, under
+    $MEDLOOM_LOCAL_RUNS, else ./runs (git-ignored)."""
+    from pipelines.storage import uris as storage
+
+    if storage.is_remote(storage_path):
+        return Path(os.environ.get(LOCAL_RUNS_ENV) or "runs").expanduser().resolve()
+    return Path(storage_path).expanduser().resolve()
 
 
 def training_args_json(cfg: TrainConfig) -> str:

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from pipelines.storage.checkpoints import local_runs_root, remote_checkpoint_root
-from trainer.config import TrainConfig, resolve_paths
+from trainer.checkpoint_remote import remote_checkpoint_root
+from trainer.config import TrainConfig, local_runs_root, resolve_paths
 
 
 REPORTED = ("step", "ce", "mse", "lr", "grad_norm", "tokens_per_sec", "data_wait_fraction", "mfu")
