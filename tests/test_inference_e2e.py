@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from model.checkpoint import load_model_from_dir
 from model.inference.image_sampler import decode_latent
 from model.inference.kv_cache import encode_vae_image
-from model.inference.tiny_demo import EXAMPLES, VAE_ARGS, shipped_record, train_tiny_demo
+from trainer.tiny_demo import EXAMPLES, VAE_ARGS, shipped_record, train_tiny_demo
 from pipelines.imaging.decode import load_image_rgb
 
 ROOT = Path(__file__).resolve().parent.parent

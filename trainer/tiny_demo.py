@@ -1,7 +1,8 @@
 """A tiny model that memorises two shipped examples, trained by the real trainer loop in-process (world size
-1, no Ray): the end-to-end tests of inference and the outputs shown in docs/inference.md come from it.
+1, no Ray): the end-to-end tests of inference and the outputs shown in docs/inference.md come from it. It
+lives with the trainer because it trains (model/ cannot import the trainer).
 
-    python -m model.inference.tiny_demo runs/tiny_demo [--steps 400]   # prints the checkpoint directory
+    python -m trainer.tiny_demo runs/tiny_demo [--steps 400]   # prints the checkpoint directory
 
 The two records are copied verbatim from the shipped catalog (examples/radiology/annotations): the first
 CT/MR VQA line and the first H&E -> IHC editing line, over the shipped images, resized small (VAE 64 px, ViT
@@ -27,7 +28,7 @@ import torch
 
 from datasets_catalog.transforms import ImageTransformArgs
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "radiology"
 VAE_ARGS = ImageTransformArgs(max_image_size=64, min_image_size=32, image_stride=16)
 VIT_ARGS = ImageTransformArgs(max_image_size=56, min_image_size=28, image_stride=14, max_pixels=56 * 56)
@@ -148,7 +149,7 @@ def train_tiny_demo(root: str | Path, steps: int = STEPS, seed: int = 0, lr: flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m model.inference.tiny_demo",
+    p = argparse.ArgumentParser(prog="python -m trainer.tiny_demo",
                                 description="Train the tiny memorising demo model on two shipped examples (CPU).")
     p.add_argument("root", type=Path, help="work folder (catalog, shards, run/)")
     p.add_argument("--steps", type=int, default=STEPS)
