@@ -121,7 +121,10 @@ def ray_start_stop() -> float:
 
 def plain_loop(workdir: Path) -> float:
     """Single process: parse each line, resolve + probe the image header, sha256, copy the bytes out."""
+    from pipelines.imaging.medical_hooks import register_medical_imaging
     from pipelines.imaging.probe import probe_image, resolve_image_path
+
+    register_medical_imaging()   # the same format handlers as the ingest
 
     root = (workdir / "images").resolve()
     started = time.perf_counter()

@@ -17,6 +17,7 @@ from datasets_catalog.catalog import Catalog, CatalogError, load_catalog
 from datasets_catalog.task_kinds import TaskKind, UnknownTaskKind, resolve_task_kind
 from datasets_catalog.transforms import ImageTransformArgs
 
+from pipelines.imaging.medical_hooks import register_medical_imaging
 from pipelines.mixture.config import GroupConfig, MixtureConfig, MixtureConfigError
 from pipelines.mixture.order import MAX_BLOCK_ROWS
 from pipelines.storage.shard_reader import ShardLayout
@@ -168,6 +169,7 @@ def _blocks(group: GroupSource) -> None:
 
 def resolve_sources(cfg: MixtureConfig) -> ResolvedMixture:
     """Load the catalog, find every dataset's shards and lay out each group's rows."""
+    register_medical_imaging()   # the catalog's DICOM/NIfTI option sections are checked as at ingest
     try:
         catalog = load_catalog(cfg.catalog_path())
     except CatalogError as exc:
