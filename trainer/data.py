@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
+from pipelines.mixture.config import MixtureConfig
 from pipelines.packing.config import PackingConfig
 
 
@@ -53,8 +54,9 @@ class LoaderState:
 @dataclass
 class StreamFactory:
     """`factory(i, n)` builds the `MixtureStream` of loader process i of n for one rank (slot (i + offset) mod
-    n, restored from its saved state) and yields PackedBatch forever, tagged with their slot."""
-    mixture_path: str
+    n, restored from its saved state) and yields PackedBatch forever, tagged with their slot. It carries the
+    parsed mixture (picklable), so loader processes never re-read the YAML."""
+    mixture: MixtureConfig
     packing: PackingConfig
     tokenizer_spec: Optional[str]
     rank: int
@@ -66,12 +68,10 @@ class StreamFactory:
     def build(self, slot: int = 0):
         from datasets_catalog.tokenizer import TextTokenizer
         from pipelines.mixture.stream import MixtureStream
-        from pipelines.mixture.config import MixtureConfig
 
-        cfg = MixtureConfig.from_yaml(self.mixture_path)
         tok = TextTokenizer.load(self.tokenizer_spec)
         n = self.loader.num_slots
-        stream = MixtureStream(cfg, self.packing, tok, rank=self.rank, world_size=self.world_size,
+        stream = MixtureStream(self.mixture, self.packing, tok, rank=self.rank, world_size=self.world_size,
                                worker_id=slot, num_workers=n, seed=self.seed)
         if self.loader.states[slot] is not None:
             stream.load_state_dict(self.loader.states[slot])
@@ -88,26 +88,19 @@ class StreamFactory:
             yield batch
 
 
-def generation_groups(mixture_path: str) -> list[str]:
+def load_mixture(mixture: MixtureConfig | str) -> MixtureConfig:
+    """The parsed mixture config: a path is read (once per run: pass the result on), a config is kept."""
+    return mixture if isinstance(mixture, MixtureConfig) else MixtureConfig.from_yaml(mixture)
+
+
+def generation_groups(mixture: MixtureConfig | str) -> list[str]:
     """Names of mixture groups whose task emits noised VAE targets (needed when visual_gen is on)."""
-    from pipelines.mixture.config import MixtureConfig
-
-    cfg = MixtureConfig.from_yaml(mixture_path)
-    return [g.name for g in cfg.groups if g.task.generation and g.weight > 0]
+    return [g.name for g in load_mixture(mixture).groups if g.task.generation and g.weight > 0]
 
 
-def group_names(mixture_path: str) -> list[str]:
-    from pipelines.mixture.config import MixtureConfig
-
-    return MixtureConfig.from_yaml(mixture_path).group_names
-
-
-def mandatory_coverage(mixture_path: str) -> dict[str, bool]:
+def mandatory_coverage(mixture: MixtureConfig | str) -> dict[str, bool]:
     """Whether every pack is guaranteed ViT tokens and generation targets by its mandatory groups (what keeps
     FSDP ranks running the same units, bagel-compat §1.4)."""
-    from pipelines.mixture.config import MixtureConfig
-
-    cfg = MixtureConfig.from_yaml(mixture_path)
-    mandatory = [g for g in cfg.groups if g.is_mandatory]
+    mandatory = [g for g in load_mixture(mixture).groups if g.is_mandatory]
     return {"vit": any(g.task.always_vit for g in mandatory),
             "gen": any(g.task.generation for g in mandatory)}

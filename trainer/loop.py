@@ -25,7 +25,7 @@ import torch.distributed as dist
 from trainer import checkpoint_remote as cr
 from trainer import checkpointing as ck
 from trainer.config import TrainConfig, training_args_json
-from trainer.data import LoaderState, StreamFactory, group_names
+from trainer.data import LoaderState, StreamFactory, load_mixture
 from trainer.ema import ema_update, make_ema
 from trainer.loss import Denominators, all_reduce_sum, compute_loss, global_denominators
 from trainer.metrics import MetricsSink, Window, peak_tflops_from_name, summarise
@@ -225,14 +225,16 @@ class Trainer:
         self.prefetch = Prefetcher(factory, depth=depth, mode=mode, workers=slots, pin_memory=self.use_cuda)
 
     def _batch_factory(self) -> Callable[[int, int], Iterator]:
+        """The mixture config is parsed here, once per rank; the loader slots get the parsed object."""
         if self.batch_factory is not None:
             self.mixture_groups = self.groups or []
             return self.batch_factory(self.stream_state, self.rank, self.world)
         from trainer.model_setup import packing_config, tokenizer_spec
 
         cfg = self.cfg
-        self.mixture_groups = self.groups or group_names(cfg.mixture_path)
-        return StreamFactory(mixture_path=str(cfg.mixture_path), packing=packing_config(cfg, self.mc),
+        mixture = load_mixture(str(cfg.mixture_path))
+        self.mixture_groups = self.groups or mixture.group_names
+        return StreamFactory(mixture=mixture, packing=packing_config(cfg, self.mc),
                              tokenizer_spec=tokenizer_spec(cfg), rank=self.rank, world_size=self.world,
                              seed=cfg.data.data_seed, loader=copy.deepcopy(self.loader_state), threads=cfg.data.dataloader_threads)
 
