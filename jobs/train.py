@@ -27,10 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.mixture.config import MixtureConfigError
     try:
         cfg = resolve_paths(load_config(argv))
-        from trainer.data import generation_groups, mandatory_coverage
+        from trainer.data import generation_groups, load_mixture, mandatory_coverage
 
-        gen = generation_groups(cfg.mixture_path) if cfg.mixture_path else None
-        cover = mandatory_coverage(cfg.mixture_path) if cfg.mixture_path else None
+        mixture = load_mixture(cfg.mixture_path) if cfg.mixture_path else None
+        gen = generation_groups(mixture) if mixture else None
+        cover = mandatory_coverage(mixture) if mixture else None
         validate(cfg, gen, cover)
         plan = plan_resume_for(cfg)
     except (ConfigError, MixtureConfigError, ResumeError) as exc:
