@@ -232,7 +232,7 @@ class UpstreamBaseline:
                             row, str(src["data_dir"]), self.draws)
 
     def __iter__(self):
-        """Upstream PackedDataset iteration (§4.3), overflow dropped when the buffer is full."""
+        """Upstream PackedDataset iteration (docs/upstream-compat.md#pack-membership), overflow dropped when the buffer is full."""
         import pipelines.packing.packer as packing
 
         real = packing.load_image_rgb

@@ -39,7 +39,7 @@ from .tokenizer import BUILTIN_SPECS
 from .transforms import DEFAULT_VAE_ARGS, DEFAULT_VIT_ARGS, ImageTransformArgs
 
 DEFAULT_MAX_REJECT_FRACTION = 0.5
-DEFAULT_MAX_IMAGE_PIXELS = 20_000_000   # upstream UniMedVL's Image.MAX_IMAGE_PIXELS (bagel-compat §4.6)
+DEFAULT_MAX_IMAGE_PIXELS = 20_000_000   # upstream UniMedVL's Image.MAX_IMAGE_PIXELS (docs/upstream-compat.md#sequence-plans)
 DEFAULT_ROWS_PER_SHARD = 1000
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
@@ -48,7 +48,7 @@ TOP_LEVEL_KEYS = ("output_dir", "tokenizer", "max_reject_fraction", "max_image_p
 DATASET_KEYS = ("name", "task", "jsonl_path", "data_dir", "modality", "split", "license", "description",
                 "image_transform_args", "vit_image_transform_args", "max_reject_fraction", "max_image_pixels",
                 "rows_per_shard", "store_pixels", "options", "source", "hf")
-# Per-dataset keys reserved for extensions (issue 7: DICOM/NIfTI display rules). They are accepted at the
+# Per-dataset keys reserved for extensions (docs/medical_imaging.md: DICOM/NIfTI display rules). They are accepted at the
 # dataset level and copied into `DatasetSpec.extra_options`; `register_extra_option` adds more.
 EXTRA_OPTION_KEYS: set[str] = {
     "window", "frame", "slice_axis", "slices", "keep_16bit", "allow_burned_in_annotation", "dicom", "nifti",

@@ -1,4 +1,4 @@
-"""Sequence plans (bagel-compat §4.3, §4.6): the ordered list of text / ViT / VAE elements per sample.
+"""Sequence plans (docs/upstream-compat.md#pack-sequence, #sequence-plans): the ordered list of text / ViT / VAE elements per sample.
 
 A plan is data, built once from a validated record. Ingest uses it to count the packed length, the
 packer turns it into tensors. Neither re-implements the per-class rules.
@@ -217,7 +217,7 @@ def packed_length(plan: SamplePlan, text_token_counts: Sequence[int],
                   images: dict[ImageSlot, ImageTokens]) -> int:
     """Tokens this sample occupies in a pack: content tokens + 2 markers per element.
 
-    Equals upstream's `num_tokens + 2 * len(sequence_plan)` (§4.3) when no CFG dropout happens.
+    Equals upstream's `num_tokens + 2 * len(sequence_plan)` (docs/upstream-compat.md#pack-membership) when no CFG dropout happens.
     `text_token_counts` holds one count per text item, in plan order.
     """
     total = 0

@@ -80,7 +80,7 @@ class ParsedRecord:
 
 
 def vit_img_num(kind: TaskKind, n_images: int) -> int:
-    """The `img_num` the ViT transform is called with (bagel-compat §4.2): image count for vlm_sft, else 1."""
+    """The `img_num` the ViT transform is called with (docs/upstream-compat.md#resize-rule): image count for vlm_sft, else 1."""
     return max(1, n_images) if kind.vit_img_num_is_image_count else 1
 
 

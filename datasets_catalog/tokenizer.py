@@ -1,4 +1,4 @@
-"""One tokenizer wrapper (bagel-compat §3.1) for ingest token counts, packing and inference.
+"""One tokenizer wrapper (docs/upstream-compat.md#special-tokens) for ingest token counts, packing and inference.
 
 A checkpoint directory with Qwen2 tokenizer files is loaded through `transformers`; otherwise a built-in
 byte-level tokenizer (256 byte symbols + the special tokens) is built with `tokenizers`, so everything

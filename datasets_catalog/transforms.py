@@ -1,4 +1,4 @@
-"""The upstream image resize rule (bagel-compat §4.2), shared by ingest, stream and inference.
+"""The upstream image resize rule (docs/upstream-compat.md#resize-rule), shared by ingest, stream and inference.
 
 Only integer sizes are computed here; pixels are resized elsewhere. The rule must match upstream
 bit for bit because shards store its results and checkpoints were trained on them.
@@ -52,7 +52,7 @@ class ImageTransformArgs:
         return resize_target(width, height, self, img_num)
 
 
-# Defaults of the UniMedVL SFT example (issue 2 / bagel-compat §4.7).
+# Defaults of the UniMedVL SFT example (docs/upstream-compat.md#dataset-yaml).
 DEFAULT_VAE_ARGS = ImageTransformArgs(max_image_size=1024, min_image_size=512, image_stride=16)
 DEFAULT_VIT_ARGS = ImageTransformArgs(
     max_image_size=980, min_image_size=378, image_stride=14, max_pixels=2_007_040

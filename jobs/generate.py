@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Image generation and editing with a trained checkpoint (bagel-compat §3.4, UniMedVL's editing example).
+"""Image generation and editing with a trained checkpoint (docs/upstream-compat.md#image-generation, UniMedVL's editing example).
 
     python jobs/generate.py --model_path CKPT_DIR --image he.png --instruction "Synthesise the IHC stain." --out ihc.png
     python jobs/generate.py --model_path CKPT_DIR --instruction "A fundus photograph." --out fundus.png   # text-to-image

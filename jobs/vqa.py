@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Visual question answering / report writing with a trained checkpoint (bagel-compat §3.3).
+"""Visual question answering / report writing with a trained checkpoint (docs/upstream-compat.md#text-generation).
 
     python jobs/vqa.py --model_path CKPT_DIR --image X.png --prompt "Describe this chest X-ray."
     python jobs/vqa.py --model_path CKPT_DIR --input eval.jsonl --output answers.jsonl [--data_dir DIR]

@@ -1,4 +1,4 @@
-"""Packed-sequence attention (bagel-compat §2.5 step 2, §2.7) with interchangeable backends.
+"""Packed-sequence attention (docs/upstream-compat.md#attention-masks) with interchangeable backends.
 
 The decoder layers compute q/k/v per token and hand them, as [L, heads, head_dim] tensors, to an
 *attend* callable. During training that callable is a `PackedAttention` built from the batch; the KV-cache
@@ -88,7 +88,7 @@ class TokenLayout:
         return cls(sample_id.to(device), split_id.to(device), mode.to(device), samples, splits, modes, split_sample)
 
     def dense_mask(self, start: int = 0, end: int | None = None) -> torch.Tensor:
-        """Boolean [S, S] allow-mask (True = attend) of the spec §2.7 rule over tokens [start, end)."""
+        """Boolean [S, S] allow-mask (True = attend) of the docs/upstream-compat.md#attention-masks rule over tokens [start, end)."""
         end = len(self.sample_id) if end is None else end
         return allow_rule(torch.arange(start, end, device=self.sample_id.device)[:, None],
                           torch.arange(start, end, device=self.sample_id.device)[None, :],

@@ -1,4 +1,4 @@
-"""The FLUX autoencoder (bagel-compat §2.1): encoder/decoder with FLUX key names (`encoder.*`, `decoder.*`).
+"""The FLUX autoencoder (docs/upstream-compat.md#model-components): encoder/decoder with FLUX key names (`encoder.*`, `decoder.*`).
 
 `encode(x)` samples the diagonal-Gaussian posterior (mean + sigma*eps) and returns `scale*(z - shift)`;
 `decode(z)` inverts the scaling and decodes. Images are in [-1, 1].

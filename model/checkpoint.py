@@ -1,4 +1,4 @@
-"""Checkpoint I/O with upstream key names (bagel-compat §1.3, §1.7, §2.2, §2.3).
+"""Checkpoint I/O with upstream key names (docs/upstream-compat.md#resume, #checkpoint-layout, #state-dict-keys, #checkpoint-loading).
 
 - `save_weights` writes a safetensors file atomically (model.safetensors / ema.safetensors layout); the
   VAE is included only while it is trained (UniMedVL `vae_model.*`), otherwise it lives in ae.safetensors.
@@ -92,7 +92,7 @@ def _untied(items) -> dict[str, torch.Tensor]:
 
 
 def normalize_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Strip DDP `module.` prefixes, drop the sin-cos tables, convert a conv patch embedding (spec §1.3, §2.3)."""
+    """Strip DDP `module.` prefixes, drop the sin-cos tables, convert a conv patch embedding (docs/upstream-compat.md#checkpoint-loading)."""
     out = {}
     for key, value in state.items():
         key = key.replace(".module.", ".")
@@ -162,7 +162,7 @@ def load_weights(model: torch.nn.Module, source: str | Path | Mapping[str, torch
 
     The expected keys are the model's state dict minus the two sin-cos tables; `vae_model.*` is expected
     only when the file holds some VAE keys (a frozen VAE comes from ae.safetensors). Keys of components
-    switched off by visual_gen / visual_und are skipped (VQA-only loading, spec §2.3). With strict=True any
+    switched off by visual_gen / visual_und are skipped (VQA-only loading, docs/upstream-compat.md#checkpoint-loading). With strict=True any
     missing, unexpected or mismatched key raises one CheckpointError naming them; with strict=False the
     matching tensors are loaded and the report says what was skipped.
     """
@@ -234,10 +234,10 @@ def _write_json(path: Path, data: Any) -> None:
 
 def write_inference_files(directory: str | Path, config: ModelConfig, tokenizer=None,
                           training_args: dict | None = None) -> Path:
-    """The non-weight files of a checkpoint directory (spec §1.7 "inference files").
+    """The non-weight files of a checkpoint directory (docs/upstream-compat.md#inference-files).
 
     vit_config.json stores the UNTRUNCATED layer count and records the truncation, so reloading never drops
-    a second layer (spec §1.7 pitfall). config.json carries the unified-model switches and the VAE config
+    a second layer (docs/upstream-compat.md#vit-layer-count). config.json carries the unified-model switches and the VAE config
     under a `medloom_format` marker.
     """
     directory = Path(directory)
@@ -299,7 +299,7 @@ def load_model_from_dir(directory: str | Path, use_ema: bool = True, strict: boo
         if layers and max(layers) + 1 == config.vit.num_layers_used + 1:
             warnings.warn(f"{directory}/vit_config.json holds an already truncated layer count "
                           f"({config.vit.num_hidden_layers}); the weights have {max(layers) + 1} ViT layers, so "
-                          f"the count is corrected (UniMedVL double-truncation pitfall, spec §1.7)")
+                          f"the count is corrected (UniMedVL double-truncation pitfall, docs/upstream-compat.md#vit-layer-count)")
             config.vit.num_hidden_layers += 1
     emb = state.get("language_model.model.embed_tokens.weight")
     files_vocab = emb.shape[0] if emb is not None else None
@@ -329,7 +329,7 @@ def load_model_from_dir(directory: str | Path, use_ema: bool = True, strict: boo
 
         tokenizer = TextTokenizer.from_dir(directory)
     if tokenizer is not None:
-        model.adapt_to_tokenizer(tokenizer)  # resizes only when special tokens were really added (§3.1)
+        model.adapt_to_tokenizer(tokenizer)  # resizes only when special tokens were really added (docs/upstream-compat.md#special-tokens)
     if dtype is not None:
         model = model.to(dtype)
     return model

@@ -1,10 +1,10 @@
-"""Model configuration (bagel-compat §1.2, §2.1, §2.3): LLM (Qwen2), ViT (SigLIP), VAE (FLUX AE) and the
+"""Model configuration (docs/upstream-compat.md#model-construction, #model-components, #checkpoint-loading): LLM (Qwen2), ViT (SigLIP), VAE (FLUX AE) and the
 unified-model switches, as plain dataclasses.
 
 `ModelConfig.from_checkpoint_dir` reads `llm_config.json` / `vit_config.json` of an upstream (or our own)
-checkpoint directory and applies the loader overrides of spec §2.3. The ViT layer count is always kept
+checkpoint directory and applies the loader overrides of docs/upstream-compat.md#checkpoint-loading. The ViT layer count is always kept
 *untruncated* in `ViTConfig.num_hidden_layers`; the layer drop (`select_layer`) is applied when the module is
-built, so writing the config back never truncates twice (spec §1.7 pitfall).
+built, so writing the config back never truncates twice (docs/upstream-compat.md#vit-layer-count).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _pick(cls, data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 
 @dataclass
 class LLMConfig:
-    """Qwen2 decoder. Defaults are the released 7B values (spec §2.1); always read them from llm_config.json."""
+    """Qwen2 decoder. Defaults are the released 7B values (docs/upstream-compat.md#model-components); always read them from llm_config.json."""
 
     vocab_size: int = 152064
     hidden_size: int = 3584
@@ -143,7 +143,7 @@ class ViTConfig:
 
 @dataclass
 class VAEConfig:
-    """FLUX autoencoder (spec §2.1). `norm_groups` is 32 upstream; tiny configs use fewer channels."""
+    """FLUX autoencoder (docs/upstream-compat.md#model-components). `norm_groups` is 32 upstream; tiny configs use fewer channels."""
 
     resolution: int = 256
     in_channels: int = 3
@@ -166,7 +166,7 @@ class VAEConfig:
 
 @dataclass
 class ModelConfig:
-    """BagelConfig (spec §1.2 step 5) plus the LLM/ViT/VAE configs.
+    """BagelConfig (docs/upstream-compat.md#model-construction) plus the LLM/ViT/VAE configs.
 
     `layer_module`, `qk_norm`, `tie_word_embeddings` and `freeze_und` live on `llm` (as upstream) and are
     exposed here as properties.
@@ -260,13 +260,13 @@ class ModelConfig:
 
     @classmethod
     def unimedvl_7b(cls, **overrides: Any) -> "ModelConfig":
-        """The released BAGEL-7B-MoT / UniMedVL layout (spec §2.1, §2.2, §2.3 inference BagelConfig)."""
+        """The released BAGEL-7B-MoT / UniMedVL layout (docs/upstream-compat.md#model-components, #state-dict-keys, #checkpoint-loading inference BagelConfig)."""
         cfg = cls(llm=LLMConfig(), vit=ViTConfig(), vae=VAEConfig(), max_latent_size=64)
         return cfg.with_overrides(**overrides) if overrides else cfg
 
     @classmethod
     def from_checkpoint_dir(cls, path: str | Path, **overrides: Any) -> "ModelConfig":
-        """llm_config.json + vit_config.json (+ our config.json if present) with the spec §2.3 overrides.
+        """llm_config.json + vit_config.json (+ our config.json if present) with the docs/upstream-compat.md#checkpoint-loading overrides.
 
         Overrides applied as upstream loaders do: qk_norm=True, tie_word_embeddings=False,
         layer_module=Qwen2MoTDecoderLayer, ViT rope=False, and the ViT keeps n + 1 + vit_select_layer layers.
@@ -277,7 +277,7 @@ class ModelConfig:
         vit_data = _read_json(path / "vit_config.json")
         bagel = _read_json(path / "config.json") if (path / "config.json").exists() else {}
         if not bagel.get("medloom_format"):
-            bagel = {}  # an upstream/HF config.json: use the released BagelConfig values (spec §2.3)
+            bagel = {}  # an upstream/HF config.json: use the released BagelConfig values (docs/upstream-compat.md#checkpoint-loading)
         llm = LLMConfig.from_json_dict({**llm_data, "qk_norm": True, "tie_word_embeddings": False,
                                         "layer_module": "Qwen2MoTDecoderLayer", "freeze_und": False})
         select_layer = int(bagel.get("vit_select_layer", -2))
@@ -297,7 +297,7 @@ class ModelConfig:
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise ConfigError(f"{path}: file not found (a checkpoint directory needs llm_config.json and "
-                          f"vit_config.json, spec §2.3)")
+                          f"vit_config.json, docs/upstream-compat.md#checkpoint-loading)")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:

@@ -1,4 +1,4 @@
-"""Connector MLP, fixed 2-D sin-cos position tables and the timestep embedder (bagel-compat §2.1, §2.6)."""
+"""Connector MLP, fixed 2-D sin-cos position tables and the timestep embedder (docs/upstream-compat.md#model-components, #position-encodings)."""
 from __future__ import annotations
 
 import math
@@ -31,7 +31,7 @@ def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
 
 
 def sincos_2d_table(hidden: int, side: int) -> torch.Tensor:
-    """[side*side, hidden]; index r*side + c; first half encodes the column, second half the row (spec §2.6)."""
+    """[side*side, hidden]; index r*side + c; first half encodes the column, second half the row (docs/upstream-compat.md#position-encodings)."""
     if hidden % 4:
         raise ValueError(f"hidden size {hidden} must be divisible by 4 for the 2-D sin-cos table")
     rows = torch.arange(side).repeat_interleave(side)

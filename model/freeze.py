@@ -1,8 +1,8 @@
-"""Freeze options (bagel-compat §1.2 step 8).
+"""Freeze options (docs/upstream-compat.md#freezing).
 
 `freeze_llm`/`freeze_vit`/`freeze_vae` set requires_grad False on `language_model`, `vit_model` and
 `vae_model`; `freeze_und` never touches requires_grad: it switches the activation detaches of the MoT layers
-(spec §2.5), so the understanding expert gets no gradient while generation tokens still attend to it.
+(docs/upstream-compat.md#forward-pass), so the understanding expert gets no gradient while generation tokens still attend to it.
 The two sin-cos tables are always frozen.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ def apply_freeze(model: nn.Module, freeze_llm: bool = False, freeze_vit: bool = 
                  freeze_und: bool = False) -> dict[str, int]:
     """Apply the flags in place; returns {"trainable": n, "frozen": n} parameter counts.
 
-    Unlike upstream no `.eval()` is called, so the training path stays active (spec §2.5).
+    Unlike upstream no `.eval()` is called, so the training path stays active (docs/upstream-compat.md#forward-pass).
     """
     flags = {"freeze_llm": freeze_llm, "freeze_vit": freeze_vit, "freeze_vae": freeze_vae}
     for flag, attr in COMPONENTS.items():

@@ -1,9 +1,9 @@
-"""The Qwen2 decoder with packed-sequence attention and Mixture-of-Transformers routing (bagel-compat §2.5).
+"""The Qwen2 decoder with packed-sequence attention and Mixture-of-Transformers routing (docs/upstream-compat.md#forward-pass).
 
-Parameter names follow the upstream checkpoints (spec §2.2): `model.layers.{i}.self_attn.q_proj`,
+Parameter names follow the upstream checkpoints (docs/upstream-compat.md#state-dict-keys): `model.layers.{i}.self_attn.q_proj`,
 `..._moe_gen` twins, `q_norm`/`k_norm` (per-head RMSNorm before RoPE), `model.norm[_moe_gen]`, `lm_head`.
 
-Every layer's `forward` dispatches on `self.training` (spec §2.5): `forward_train` applies the `freeze_und`
+Every layer's `forward` dispatches on `self.training` (docs/upstream-compat.md#forward-pass): `forward_train` applies the `freeze_und`
 detaches; `forward_inference` is the same computation without them. Both take an *attend* callable
 `attend(q, k, v) -> out` over [tokens, heads, head_dim]. Training passes `model.attention.PackedAttention`;
 the KV-cache inference path (model/inference/) passes a callable that concatenates the cached keys/values of
@@ -68,7 +68,7 @@ class Qwen2RMSNorm(nn.Module):
 
 
 class Qwen2RotaryEmbedding(nn.Module):
-    """Standard Qwen2 RoPE; inv_freq is a non-persistent buffer (not in checkpoints, spec §2.2)."""
+    """Standard Qwen2 RoPE; inv_freq is a non-persistent buffer (not in checkpoints, docs/upstream-compat.md#state-dict-keys)."""
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()

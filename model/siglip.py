@@ -1,9 +1,9 @@
-"""SigLIP NaViT vision encoder (bagel-compat §2.1, §2.5 step 3).
+"""SigLIP NaViT vision encoder (docs/upstream-compat.md#model-components, #forward-pass).
 
-Linear patch embedding over patchified pixels ([N, p*p*C] in (row, col, channel) order, spec §4.1), a learned
+Linear patch embedding over patchified pixels ([N, p*p*C] in (row, col, channel) order, docs/upstream-compat.md#patchify), a learned
 position table indexed by position ids (row*70 + col), pre-LN encoder layers with per-image (varlen,
 non-causal) attention, then post-LN. Only `num_layers_used` = n + 1 + select_layer layers are built (the last
-layer is dropped, spec §1.2 step 3). Names follow `vit_model.vision_model.*` (spec §2.2).
+layer is dropped, docs/upstream-compat.md#vit-layer-count). Names follow `vit_model.vision_model.*` (docs/upstream-compat.md#state-dict-keys).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def activation(name: str):
 class SiglipVisionEmbeddings(nn.Module):
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
-        self.patch_embedding = nn.Linear(cfg.patch_dim, cfg.hidden_size)  # conv converted to linear, spec §2.3
+        self.patch_embedding = nn.Linear(cfg.patch_dim, cfg.hidden_size)  # conv converted to linear, docs/upstream-compat.md#checkpoint-loading
         self.position_embedding = nn.Embedding(cfg.num_positions, cfg.hidden_size)
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -122,7 +122,7 @@ class SiglipVisionModel(nn.Module):
 
 
 def conv_to_linear_patch_weight(weight: torch.Tensor) -> torch.Tensor:
-    """Conv2d weight [D, C, p, p] -> linear [D, p*p*C] with (row, col, channel) columns (spec §2.3)."""
+    """Conv2d weight [D, C, p, p] -> linear [D, p*p*C] with (row, col, channel) columns (docs/upstream-compat.md#checkpoint-loading)."""
     if weight.dim() != 4:
         return weight
     return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)

@@ -1,7 +1,7 @@
-"""The unified model (BAGEL / UniMedVL, bagel-compat §2.5): one packed sequence in, per-token CE and
+"""The unified model (BAGEL / UniMedVL, docs/upstream-compat.md#forward-pass): one packed sequence in, per-token CE and
 per-element MSE out.
 
-Submodule names are the upstream checkpoint prefixes (spec §2.2): `language_model`, `vit_model`,
+Submodule names are the upstream checkpoint prefixes (docs/upstream-compat.md#state-dict-keys): `language_model`, `vit_model`,
 `connector`, `vit_pos_embed`, `vae2llm`, `llm2vae`, `time_embedder`, `latent_pos_embed`, and (UniMedVL)
 `vae_model`. The VAE is always attached as `vae_model` when `visual_gen` is on, so `.to(device)` moves it;
 checkpoint code leaves its weights out of `model.safetensors` while it is frozen (they live in
@@ -32,7 +32,7 @@ class ModelOutput:
 
 
 def patchify_latent(latent: torch.Tensor, h: int, w: int, p: int) -> torch.Tensor:
-    """[z, >=h*p, >=w*p] -> [h*w, p*p*z]: crop the padding, then (row, col, p, q, channel) order (spec §2.5)."""
+    """[z, >=h*p, >=w*p] -> [h*w, p*p*z]: crop the padding, then (row, col, p, q, channel) order (docs/upstream-compat.md#forward-pass)."""
     z = latent.shape[0]
     x = latent[:, : h * p, : w * p].reshape(z, h, p, w, p)
     return torch.einsum("chpwq->hwpqc", x).reshape(h * w, p * p * z)
@@ -46,7 +46,7 @@ def unpatchify_latent(tokens: torch.Tensor, h: int, w: int, p: int) -> torch.Ten
 
 
 def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
-    """t <- s*t / (1 + (s-1)*t) (spec §2.5 step 4, §3.4)."""
+    """t <- s*t / (1 + (s-1)*t) (docs/upstream-compat.md#flow-matching)."""
     return shift * t / (1 + (shift - 1) * t)
 
 
@@ -74,7 +74,7 @@ class UnifiedModel(nn.Module):
     # -- initialisation -----------------------------------------------------------------------
     def reset_parameters(self) -> None:
         """HF-style init (normal(0, initializer_range) for Linear/Embedding in the LLM and heads, PyTorch
-        defaults elsewhere); llm2vae zero-initialised (spec §2.1); sin-cos tables rebuilt. No-op on meta."""
+        defaults elsewhere); llm2vae zero-initialised (docs/upstream-compat.md#model-components); sin-cos tables rebuilt. No-op on meta."""
         if any(p.is_meta for p in self.parameters()):
             return
         std = self.config.llm.initializer_range
@@ -104,11 +104,11 @@ class UnifiedModel(nn.Module):
                 module.reset_table()
 
     def init_moe(self) -> int:
-        """copy_init_moe (spec §1.2): generation twins start as copies of their understanding weights."""
+        """copy_init_moe (docs/upstream-compat.md#model-construction): generation twins start as copies of their understanding weights."""
         return self.language_model.init_moe()
 
     def adapt_to_tokenizer(self, tokenizer) -> bool:
-        """Resize embeddings only when the tokenizer really added tokens (spec §1.2 step 7, §3.1)."""
+        """Resize embeddings only when the tokenizer really added tokens (docs/upstream-compat.md#model-construction, #special-tokens)."""
         if getattr(tokenizer, "num_added_tokens", 0) <= 0:
             return False
         if tokenizer.vocab_size <= self.config.llm.vocab_size:
@@ -117,7 +117,7 @@ class UnifiedModel(nn.Module):
         return True
 
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
-        """Non-reentrant checkpointing of decoder and ViT layers (spec §1.4)."""
+        """Non-reentrant checkpointing of decoder and ViT layers (docs/upstream-compat.md#distribution)."""
         self.language_model.model.gradient_checkpointing = enabled
         if self.config.visual_und:
             self.vit_model.vision_model.gradient_checkpointing = enabled
@@ -144,7 +144,7 @@ class UnifiedModel(nn.Module):
     # -- training forward ---------------------------------------------------------------------
     def forward(self, batch: PackedBatch, padded_latent: torch.Tensor | None = None,
                 noise: torch.Tensor | None = None) -> ModelOutput:
-        """Spec §2.5 on one packed batch.
+        """docs/upstream-compat.md#forward-pass on one packed batch.
 
         `padded_latent` = `vae_model.encode(batch.padded_images)` (the trainer decides on gradients).
         `noise` ([N_vae, p*p*z], the rows of every VAE token in sequence order) fixes eps; otherwise it is

@@ -33,7 +33,7 @@ def _one_torch_thread():
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real local Ray with capped object store and 4 logical CPUs (2-core machine: see data-loaders.md)."""
+    """A real local Ray with capped object store and 4 logical CPUs (2-core machine: see docs/upstream-compat.md#loader-pitfalls)."""
     import ray
 
     if not ray.is_initialized():

@@ -73,7 +73,7 @@ def _text(rng: np.random.Generator, lo_hi: tuple[int, int]) -> str:
 
 
 def _record(recipe: DatasetRecipe, kind, i: int, rng: np.random.Generator) -> tuple[list[Message], int, int]:
-    """(messages, n_input, n_output) of record i for this task kind (shapes of spec §4.6)."""
+    """(messages, n_input, n_output) of record i for this task kind (shapes of docs/upstream-compat.md#sequence-plans)."""
     answer = _text(rng, recipe.words)
     if recipe.long_every and i % recipe.long_every == recipe.long_every - 1:
         answer = " ".join(_WORDS[j % len(_WORDS)] for j in range(recipe.long_words))

@@ -41,7 +41,7 @@ def _random_model(max_positions: int = 4096) -> tuple[UnifiedModel, TextTokenize
     cfg.llm.max_position_embeddings = max_positions
     torch.manual_seed(0)
     model = UnifiedModel(cfg)
-    with torch.no_grad():  # llm2vae starts at zero (spec §2.1): give the velocity head something to say
+    with torch.no_grad():  # llm2vae starts at zero (docs/upstream-compat.md#model-components): give the velocity head something to say
         model.llm2vae.weight.normal_(0.0, 0.05)
     return model.eval(), tok
 

@@ -1,4 +1,4 @@
-"""Attention masks (spec §2.7): dense per-sample masks and the flex rule, on hand-built splits."""
+"""Attention masks (docs/upstream-compat.md#attention-masks): dense per-sample masks and the flex rule, on hand-built splits."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,7 @@ from pipelines.packing.masks import allowed_pairs, attention_allowed_per_sample,
 
 
 def reference_allowed(split_lens, modes):
-    """§2.7 written pair by pair, independently of the implementation."""
+    """docs/upstream-compat.md#attention-masks written pair by pair, independently of the implementation."""
     owner = [i for i, n in enumerate(split_lens) for _ in range(n)]
     size = len(owner)
     out = torch.zeros((size, size), dtype=torch.bool)

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def example_catalog(tmp_path_factory):
-    """A catalog naming the datasets of configs/mixture_example_*.yaml (spec §4.7 examples)."""
+    """A catalog naming the datasets of configs/mixture_example_*.yaml (docs/upstream-compat.md#dataset-yaml examples)."""
     root = tmp_path_factory.mktemp("examples")
     return make_catalog(root, [tiny("medical_vqa_sft", "sft", 30), tiny("medical_report_sft", "sft", 1200,
                                                                         distinct=10, rows_per_file=600,

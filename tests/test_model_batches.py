@@ -1,4 +1,4 @@
-"""Hand-built packed batches for the model tests (an independent re-statement of spec §4.3 / §4.1), plus
+"""Hand-built packed batches for the model tests (an independent re-statement of docs/upstream-compat.md#pack-sequence, #attention-masks), plus
 tests of the attention-mask rule against the upstream two-pass mask algorithm."""
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def patchify(img: torch.Tensor, p: int) -> torch.Tensor:
 
 
 def reference_sample_mask(split_lens: list[int], modes: list[str]) -> torch.Tensor:
-    """Upstream `prepare_attention_mask_per_sample` (spec §4.1), two passes, float 0 / -inf."""
+    """Upstream `prepare_attention_mask_per_sample` (docs/upstream-compat.md#patchify), two passes, float 0 / -inf."""
     S = sum(split_lens)
     allow = torch.zeros(S, S, dtype=torch.bool)
     start = 0
@@ -70,7 +70,7 @@ def reference_sample_mask(split_lens: list[int], modes: list[str]) -> torch.Tens
 
 def make_batch(samples: list[list], max_side: int = 70, max_latent: int = 32, timestep_gen: torch.Generator | None = None,
                nested_masks: bool = True, flex_pad: int = 0) -> PackedBatch:
-    """Pack samples (lists of Text / Vit / Vae) following the spec §4.3 pack_sequence rules."""
+    """Pack samples (lists of Text / Vit / Vae) following the docs/upstream-compat.md#pack-sequence pack_sequence rules."""
     g = timestep_gen or torch.Generator().manual_seed(0)
     text_ids, text_idx, pos, labels, ce_idx = [], [], [], [], []
     vit_tokens, vit_seqlens, vit_pos, vit_idx = [], [], [], []
@@ -169,7 +169,7 @@ def rand_image(h: int, w: int, seed: int) -> torch.Tensor:
 
 
 def vqa_sample(seed: int = 0) -> list:
-    """An SFT/VQA sample: question text, ViT image, answer text with loss (spec §4.6 Ver1 shape)."""
+    """An SFT/VQA sample: question text, ViT image, answer text with loss (docs/upstream-compat.md#sequence-plans Ver1 shape)."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 256, (6,), generator=g).tolist()
     a = torch.randint(0, 256, (5,), generator=g).tolist()
@@ -177,7 +177,7 @@ def vqa_sample(seed: int = 0) -> list:
 
 
 def edit_sample(seed: int = 1) -> list:
-    """An image-editing sample: vae + vit of the input, instruction, answer text, noised target (spec §4.6)."""
+    """An image-editing sample: vae + vit of the input, instruction, answer text, noised target (docs/upstream-compat.md#sequence-plans)."""
     g = torch.Generator().manual_seed(seed)
     instr = torch.randint(0, 256, (5,), generator=g).tolist()
     ans = torch.randint(0, 256, (3,), generator=g).tolist()

@@ -146,7 +146,7 @@ def test_ema_preferred_model_fallback_and_spec_overrides(tmp_path):
     cfg = json.loads((tmp_path / "llm_config.json").read_text())
     cfg.update(qk_norm=False, tie_word_embeddings=True, layer_module="Qwen2DecoderLayer")
     (tmp_path / "llm_config.json").write_text(json.dumps(cfg))
-    from_ema = load_model_from_dir(tmp_path)  # §2.3 overrides: qk_norm on, untied, MoT
+    from_ema = load_model_from_dir(tmp_path)  # docs/upstream-compat.md#checkpoint-loading overrides: qk_norm on, untied, MoT
     assert from_ema.config.layer_module == "Qwen2MoTDecoderLayer" and from_ema.config.qk_norm
     assert torch.equal(from_ema.connector.fc1.weight, e.connector.fc1.weight)
     from_model = load_model_from_dir(tmp_path, use_ema=False)

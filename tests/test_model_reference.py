@@ -1,5 +1,5 @@
 """Independent references: our decoder vs transformers' Qwen2ForCausalLM (and Qwen3 for per-head q/k
-RMSNorm), our SigLIP NaViT vs transformers' SiglipVisionModel after the layer drop; spec §2.2 layout of the
+RMSNorm), our SigLIP NaViT vs transformers' SiglipVisionModel after the layer drop; docs/upstream-compat.md#state-dict-keys layout of the
 released 7B model on the meta device."""
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def test_vision_encoder_matches_transformers_siglip_after_layer_drop():
 
 
 def expected_7b_layout() -> dict[str, tuple[int, ...]]:
-    """Spec §2.2 names with the §2.1 dims, written out independently of the model code."""
+    """docs/upstream-compat.md#state-dict-keys names with the docs/upstream-compat.md#model-components dims, written out independently of the model code."""
     H, I, V, L, kv, d = 3584, 18944, 152064, 28, 4 * 128, 128
     out: dict[str, tuple[int, ...]] = {"language_model.model.embed_tokens.weight": (V, H)}
     for i in range(L):

@@ -1,4 +1,4 @@
-"""build_packed_batch on hand-built shard rows with real PNG bytes (spec §4.3 pack_sequence, §2.4, §2.7)."""
+"""build_packed_batch on hand-built shard rows with real PNG bytes (docs/upstream-compat.md#pack-sequence, #packedbatch-fields, #attention-masks)."""
 from __future__ import annotations
 
 import io
@@ -241,7 +241,7 @@ def test_cfg_dropout_probabilities_text_vit_vae():
     assert abs(frac - 0.6) < tol
     assert b.vit_token_seqlens.numel() == n - b.metrics["cfg_dropped"]["vit"]
 
-    # no §4.6 class has a vae element with enable_cfg=1 (BAGEL's edit classes do): hand-built plan
+    # no docs/upstream-compat.md#sequence-plans class has a vae element with enable_cfg=1 (BAGEL's edit classes do): hand-built plan
     plan = SamplePlan()
     plan.vae(ImageSlot("input", 0), loss=0, cfg=1)
     plan.text("go", loss=1, cfg=0)

@@ -1,4 +1,4 @@
-"""patchify, len2weight and 2-D position ids (spec §4.1), against formulas written out here."""
+"""patchify, len2weight and 2-D position ids (docs/upstream-compat.md#patchify), against formulas written out here."""
 from __future__ import annotations
 
 import math

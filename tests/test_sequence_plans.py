@@ -1,4 +1,4 @@
-"""Each task kind's sequence plan equals the spec §4.6 table (and the upstream class code it describes).
+"""Each task kind's sequence plan equals the docs/upstream-compat.md#sequence-plans table (and the upstream class code it describes).
 
 Plans are written out by hand as (type, loss, enable_cfg, text or image slot) tuples.
 """

@@ -1,4 +1,4 @@
-"""The upstream resize rule (bagel-compat §4.2) against sizes computed by hand, quirks included."""
+"""The upstream resize rule (docs/upstream-compat.md#resize-rule) against sizes computed by hand, quirks included."""
 from __future__ import annotations
 
 import math

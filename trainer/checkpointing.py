@@ -186,7 +186,7 @@ def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
 # ---- resume plan -------------------------------------------------------------------------------------
 @dataclass
 class ResumePlan:
-    """What to load at start-up and from where (bagel-compat §1.3, minus its pitfalls)."""
+    """What to load at start-up and from where (docs/upstream-compat.md#resume, minus its pitfalls)."""
     source: Optional[Path] = None       # directory with weights (None = random init)
     weights_file: str = MODEL_FILE      # model.safetensors or ema.safetensors
     ema_file: str = EMA_FILE            # the EMA copy starts from ema.safetensors, falling back to model

@@ -1,4 +1,4 @@
-"""Training configuration: the upstream argument names and defaults (bagel-compat §1.1), plus run options.
+"""Training configuration: the upstream argument names and defaults (docs/upstream-compat.md#training-arguments), plus run options.
 
 Values come from three layers, later ones winning: dataclass defaults, the `train:` section of the mixture
 YAML given with `--config`, then `--name value` flags. Booleans accept `--flag True/False` (as upstream's

@@ -100,7 +100,7 @@ def generation_groups(mixture: MixtureConfig | str) -> list[str]:
 
 def mandatory_coverage(mixture: MixtureConfig | str) -> dict[str, bool]:
     """Whether every pack is guaranteed ViT tokens and generation targets by its mandatory groups (what keeps
-    FSDP ranks running the same units, bagel-compat §1.4)."""
+    FSDP ranks running the same units, docs/upstream-compat.md#distribution)."""
     mandatory = [g for g in load_mixture(mixture).groups if g.is_mandatory]
     return {"vit": any(g.task.always_vit for g in mandatory),
             "gen": any(g.task.generation for g in mandatory)}

@@ -1,4 +1,4 @@
-"""Exponential moving average of the trainable weights (bagel-compat §1.6).
+"""Exponential moving average of the trainable weights (docs/upstream-compat.md#ema).
 
 θ_ema ← d·θ_ema + (1 − d)·θ for every parameter that requires grad in the main model, in fp32 on whatever
 shard each rank holds (DTensor shards under FSDP2 work unchanged). Frozen parameters and buffers (the

@@ -1,4 +1,4 @@
-"""Loss normalisation (bagel-compat §1.5): CE and MSE as global per-token means across ranks.
+"""Loss normalisation (docs/upstream-compat.md#loss-normalisation): CE and MSE as global per-token means across ranks.
 
 With W ranks whose gradients are averaged (DDP / FSDP), the local loss W·Σ_local / Σ_all makes the gradient
 the exact per-token mean over every token of every rank. With gradient accumulation the denominators are
@@ -62,7 +62,7 @@ def compute_loss(ce: Optional[torch.Tensor], mse: Optional[torch.Tensor], batch,
                  world: Optional[int] = None) -> LossParts:
     """loss = ce_weight·W·Σ_local(w·ce)/Σ_all(w) + mse_weight·W·Σ_local mean_c(mse)/Σ_all N_mse.
 
-    A missing CE counts as 0; MSE counts as 0 when visual_gen is off (§1.5 step 4). Zero-weight terms still
+    A missing CE counts as 0; MSE counts as 0 when visual_gen is off (docs/upstream-compat.md#loss-normalisation). Zero-weight terms still
     join the graph (·0) so DDP sees every head used by this micro-batch."""
     W = world_size() if world is None else world
     loss: torch.Tensor | None = None

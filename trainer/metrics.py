@@ -1,5 +1,5 @@
 """Training metrics: a per-window accumulator reduced over ranks, and sinks (console, metrics.jsonl,
-TensorBoard). MFU uses upstream's formula (bagel-compat §1.8)."""
+TensorBoard). MFU uses upstream's formula (docs/upstream-compat.md#logging-and-mfu)."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Model, tokenizer and packing settings from the training arguments (bagel-compat §1.2), and weight I/O.
+"""Model, tokenizer and packing settings from the training arguments (docs/upstream-compat.md#model-construction), and weight I/O.
 
 Weight files go through `model.checkpoint` (the model issue's loader/saver), so a training checkpoint is
 exactly what inference and fine-tuning load.

@@ -1,4 +1,4 @@
-"""AdamW with upstream's betas/eps and weight decay 0, grouped per component as UniMedVL (§1.2 step 10).
+"""AdamW with upstream's betas/eps and weight decay 0, grouped per component as UniMedVL (docs/upstream-compat.md#optimizer-and-schedule).
 
 Groups: vae_model (vae_lr), vit_model (vit_lr), language_model (llm_lr), others (lr); a missing component
 LR falls back to lr. Frozen parameters are left out; empty groups are dropped.

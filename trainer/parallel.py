@@ -1,4 +1,4 @@
-"""Data-parallel wrapping: DDP on CPU (gloo), FSDP2 on CUDA (NCCL) per bagel-compat §1.4.
+"""Data-parallel wrapping: DDP on CPU (gloo), FSDP2 on CUDA (NCCL) per docs/upstream-compat.md#distribution.
 
 GPU layout: one FSDP unit per decoder layer, ViT encoder layer, ViT, connector, timestep embedder and
 position-embedding table (upstream's auto-wrap classes), the VAE as its own unit, everything else (embed_tokens,

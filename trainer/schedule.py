@@ -1,4 +1,4 @@
-"""Learning-rate schedules (bagel-compat §1.2 step 11): constant-with-warmup and cosine-with-min-lr.
+"""Learning-rate schedules (docs/upstream-compat.md#optimizer-and-schedule): constant-with-warmup and cosine-with-min-lr.
 
 A tiny stateful scheduler (the step counter is its whole state) so `scheduler.pt` round-trips exactly and
 per-group base LRs (llm_lr, vit_lr, ...) keep their ratios.

@@ -1,4 +1,4 @@
-"""KV-cache inference for the unified model (bagel-compat §3): context ops, text generation, the CFG flow
+"""KV-cache inference for the unified model (docs/upstream-compat.md#inference): context ops, text generation, the CFG flow
 sampler, the interleaved session and the user API (`VQAInferencer`, `ImageGenerator`)."""
 from .api import GenerationResult, ImageGenerator, VQAInferencer, open_image
 from .image_sampler import SamplerParams, guide_velocity

@@ -1,4 +1,4 @@
-"""Python API with the upstream parameter names (bagel-compat §3.3, §3.4; UniMedVL's VQA and image-generation
+"""Python API with the upstream parameter names (docs/upstream-compat.md#text-generation, #image-generation; UniMedVL's VQA and image-generation
 scripts): `VQAInferencer(model_path).infer_single(...)` -> str and
 `ImageGenerator(model_path).infer_single(...)` -> GenerationResult (.image, .thought).
 
@@ -51,7 +51,7 @@ class VQAInferencer:
     """Visual question answering / report writing: ViT-update each image, text-update the prompt, generate.
 
     `vit_transform` defaults to the vlm_sft transform of the released models (980, 378, 14, 2,007,040); pass
-    the ViT transform your checkpoint was trained with (spec §3.3)."""
+    the ViT transform your checkpoint was trained with (docs/upstream-compat.md#text-generation)."""
 
     def __init__(self, model_path: str | Path, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, use_ema: bool = True,
@@ -88,7 +88,7 @@ class VQAInferencer:
                     s.add_vit_image(im)
                 for m in messages:
                     s.add_text(m.value)
-            else:  # the training layout of SFT records (spec §4.6): the shared plan, gpt turns as context
+            else:  # the training layout of SFT records (docs/upstream-compat.md#sequence-plans): the shared plan, gpt turns as context
                 plan = build_plan(resolve_task_kind("sft"), list(messages), len(pil), 0)
                 for item in plan.items:
                     if item.type == "text":
@@ -113,7 +113,7 @@ class GenerationResult:
 
 
 class ImageGenerator:
-    """Image generation and editing (UniMedVL's image-generation script, spec §3.4).
+    """Image generation and editing (UniMedVL's image-generation script, docs/upstream-compat.md#image-generation).
 
     Editing (an input image): an understanding pass (or, with use_thinking, an analysis in think mode) writes
     text that is appended to the instruction, then [image, instruction] is generated with CFG; the output

@@ -1,5 +1,5 @@
 """Batch evaluation over JSONL files in the catalog's UniMedVL record format (input_img / output_img /
-message, spec §4.6): one output record per input line, written atomically, with progress.
+message, docs/upstream-compat.md#sequence-plans): one output record per input line, written atomically, with progress.
 
 Image paths resolve as upstream: the leading path separator is stripped, then the path is joined to data_dir.
 A bad record (invalid JSON, missing or unreadable image, prompt too long) is reported in its output record
@@ -78,7 +78,7 @@ def last_human(messages: list[Message]) -> int | None:
 
 def instruction_of(messages: list[Message], keep_tags: bool = False) -> str | None:
     """The last human turn without its `<image>` tags (what UniMedVL's editing script passes as instruction),
-    or, with keep_tags, stripped but verbatim (the human text of edit training records, spec §4.6)."""
+    or, with keep_tags, stripped but verbatim (the human text of edit training records, docs/upstream-compat.md#sequence-plans)."""
     i = last_human(messages)
     if i is None:
         return None

@@ -1,4 +1,4 @@
-"""Image sampling (bagel-compat §3.4): Euler flow sampler with timestep shift and classifier-free guidance
+"""Image sampling (docs/upstream-compat.md#image-generation): Euler flow sampler with timestep shift and classifier-free guidance
 over three KV-cache contexts, then VAE decoding to an 8-bit image.
 
 Guidance (`guide_velocity`, a pure function, tested on hand-built cases):
@@ -29,7 +29,7 @@ EPS = 1e-8
 
 @dataclass
 class SamplerParams:
-    """Upstream names; defaults are the UniMedVL editing example's (spec §3.4)."""
+    """Upstream names; defaults are the UniMedVL editing example's (docs/upstream-compat.md#image-generation)."""
 
     cfg_text_scale: float = 4.0
     cfg_img_scale: float = 2.0
@@ -72,7 +72,7 @@ def _ratio(num: torch.Tensor, den: torch.Tensor, renorm_min: float) -> torch.Ten
 def guide_velocity(v: torch.Tensor, v_text_uncond: torch.Tensor | None, v_img_uncond: torch.Tensor | None,
                    cfg_text_scale: float, cfg_img_scale: float, renorm_type: str = "global",
                    renorm_min: float = 0.0) -> torch.Tensor:
-    """Combine the conditional velocity `v` [N, C] with the uncond ones (spec §3.4, module docstring)."""
+    """Combine the conditional velocity `v` [N, C] with the uncond ones (docs/upstream-compat.md#image-generation, module docstring)."""
     if cfg_text_scale <= 1.0:
         return v  # quirk: no guidance at all, whatever cfg_img_scale is
     if renorm_type not in RENORM_TYPES:
@@ -92,7 +92,7 @@ def guide_velocity(v: torch.Tensor, v_text_uncond: torch.Tensor | None, v_img_un
 
 @dataclass
 class GuidanceContexts:
-    """cond = full context; text_uncond = before the last text input; img_uncond = texts only (spec §3.4)."""
+    """cond = full context; text_uncond = before the last text input; img_uncond = texts only (docs/upstream-compat.md#image-generation)."""
 
     cond: Context
     text_uncond: Context
@@ -135,7 +135,7 @@ def sample_latent(model: UnifiedModel, ctxs: GuidanceContexts, height: int, widt
 
 @torch.no_grad()
 def decode_latent(model: UnifiedModel, tokens: torch.Tensor, height: int, width: int) -> Image.Image:
-    """Unpatchify to [1, z, 2h, 2w], VAE-decode, x*0.5 + 0.5, clamp, uint8 (spec §3.4)."""
+    """Unpatchify to [1, z, 2h, 2w], VAE-decode, x*0.5 + 0.5, clamp, uint8 (docs/upstream-compat.md#image-generation)."""
     h, w = latent_grid(height, width, model)
     latent = unpatchify_latent(tokens.float(), h, w, model.config.latent_patch_size)[None]
     vae = model.vae_model

@@ -1,4 +1,4 @@
-"""Interleaved context bookkeeping (bagel-compat §3.4): one session over text and image inputs that keeps the
+"""Interleaved context bookkeeping (docs/upstream-compat.md#image-generation): one session over text and image inputs that keeps the
 three guidance contexts, generates text (understanding output) or an image.
 
 - a text input: text-uncond <- copy of cond; the text goes to cond and img-uncond;
@@ -34,7 +34,7 @@ GEN_THINK_SYSTEM_PROMPT = (  # UniMedVL's rewording of BAGEL's generation prompt
     "The planning process is enclosed within <think> </think> tags; that is, <think> planning process here "
     "</think> image here.\n")
 
-# UniMedVL's inference transforms (spec §3.4): VAE (1024, 32, 16), ViT (980, 387, 14) with the upstream
+# UniMedVL's inference transforms (docs/upstream-compat.md#image-generation): VAE (1024, 32, 16), ViT (980, 387, 14) with the upstream
 # default max_pixels. VQA uses the vlm_sft ViT transform (DEFAULT_VIT_ARGS: 980, 378, 14, 2,007,040).
 UMV_GEN_VAE_ARGS = ImageTransformArgs(max_image_size=1024, min_image_size=32, image_stride=16)
 UMV_GEN_VIT_ARGS = ImageTransformArgs(max_image_size=980, min_image_size=387, image_stride=14)
@@ -54,7 +54,7 @@ class TextOptions:
 
 @dataclass
 class Session:
-    """One inference session: the three contexts and the text/image bookkeeping of spec §3.4."""
+    """One inference session: the three contexts and the text/image bookkeeping of docs/upstream-compat.md#image-generation."""
 
     model: UnifiedModel
     tokenizer: TextTokenizer
@@ -136,7 +136,7 @@ class Session:
         return self.tokenizer.decode(out.ids, skip_special_tokens=True)
 
     def append_to_cond(self, text: str) -> None:
-        """A generated thought joins cond only (spec §3.4 think mode)."""
+        """A generated thought joins cond only (docs/upstream-compat.md#image-generation think mode)."""
         ids = self.tokenizer.encode(text)
         self._check_room(len(ids) + 2, "the generated text")
         self.cond = update_text(self.model, self.cond, ids, self.special)

@@ -1,9 +1,9 @@
-"""KV-cache context operations (bagel-compat §3.2): text, ViT-image and VAE-image context updates, and the
+"""KV-cache context operations (docs/upstream-compat.md#kv-cache): text, ViT-image and VAE-image context updates, and the
 latent query of image generation, on top of the model's own per-token modules.
 
 A `Context` is (per-layer keys/values, kv_len, rope) for batch size 1, as upstream. Updates never modify a
 context in place: they return a new one whose cache tensors are fresh concatenations, so `ctx.copy()` is a
-cheap shallow copy and the three CFG contexts of §3.4 can share their common prefix safely.
+cheap shallow copy and the three CFG contexts of docs/upstream-compat.md#image-generation can share their common prefix safely.
 
 Each op builds the query tokens' input embeddings, picks the und/gen route (markers and text -> und expert,
 latents -> gen expert), and runs the decoder (in eval mode, so every layer takes its `forward_inference`
@@ -77,7 +77,7 @@ def run_query(model: UnifiedModel, ctx: Context, x: torch.Tensor, position_ids: 
     """Run query embeddings `x` [n, H] against `ctx`; returns final-normed hidden states and the new context
     (kv_len grown by n when `update`, else `ctx` itself). Rope bookkeeping is the caller's."""
     if model.training:
-        raise RuntimeError("inference needs model.eval(): the layers dispatch on .training (spec §2.5)")
+        raise RuntimeError("inference needs model.eval(): the layers dispatch on .training (docs/upstream-compat.md#forward-pass)")
     attend = CacheAttend(ctx, causal=causal, update=update)
     h = model.language_model(x, route, position_ids, attend)
     if not update:
@@ -93,7 +93,7 @@ def _ids(values: list[int], device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def update_text(model: UnifiedModel, ctx: Context, ids: list[int], special: SpecialIds) -> Context:
-    """bos + ids + eos at rope .. rope + n - 1, causal, und expert; rope += n (spec §3.2, §3.1)."""
+    """bos + ids + eos at rope .. rope + n - 1, causal, und expert; rope += n (docs/upstream-compat.md#kv-cache, #special-tokens)."""
     device, _ = model_device_dtype(model)
     tokens = [special.bos, *ids, special.eos]
     n = len(tokens)
@@ -118,7 +118,7 @@ def step_token(model: UnifiedModel, ctx: Context, token: int) -> tuple[torch.Ten
 # -- images ----------------------------------------------------------------------------------------
 
 def resize_for(image: Image.Image, args: ImageTransformArgs) -> tuple[int, int]:
-    """(width, height) of `image` under the shared resize rule (spec §4.2)."""
+    """(width, height) of `image` under the shared resize rule (docs/upstream-compat.md#resize-rule)."""
     return resize_target(image.width, image.height, args)
 
 

@@ -1,4 +1,4 @@
-"""Load a checkpoint directory for inference, with user-facing errors (bagel-compat §2.3, §3.3).
+"""Load a checkpoint directory for inference, with user-facing errors (docs/upstream-compat.md#checkpoint-loading, #text-generation).
 
 Any directory the trainer writes (`{step:07d}/`) or a released UniMedVL / BAGEL directory works. Before
 anything heavy is built, `check_checkpoint_dir` names each missing file and what the directory must contain,
@@ -90,7 +90,7 @@ def load_for_inference(model_path: str | Path, visual_gen: bool, device=None, dt
                        use_ema: bool = True) -> Loaded:
     """Model in eval mode on `device` in `dtype` (VAE included, as upstream casts it), plus its tokenizer.
 
-    VQA loads with visual_gen=False (no VAE, spec §2.3); generation needs the VAE."""
+    VQA loads with visual_gen=False (no VAE, docs/upstream-compat.md#checkpoint-loading); generation needs the VAE."""
     path = check_checkpoint_dir(model_path, need_vae=visual_gen)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)

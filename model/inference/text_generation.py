@@ -1,4 +1,4 @@
-"""Text generation from a KV-cache context (bagel-compat §3.3): greedy or temperature sampling, no top-k /
+"""Text generation from a KV-cache context (docs/upstream-compat.md#text-generation): greedy or temperature sampling, no top-k /
 top-p, stop at `<|im_end|>` or after `max_new_tokens` steps.
 
 The decoder is seeded with `<|im_start|>` at the context's rope; every step feeds the previous token (cache

@@ -1,4 +1,4 @@
-"""One image decoder for ingest, the trainer and inference (bagel-compat §4.1 pil_img2rgb, §4.2).
+"""One image decoder for ingest, the trainer and inference (docs/upstream-compat.md#image-decode, #resize-rule).
 
 `load_image_rgb` turns stored bytes (or a referenced file) into an RGB PIL image; `image_to_tensor`
 resizes it to a stored target size and normalises it to [-1, 1] exactly like upstream `ImageTransform`

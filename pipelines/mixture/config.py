@@ -1,4 +1,4 @@
-"""The mixture config: upstream UniMedVL/BAGEL dataset YAML (bagel-compat §4.7), accepted unchanged.
+"""The mixture config: upstream UniMedVL/BAGEL dataset YAML (docs/upstream-compat.md#dataset-yaml), accepted unchanged.
 
 Top-level keys are task kinds (upstream class names or our aliases); each holds one group (list form) or
 several (grouped form: `dataset_names: {group: [names]}` -> groups named `{key}_{group}`). Four optional
@@ -105,7 +105,7 @@ class MixtureConfig:
         where = str(path) if path is not None else "<mixture config>"
         if not isinstance(raw, dict) or not raw:
             raise MixtureConfigError(f"{where}: must be a mapping of task kinds to dataset groups "
-                                     f"(bagel-compat §4.7), e.g. 'SftJSONLIterableDataset_Ver1: {{dataset_names: "
+                                     f"(docs/upstream-compat.md#dataset-yaml), e.g. 'SftJSONLIterableDataset_Ver1: {{dataset_names: "
                                      f"[my_vqa], weight: 1}}'")
 
         def err(key: str | None, message: str, mapping: Any = raw) -> MixtureConfigError:

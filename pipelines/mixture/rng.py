@@ -1,7 +1,7 @@
 """Counter-based randomness: every random number is a hash of (seed, purpose, epoch, slot, counter).
 
 Nothing here holds state, so a stream's position is a handful of integers and the data order never
-depends on how many ranks or workers read it (data-loaders.md, "what none of them has" #3).
+depends on how many ranks or workers read it (docs/upstream-compat.md#data-order).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The mixture stream: weighted, seeded, resumable packs of samples for one (rank, loader worker).
 
-Pack membership follows upstream PackedDataset (bagel-compat §4.3), decided from shard metadata only
+Pack membership follows upstream PackedDataset (docs/upstream-compat.md#pack-membership), decided from shard metadata only
 (`num_tokens`), so the whole position lives in a small state:
 
 1. every mandatory group contributes one sample that fits `max_num_tokens_per_sample` (first, as upstream,
@@ -391,7 +391,7 @@ class MixtureStream:
     def build_batch(self, plan: PackPlan, samples: Sequence[StreamSample], tokenizer: TextTokenizer | None = None):
         """Tensors of a decided pack from its full rows: a pure function of (plan, samples), safe to run in
         a worker thread (touches no stream state and no cache; pass a thread-safe `tokenizer` there)."""
-        from pipelines.packing.packer import build_packed_batch   # the packer (issue 3, packing half)
+        from pipelines.packing.packer import build_packed_batch   # the packer
 
         batch = build_packed_batch(samples, self.packing, tokenizer or self.tokenizer, self.seed)
         # the samples actually packed (one whose image could not be decoded is listed in skipped_samples)

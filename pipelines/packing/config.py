@@ -1,4 +1,4 @@
-"""Packing settings (bagel-compat §1.1 DataArguments, §4.3), shared by the stream, the packer and jobs."""
+"""Packing settings (docs/upstream-compat.md#data-arguments, #pack-membership), shared by the stream, the packer and jobs."""
 from __future__ import annotations
 
 from dataclasses import dataclass, asdict

@@ -1,4 +1,4 @@
-"""Attention masks of packed sequences (bagel-compat §2.7, §4.1).
+"""Attention masks of packed sequences (docs/upstream-compat.md#attention-masks).
 
 `prepare_attention_mask_per_sample` is the dense (SDPA) form, one [S, S] float mask per sample with
 0 = attend and -inf = blocked. `allowed_pairs` is the flex rule written out densely over a whole pack;

@@ -1,4 +1,4 @@
-"""Small pure tensor helpers of the packer with their upstream names (bagel-compat §4.1)."""
+"""Small pure tensor helpers of the packer with their upstream names (docs/upstream-compat.md#patchify)."""
 from __future__ import annotations
 
 import torch
@@ -7,7 +7,7 @@ import torch
 def patchify(image: torch.Tensor, patch_size: int) -> torch.Tensor:
     """[C, H, W] -> [(H/p)*(W/p), p*p*C]; patches row-major, inside a token (row-in-patch, col-in-patch, channel).
 
-    This column order matches the ViT patch embedding converted from Conv2d to Linear (§2.3).
+    This column order matches the ViT patch embedding converted from Conv2d to Linear (docs/upstream-compat.md#checkpoint-loading).
     """
     p = patch_size
     c, h, w = image.shape

@@ -1,4 +1,4 @@
-"""`PackedBatch`: one packed sequence, carrying the fields of bagel-compat §2.4 under their upstream names.
+"""`PackedBatch`: one packed sequence, carrying the fields of docs/upstream-compat.md#packedbatch-fields under their upstream names.
 
 This is the seam between the packer and the model; the model never receives a dict of lists.
 """

@@ -1,6 +1,6 @@
 """Packing: a list of drawn samples -> one `PackedBatch` with upstream `pack_sequence` semantics.
 
-bagel-compat §4.3 (pack_sequence table, to_tensor), §2.4 (fields), §2.7 (masks). The sequence plan of a
+docs/upstream-compat.md#pack-sequence, #packedbatch-fields, #attention-masks. The sequence plan of a
 sample comes only from `datasets_catalog.plan.build_plan`; this module turns plans into tensors.
 
 Which samples form a pack is decided by the mixture stream (pipelines.mixture.stream); this function only
@@ -64,7 +64,7 @@ def _messages(row: dict[str, Any]) -> list[Message]:
 
 
 def sample_plan(sample: StreamSample) -> SamplePlan:
-    """The spec §4.6 plan of a drawn sample (built by datasets_catalog.plan, never re-derived here)."""
+    """The docs/upstream-compat.md#sequence-plans plan of a drawn sample (built by datasets_catalog.plan, never re-derived here)."""
     row = sample.row
     kind = resolve_task_kind(sample.task)
     return build_plan(kind, _messages(row), len(_column(row, "input_images")), len(_column(row, "output_images")))

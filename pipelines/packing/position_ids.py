@@ -1,4 +1,4 @@
-"""Flattened 2-D position ids of ViT patches and VAE latents (bagel-compat §4.1).
+"""Flattened 2-D position ids of ViT patches and VAE latents (docs/upstream-compat.md#patchify).
 
 Both index a fixed `M x M` table (M = max patches per side): row * M + col. `extrapolate` uses the raw
 grid coordinates, `interpolate` (config `interpolate_pos`) maps the grid onto the table by buckets.
