@@ -371,6 +371,14 @@ def help_text() -> str:
 
 
 # ---- validation ----------------------------------------------------------------------------------
+
+def _kind_names(fact: str) -> str:
+    """Task kinds with a TaskKind fact set, for error messages (the list follows task_kinds.py)."""
+    from datasets_catalog.task_kinds import TASK_KINDS
+
+    return ", ".join(k.name for k in TASK_KINDS if getattr(k, fact))
+
+
 def validate(cfg: TrainConfig, generation_groups: Optional[list[str]] = None,
              mandatory: Optional[dict[str, bool]] = None) -> None:
     """Refuse unsafe or contradictory settings. `generation_groups`: mixture groups with noised VAE targets;
@@ -434,16 +442,16 @@ def validate(cfg: TrainConfig, generation_groups: Optional[list[str]] = None,
         raise ConfigError("--from_scratch contradicts --model_path/--resume_from (weights would be loaded)")
     if t.visual_gen and generation_groups is not None and not generation_groups:
         raise ConfigError(
-            "visual_gen is True but the mixture has no generation dataset (t2i, edit, counterfactual, "
-            "sft_recon_*): every batch would lack MSE targets and ranks would skip collectives. Add one, "
+            f"visual_gen is True but the mixture has no generation dataset ({_kind_names('generation')}): "
+            "every batch would lack MSE targets and ranks would skip collectives. Add one, "
             "or pass --visual_gen False")
     fsdp = r.parallelism == "fsdp" or (r.parallelism == "auto" and r.use_gpu)
     if fsdp and r.num_workers > 1 and mandatory is not None:
         need = [k for k, on in (("vit", t.visual_und), ("gen", t.visual_gen)) if on and not mandatory.get(k)]
         if need:
-            what = {"vit": "an image-understanding group whose samples always carry ViT tokens (edit, "
-                           "counterfactual, sft_recon_v1/v2, vlm_sft)",
-                    "gen": "a generation group (t2i, edit, counterfactual, sft_recon_*)"}
+            what = {"vit": "an image-understanding group whose samples always carry ViT tokens "
+                           f"({_kind_names('always_vit')})",
+                    "gen": f"a generation group ({_kind_names('generation')})"}
             raise ConfigError(
                 f"FSDP over {r.num_workers} ranks needs every rank to run the same units in every step, so each "
                 f"pack must contain {' and '.join(what[k] for k in need)}: mark such a group `is_mandatory: true` "

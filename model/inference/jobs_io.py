@@ -1,11 +1,8 @@
-"""Small helpers shared by jobs/vqa.py and jobs/generate.py: transform flags, atomic PNG/latent writes and
-the user-error wrapper (one line on stderr, exit 2, no traceback)."""
+"""Small helpers shared by jobs/vqa.py and jobs/generate.py: transform flags and atomic PNG/latent writes."""
 from __future__ import annotations
 
 import io
-import sys
 from pathlib import Path
-from typing import Callable
 
 import torch
 from PIL import Image
@@ -49,16 +46,3 @@ def save_latent(latent: torch.Tensor, height: int, width: int, path: Path) -> Pa
     data = save({"latent": latent.contiguous().cpu()}, metadata={"height": str(height), "width": str(width)})
     write_bytes_atomic(Path(path), data)
     return Path(path)
-
-
-def run_main(main: Callable[[], int]) -> None:
-    """Run a job's main; user mistakes print one line and exit 2 (never a traceback)."""
-    try:
-        code = main()
-    except InferenceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(code or 0)

@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datasets_catalog.hf_mapping import IMAGES_DIR, RECORDS_FILE, HFSourceConfig, HFSourceError, template_fields
+from datasets_catalog.task_kinds import resolve_task_kind
 from pipelines.ingest.state import folder_digest
 from pipelines.storage import uris as storage
 
@@ -56,7 +57,8 @@ _MAGIC = ((b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"), (b"GIF8", "
 
 
 def default_template(task_name: str) -> str:
-    return "{question}" if task_name == "t2i" else "{image_tags}{question}"
+    """Questions carry their image tags unless the task kind forbids tags (text-to-image captions)."""
+    return "{question}" if resolve_task_kind(task_name).image_tags == "forbidden" else "{image_tags}{question}"
 
 
 # -- reading the files ------------------------------------------------------------------------------------
@@ -316,7 +318,7 @@ def row_to_record(row: dict[str, Any], cfg: HFSourceConfig, record_style: str, t
     extra = {k: _json_safe(v) for k, v in row.items() if k not in used}
     if record_style == "vlm_sft":
         record: dict[str, Any] = {"image": inputs, "conversations": messages}
-    elif task_name == "text_only":
+    elif not resolve_task_kind(task_name).needs_images:
         record = {"message": messages}
     else:
         record = {"input_img": [{"path": p} for p in inputs], "output_img": [{"path": p} for p in outputs],
