@@ -19,7 +19,7 @@ from pathlib import Path
 from jobs import prog
 from model.inference.image_sampler import RENORM_TYPES
 from model.inference.interleave import UMV_GEN_VAE_ARGS, UMV_GEN_VIT_ARGS
-from model.inference.jobs_io import format_transform, parse_transform, save_latent, save_png
+from model.inference.jobs_io import exit_status, format_transform, parse_transform, save_latent, save_png
 from model.inference.loading import InferenceError
 
 
@@ -91,14 +91,7 @@ def _size(text: str | None) -> tuple[int, int] | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status 2 with one `error:` line for a user mistake (never a traceback), 130 when interrupted."""
-    try:
-        return _main(argv)
-    except InferenceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return exit_status(_main, argv)
 
 
 def _main(argv: list[str] | None) -> int:

@@ -1,8 +1,11 @@
-"""Small helpers shared by jobs/vqa.py and jobs/generate.py: transform flags and atomic PNG/latent writes."""
+"""Small helpers shared by jobs/vqa.py and jobs/generate.py: transform flags, atomic PNG/latent writes and
+the user-error guard (one line on stderr, exit 2, no traceback)."""
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 from PIL import Image
@@ -46,3 +49,15 @@ def save_latent(latent: torch.Tensor, height: int, width: int, path: Path) -> Pa
     data = save({"latent": latent.contiguous().cpu()}, metadata={"height": str(height), "width": str(width)})
     write_bytes_atomic(Path(path), data)
     return Path(path)
+
+
+def exit_status(job: Callable[[Optional[list[str]]], int], argv: Optional[list[str]]) -> int:
+    """Run a job body: a user mistake is one `error:` line and status 2 (never a traceback), Ctrl-C is 130."""
+    try:
+        return job(argv)
+    except InferenceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
