@@ -112,7 +112,8 @@ class TextTokenizer:
     def count_tokens(self, texts: list[str]) -> list[int]:
         """len(encode(t)) for each text, without building id lists for the builtin byte-level tokenizer:
         one token per UTF-8 byte, except that each special-token string is one token (ingest counts
-        millions of texts; this is ~10x faster and exactly equal, see tests/test_tokenizer.py)."""
+        millions of texts; this is ~10x faster and exactly equal, see
+        tests/unit/datasets_catalog/test_tokenizer.py)."""
         if self.name != BUILTIN_NAME:
             return [len(ids) for ids in self.encode_batch(texts)]
         counts = []
