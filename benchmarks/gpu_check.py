@@ -242,8 +242,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--layers", type=int, default=4, help="decoder layers of the 7B-width model (rows b, e)")
     ap.add_argument("--loaders", type=int, default=4, help="loader processes feeding the training steps")
     ap.add_argument("--rows", default=",".join(ROW_ORDER), help="rows to run, e.g. a,b,d")
-    ap.add_argument("--budget_s", type=float, default=440.0,
-                    help="wall-clock budget of the whole check on a GPU; rows that no longer fit are skipped")
+    ap.add_argument("--budget_s", type=float, default=None,
+                    help="wall-clock budget of the whole check (default 440 s on a GPU, none in the dry run); "
+                         "rows that no longer fit are skipped")
     ap.add_argument("--json", type=Path, default=None, help="also write the JSON report here")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
     args = ap.parse_args(argv)
@@ -270,7 +271,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     sizes = dry_sizes(args) if args.cpu_dry_run else gpu_sizes(args)
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu_check_"))
     ctx = Context(args=args, sizes=sizes, device=device, work=work)
-    budget = float("inf") if args.cpu_dry_run else args.budget_s
+    budget = args.budget_s if args.budget_s is not None else float("inf") if args.cpu_dry_run else 440.0
     try:
         import flash_attn  # noqa: F401
 
@@ -281,7 +282,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     env = {"device": name, "dry_run": bool(args.cpu_dry_run), "python": platform.python_version(),
            "torch": torch.__version__, "cuda": torch.version.cuda, "flash_attn": fa,
            "peak_bf16_tflops_for_mfu": peak_tflops_from_name(name) if device.type == "cuda" else 1.0,
-           "sizes": asdict(sizes), "work": str(work), "budget_s": None if budget == float("inf") else budget}
+           "sizes": asdict(sizes), "work": str(work), "budget_s": None if budget == float("inf") else budget,
+           "device_memory_gib": torch.cuda.get_device_properties(device).total_memory / 2**30
+           if device.type == "cuda" else None}
     json_paths = [p for p in (args.json, Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else None)
                   if p is not None] + [work / "gpu_check.json"]
     report = Report(json_paths, env)
@@ -345,7 +348,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 t = f"{e['fwd_bwd_ms']:.1f}ms f+b" if "fwd_bwd_ms" in e else f"{e['fwd_ms']:.1f}ms fwd"
                 d = "" if b == "sdpa" else f" max|d| {e['max_abs_vs_sdpa']:.1e}" + (
                     f" (grad {e['grad_max_abs_vs_sdpa']:.1e})" if "grad_max_abs_vs_sdpa" in e else "")
-                parts.append(f"{b} {t}{d}")
+                first = f", first call {e['first_call_s']:.0f}s" if e.get("first_call_s", 0) >= 2 else ""
+                parts.append(f"{b} {t}{d}{first}")
             if not res["backends"].get("flash"):
                 parts.append("flash-attn not importable")
             row.result = "; ".join(parts) + f" ({res['tokens']} tokens, {res['samples']} samples)"
@@ -357,7 +361,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             row.status = "FAIL" if bad or failed else "ok"
             return res
 
-        attention[n] = run_row(row, "a", do_a, GPU_ROW_SECONDS["a"]) or {}
+        res = run_row(row, "a", do_a, GPU_ROW_SECONDS["a"])
+        if res:
+            attention[n] = res
 
     # the training backend: what `auto` would pick on this device, if row a found it working
     def works(b: str) -> bool:
@@ -378,7 +384,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     # (b) training throughput, (d) data wait
     trained: dict[int, dict] = {}
     for n in sizes.packs:
-        row = R.Row(f"b{n}", f"train {n} tok/pack: FSDP2+bf16+AC, {z.layers}L x {z.hidden} MoT, {backend}")
+        row = R.Row(f"b{n}", f"train {n} tok/pack: FSDP2+bf16+AC, {z.layers}L x {z.hidden} MoT, "
+                             f"{ctx.mc.attn_backend}")
 
         def do_b(row, n=n):
             res = R.training_row(ctx, n, sizes.steps[n], sizes.log_every[n])
@@ -387,7 +394,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             mfu = res.get("mfu")
             row.result = (f"{res['step_time_s']:.3f} s/step, {res['tokens_per_sec']:.0f} tok/s, MFU {pct(mfu)}"
                           f"{' (vs nominal 1 TFLOP/s)' if ctx.dry else ''}, {res['actual_tflops']:.1f} TFLOP/s, "
-                          f"peak mem {res['peak_mem_mib'] / 1024:.1f} GiB, {res['steps']} steps")
+                          f"peak mem {res['peak_mem_mib'] / 1024:.1f} GiB, {res['steps']} steps"
+                          + (f", {res['compiled_graphs']} graphs compiled" if res["compiled_graphs"] > 0 else ""))
             row.status = "ok"
             if n == max(sizes.packs):
                 row.target = "MFU >= 40%"
@@ -476,7 +484,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     report.write()
     print("\n" + report.table())
     failed = [r.key for r in report.rows if r.status == "FAIL"]
-    print(f"\nRESULT device={name!r} rows={len(report.rows)} failed={','.join(failed) or 'none'} "
+    big = trained.get(max(sizes.packs), {})
+    headline = (f"mfu@{max(sizes.packs)}={pct(big.get('mfu'))} tok/s@{max(sizes.packs)}="
+                f"{big.get('tokens_per_sec', 0):.0f} " if big else "")
+    if trained:
+        headline += f"data_wait={pct(max(r['data_wait_fraction'] for r in trained.values()))} "
+    print(f"\nRESULT device={name!r} rows={len(report.rows)} failed={','.join(failed) or 'none'} {headline}"
           f"attention={env['training_attention']} wall={report.env['wall_s']:.0f}s json={json_paths[0]}"
           + ("" if device.type == "cuda" else " (CPU dry run: not measured on a GPU)"), flush=True)
     return 1 if failed else 0
