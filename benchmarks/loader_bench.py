@@ -61,9 +61,9 @@ def build_catalog(root: Path, rows: int, distinct: int | None, embed: bool = Tru
                   store_pixels: bool = False) -> Path:
     """Shards as ingest writes them; `store_pixels`: also the decoded, resized pixels (`--store-pixels`),
     in smaller row groups (a row then carries ~1-2 MB of pixels). Same seeds: same records either way."""
-    if str(ROOT / "tests") not in sys.path:
-        sys.path.insert(0, str(ROOT / "tests"))        # tests/shard_factory.py (tests/ is not an installed package)
-    from shard_factory import DatasetRecipe, make_catalog
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))        # tests/helpers/shard_factory.py (tests/ is not an installed package)
+    from tests.helpers.shard_factory import DatasetRecipe, make_catalog
 
     rows_per_group = 16 if store_pixels else 64 if rows < 100_000 else 1000
     recipes = [DatasetRecipe(name, task, rows=rows, distinct=distinct, image_sizes=image_sizes,
