@@ -328,7 +328,7 @@ def resume_row(ctx, mc, n_tokens: int, k: int, loaders: int) -> dict:
     """Straight k+2 steps (checkpoint at k) vs a run resumed from that checkpoint: the loss of step k+1 must
     be bit-identical (same weights, same pack from the restored stream state, same noise); step k+2 also
     needs the optimizer state restored and a deterministic backward."""
-    from trainer import checkpointing as ck
+    from trainer.checkpoint import local as ck
 
     total = k + 2
     common = ["--deterministic", "True", "--save_every", str(k), "--max_checkpoints", "2",

@@ -15,7 +15,7 @@ from jobs import prog
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.checkpointing import ResumeError, plan_resume_for
+    from trainer.checkpoint.local import ResumeError, plan_resume_for
     from trainer.config import ConfigError, help_text, load_config, resolve_paths, validate
 
     argv = sys.argv[1:] if argv is None else argv
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"[train] run {cfg.run_name}: {cfg.run.num_workers} worker(s), "
           f"{'GPU' if cfg.run.use_gpu else 'CPU'}, {cfg.train.total_steps} steps; start: {plan.reason}")
-    from trainer.checkpoint_remote import remote_checkpoint_root
+    from trainer.checkpoint.remote import remote_checkpoint_root
 
     remote = remote_checkpoint_root(cfg.run.storage_path, cfg.run_name)
     if remote is not None:

@@ -483,7 +483,7 @@ LOCAL_RUNS_ENV = "MEDLOOM_LOCAL_RUNS"
 
 def local_runs_root(storage_path: str) -> Path:
     """Where run directories live on this machine. A local storage_path is its own root; with a remote one
-    (s3://: checkpoints go there, trainer.checkpoint_remote) the run directory stays local, under
+    (s3://: checkpoints go there, trainer.checkpoint.remote) the run directory stays local, under
     $MEDLOOM_LOCAL_RUNS, else ./runs (git-ignored)."""
     from pipelines.storage import uris as storage
 

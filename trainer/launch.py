@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from trainer.checkpoint_remote import remote_checkpoint_root
+from trainer.checkpoint.remote import remote_checkpoint_root
 from trainer.config import TrainConfig, local_runs_root, resolve_paths
 
 

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainer import checkpoint_remote as cr
-from trainer import checkpointing as ck
+from trainer.checkpoint import remote as cr
+from trainer.checkpoint import local as ck
 from trainer.config import TrainConfig, training_args_json
 from trainer.data import LoaderState, StreamFactory, load_mixture
 from trainer.ema import ema_update, make_ema

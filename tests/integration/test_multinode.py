@@ -19,7 +19,7 @@ import pytest
 
 from pipelines.storage import uris as storage
 
-from trainer import checkpoint_remote
+from trainer.checkpoint import remote as checkpoint_remote
 from tests.helpers.ray_nodes import RayNode, free_port, pids_under, stop_nodes
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Trainer checkpoints on object storage (trainer.checkpoint_remote): mirror and restore, an interrupted
+"""Trainer checkpoints on object storage (trainer.checkpoint.remote): mirror and restore, an interrupted
 upload is never resumed from, sealing and rotation rules."""
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pipelines.storage import uris as storage
 
 
 def _local_checkpoint(root, step: int):
-    """A real trainer checkpoint directory (trainer.checkpointing: temp dir, files, marker, rename)."""
+    """A real trainer checkpoint directory (trainer.checkpoint.local: temp dir, files, marker, rename)."""
     import torch
 
-    from trainer import checkpointing as ck
+    from trainer.checkpoint import local as ck
 
     tmp = ck.prepare_temp(root, step)
     ck.save_safetensors({"w": torch.full((2, 2), float(step))}, tmp / ck.MODEL_FILE)
@@ -21,8 +21,8 @@ def _local_checkpoint(root, step: int):
 
 
 def test_checkpoints_round_trip_through_s3(bucket, tmp_path, monkeypatch):
-    from trainer import checkpointing as ck
-    from trainer import checkpoint_remote as sc
+    from trainer.checkpoint import local as ck
+    from trainer.checkpoint import remote as sc
 
     remote = sc.remote_checkpoint_root(str(bucket / "runs"), "mix")
     assert remote == bucket / "runs" / "mix" / "checkpoints" and sc.remote_checkpoint_root("runs", "mix") is None
@@ -58,7 +58,7 @@ def test_checkpoints_round_trip_through_s3(bucket, tmp_path, monkeypatch):
 def test_remote_seal_and_rotation_rules(bucket, tmp_path):
     """seal_remote refuses (no marker) while a listed file is missing; rotation counts complete checkpoints
     only, never touches a newer incomplete one, and drops dead incomplete ones older than the newest."""
-    from trainer import checkpoint_remote as sc
+    from trainer.checkpoint import remote as sc
 
     root = bucket / "ckpts"
     staged = tmp_path / "stage"

@@ -12,7 +12,7 @@ from tests.helpers.ray_nodes import free_port
 
 
 def ck_is_complete(path) -> bool:
-    from trainer import checkpointing as ck
+    from trainer.checkpoint import local as ck
 
     return ck.is_complete(path)
 
@@ -21,7 +21,7 @@ def test_training_reads_s3_shards_and_resumes_from_s3_checkpoints(bucket, tmp_pa
     """The whole chain in-process (world size 1, no Ray): ingest to S3, train from the S3 shards with
     --storage_path s3://..., then a "fresh machine" (empty local run dir) resumes from the S3 checkpoint."""
     from datasets_catalog.catalog import load_catalog
-    from trainer import checkpoint_remote as sc
+    from trainer.checkpoint import remote as sc
     from tests.helpers.shard_factory import write_mixture
     from trainer.config import load_config, validate
     from trainer.data import generation_groups
@@ -72,8 +72,8 @@ def _rank_main(rank: int, world: int, port: int, mix: str, storage_path: str, lo
     nodes that share nothing but the S3 endpoint. Writes what it saw to out_dir/rank{r}.json."""
     import torch.distributed as dist
 
-    from trainer import checkpoint_remote as sc
-    from trainer import checkpointing as ck
+    from trainer.checkpoint import remote as sc
+    from trainer.checkpoint import local as ck
     from trainer.config import load_config, validate
     from trainer.data import generation_groups, mandatory_coverage
     from trainer.loop import train_loop
@@ -140,8 +140,8 @@ def test_two_ranks_without_shared_disk_save_and_resume_through_s3(bucket, tmp_pa
 
     import torch
 
-    from trainer import checkpoint_remote as sc
-    from trainer import checkpointing as ck
+    from trainer.checkpoint import remote as sc
+    from trainer.checkpoint import local as ck
 
     mix = _fsdp_mixture(tmp_path / "data")
     storage_path = str(bucket / "runs")

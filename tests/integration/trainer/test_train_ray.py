@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers.shard_factory import write_mixture
 from tests.helpers.ray_nodes import RayNode, free_port, ray_binary, stop_nodes
-from trainer import checkpointing as ck
+from trainer.checkpoint import local as ck
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[3]

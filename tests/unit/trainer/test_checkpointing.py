@@ -1,4 +1,4 @@
-"""trainer.checkpointing: checkpoint directories (complete marker, atomic finalize, rotation) and the
+"""trainer.checkpoint.local: checkpoint directories (complete marker, atomic finalize, rotation) and the
 resume decision table."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer import checkpointing as ck
+from trainer.checkpoint import local as ck
 
 
 def _fake_ckpt(root: Path, step: int, complete: bool = True) -> Path:

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers.shard_factory import write_mixture
-from trainer import checkpointing as ck
+from trainer.checkpoint import local as ck
 from trainer.config import load_config, validate
 from trainer.data import generation_groups
 from trainer.loop import train_loop

@@ -1,5 +1,5 @@
 """Checkpoints on object storage (`--storage_path s3://bucket/runs`), with no shared disk between nodes: the
-same directory layout and marker rules as trainer/checkpointing.py, with each rank moving its own files.
+same directory layout and marker rules as trainer/checkpoint/local.py, with each rank moving its own files.
 
 Saving (`save_checkpoint_remote`: `begin_remote_save`, `upload_files`, `seal_remote`): every rank writes its
 own files (its stream state, its optimizer shard under FSDP) into a node-local staging folder and uploads them
@@ -32,8 +32,8 @@ import torch.distributed as dist
 
 from pipelines.storage import uris as storage
 from pipelines.storage.uris import RemotePath
-from trainer import checkpointing as ck
-from trainer.checkpointing import MARKER, MODEL_FILE, step_dir_name
+from trainer.checkpoint import local as ck
+from trainer.checkpoint.local import MARKER, MODEL_FILE, step_dir_name
 from trainer.parallel import barrier, broadcast_object
 
 if TYPE_CHECKING:

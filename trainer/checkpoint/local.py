@@ -8,7 +8,7 @@ tokenizer) and finally `COMPLETE.json`. Everything is written into `.tmp-{step:0
 last, then the directory is renamed: a crash mid-save never leaves a directory that looks complete.
 
 With `--storage_path s3://...` object storage is the checkpoint store and no disk is shared: each rank stages
-and uploads its own files (trainer/checkpoint_remote.py), and the local folder on rank 0's node is a copy
+and uploads its own files (trainer/checkpoint/remote.py), and the local folder on rank 0's node is a copy
 of rank 0's part (its marker lists the whole checkpoint, so with several ranks it is not complete locally).
 """
 from __future__ import annotations
