@@ -19,7 +19,7 @@ from pathlib import Path
 from jobs import prog
 from model.inference.image_sampler import RENORM_TYPES
 from model.inference.interleave import UMV_GEN_VAE_ARGS, UMV_GEN_VIT_ARGS
-from model.inference.jobs_io import exit_status, format_transform, parse_transform, save_latent, save_png
+from model.inference.jobs_io import exit_status, format_transform, parse_transform, wants_batch, save_latent, save_png
 from model.inference.loading import InferenceError
 
 
@@ -96,9 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    batch_mode = args.input is not None or args.output is not None
-    if batch_mode and (args.input is None or args.output is None):
-        raise InferenceError("batch mode needs both --input FILE.jsonl and --output FILE.jsonl")
+    batch_mode = wants_batch(args.input, args.output)
     if not batch_mode and not args.instruction:
         raise InferenceError("give --instruction (and --image to edit) for one image, or --input/--output for a batch")
     if batch_mode and not args.input.is_file():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from jobs import prog
 from model.inference.interleave import VQA_VIT_ARGS
-from model.inference.jobs_io import exit_status, format_transform, parse_transform
+from model.inference.jobs_io import exit_status, format_transform, parse_transform, wants_batch
 from model.inference.loading import InferenceError
 
 
@@ -63,9 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    batch_mode = args.input is not None or args.output is not None
-    if batch_mode and (args.input is None or args.output is None):
-        raise InferenceError("batch mode needs both --input FILE.jsonl and --output FILE.jsonl")
+    batch_mode = wants_batch(args.input, args.output)
     if not batch_mode and args.prompt is None:
         raise InferenceError("give --prompt (with --image) for one question, or --input/--output for a batch")
     if args.max_new_tokens < 1:

@@ -61,3 +61,10 @@ def exit_status(job: Callable[[Optional[list[str]]], int], argv: Optional[list[s
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def wants_batch(input_path: object, output_path: object) -> bool:
+    """Batch mode reads --input and writes --output; one without the other is a user mistake."""
+    if (input_path is None) != (output_path is None):
+        raise InferenceError("batch mode needs both --input FILE.jsonl and --output FILE.jsonl")
+    return input_path is not None
