@@ -29,14 +29,15 @@ from datasets_catalog.tokenizer import TextTokenizer
 
 from pipelines.mixture import rng
 from pipelines.mixture.config import MixtureConfig, MixtureConfigError
-from pipelines.mixture.order import Layer, PassOrder, chunk_size, reshard_layer, stream_position, to_global
+from pipelines.mixture.order import (Layer, PassOrder, chunk_size, layer_first, reshard_layer, stream_position,
+                                     to_global)
 from pipelines.mixture.recompute import RECOMPUTE_COLUMNS, recompute_images, recompute_row
 from pipelines.mixture.sources import GroupSource, ResolvedMixture, resolve_sources
 from pipelines.packing.config import PackingConfig
 from pipelines.packing.sample import StreamSample
 from pipelines.storage.shard_reader import RowGroupCache, table_row
 
-STATE_VERSION = 1
+STATE_VERSION = 2   # 2: passes split across streams by rows (1: by whole chunks)
 PENDING_TRIES = 4   # packs a held-over sample may wait beside the mandatory samples before it is reported
 META_COLUMNS = ("sample_id", "num_tokens")
 _TOKEN_PRIOR_WEIGHT = 8
@@ -153,6 +154,11 @@ class MixtureStream:
         }
 
     def _check_common(self, state: dict[str, Any]) -> None:
+        if isinstance(state, dict) and state.get("version") == 1:
+            raise StreamStateError("the state is of version 1 (passes split across streams by whole chunks); "
+                                   "this version splits them by rows and cannot continue it: start the data "
+                                   "stream afresh (train from the checkpoint's weights without its stream state) "
+                                   "or finish the run with the version that wrote it")
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise StreamStateError(f"not a mixture stream state of version {STATE_VERSION}")
         if (state["seed"], state["epoch"]) != (self.seed, self.epoch):
@@ -221,7 +227,7 @@ class MixtureStream:
     def _next_v(self, gi: int) -> tuple[int, tuple[int, int, int]]:
         """This stream's next non-void position of group gi and its `_locate` result (advances the cursor)."""
         while True:
-            v = stream_position(self.slot, self.slots, self.chunks[gi], self.cursors[gi])
+            v = self._position(gi, self.cursors[gi])
             self.cursors[gi] += 1
             where = self._locate(gi, v)
             if where is not None:
@@ -229,7 +235,11 @@ class MixtureStream:
 
     def peek_global(self, gi: int) -> int:
         """Global position of this stream's next draw from group gi (void ones included); for tools."""
-        return to_global(self.layers[gi], stream_position(self.slot, self.slots, self.chunks[gi], self.cursors[gi]))
+        return to_global(self.layers[gi], self._position(gi, self.cursors[gi]))
+
+    def _position(self, gi: int, j: int) -> int:
+        """Position (in the newest layer) of this stream's j-th draw from group gi."""
+        return stream_position(self.slot, self.slots, self.groups[gi].total, layer_first(self.layers[gi]), j)
 
     def _draw_from(self, gi: int) -> Drawn:
         v, where = self._next_v(gi)
@@ -452,8 +462,10 @@ def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
         for s in range(slots):
             refs = list(by_slot[s]["buffer"]) + ([by_slot[s]["pending"]] if by_slot[s]["pending"] else [])
             inflight += [int(v) for g, v, _ in refs if g == gi]
-        chunk = int(first["groups"][name][1])
-        layers[name] = first["layers"][name] + [reshard_layer(slots, chunk, cursors, inflight).to_state()]
+        rows = int(first["groups"][name][0])
+        old = [Layer.from_state(l) for l in first["layers"][name]]
+        layers[name] = first["layers"][name] + [reshard_layer(slots, rows, layer_first(old), cursors,
+                                                              inflight).to_state()]
     stats = {k: [sum(s["stats"][k][i] for s in states) for i in range(len(first["groups"]))]
              for k in first["stats"]}
     return {"version": first["version"], "kind": "merged", "seed": first["seed"], "epoch": first["epoch"],
