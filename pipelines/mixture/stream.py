@@ -33,6 +33,7 @@ from pipelines.mixture.order import (Layer, PassOrder, chunk_size, layer_first, 
                                      to_global)
 from pipelines.mixture.recompute import RECOMPUTE_COLUMNS, recompute_images, recompute_row
 from pipelines.mixture.sources import GroupSource, ResolvedMixture, resolve_sources
+from pipelines.mixture.stages import stage_index
 from pipelines.packing.config import PackingConfig
 from pipelines.packing.sample import StreamSample
 from pipelines.storage.shard_reader import RowGroupCache, table_row
@@ -88,7 +89,8 @@ class MixtureStream:
 
     def __init__(self, cfg: MixtureConfig, packing: PackingConfig, tokenizer: TextTokenizer, rank: int = 0,
                  world_size: int = 1, worker_id: int = 0, num_workers: int = 1, seed: int = 42, epoch: int = 0,
-                 resolved: ResolvedMixture | None = None, cache_bytes: int | None = None) -> None:
+                 resolved: ResolvedMixture | None = None, cache_bytes: int | None = None,
+                 grad_accum: int = 1) -> None:
         if not (0 <= rank < world_size and 0 <= worker_id < num_workers):
             raise ValueError(f"need 0 <= rank < world_size and 0 <= worker_id < num_workers, got rank={rank}, "
                              f"world_size={world_size}, worker_id={worker_id}, num_workers={num_workers}")
@@ -104,6 +106,9 @@ class MixtureStream:
         self.orders = [PassOrder(g.block_len, (self.seed, self.epoch, g.name, g.config.shuffle_seed),
                                  g.config.shuffle_lines, c) for g, c in zip(self.groups, self.chunks)]
         self.mandatory = [g.index for g in self.groups if g.config.is_mandatory]
+        # curriculum stages go by optimizer step: this stream's pack p is pack p * num_workers + worker_id of
+        # its rank (the trainer takes loader slots round-robin), and grad_accum packs make one step
+        self.grad_accum = max(1, int(grad_accum))
         self.weights = cfg.weights()
         # a stream works through one chunk (about shuffle_window_blocks row groups, +2 for unaligned edges)
         # per group at a time: hold that many row groups so random order inside a chunk never re-reads
@@ -120,8 +125,9 @@ class MixtureStream:
         self._reset(generation=0, layers=[[] for _ in self.groups])
 
     # -- state --------------------------------------------------------------------------------------
-    def _reset(self, generation: int, layers: list[list[Layer]]) -> None:
+    def _reset(self, generation: int, layers: list[list[Layer]], step_offset: int = 0) -> None:
         self.generation = generation
+        self.step_offset = step_offset   # optimizer steps before this topology (world-size changes)
         self.layers = layers
         self.cursors = [0] * len(self.groups)
         self.choices = 0          # weighted group draws
@@ -151,7 +157,17 @@ class MixtureStream:
             "pending": self.pending.ref() if self.pending else None,
             "pending_tries": self.pending_tries,
             "stats": {k: list(v) for k, v in self.stats.items()},
+            "step_offset": self.step_offset, "grad_accum": self.grad_accum, "next_step": self.step(),
         }
+
+    def step(self, pack: int | None = None) -> int:
+        """The optimizer step (0-based) that this stream's pack `pack` (default: the next one) feeds."""
+        pack = self.packs if pack is None else pack
+        return self.step_offset + (pack * self.num_workers + self.worker_id) // self.grad_accum
+
+    def stage(self, pack: int | None = None) -> int:
+        """Index of the curriculum stage of pack `pack` (default: the next one); 0 without stages."""
+        return stage_index(self.cfg.stages, self.step(pack)) if self.cfg.stages else 0
 
     def _check_common(self, state: dict[str, Any]) -> None:
         if isinstance(state, dict) and state.get("version") == 1:
@@ -176,7 +192,7 @@ class MixtureStream:
         self._check_common(state)
         layers = [[Layer.from_state(l) for l in state["layers"][g.name]] for g in self.groups]
         if state["kind"] == "merged":
-            self._reset(state["generation"], layers)
+            self._reset(state["generation"], layers, int(state.get("step_offset", 0)))
             return
         if (state["slot"], state["slots"]) != (self.slot, self.slots):
             raise StreamStateError(
@@ -184,7 +200,11 @@ class MixtureStream:
                 f"{state['world_size']}, worker {state['worker_id']}/{state['num_workers']}), this is slot "
                 f"{self.slot} of {self.slots}; after a change of world size or workers pass the states of all "
                 f"old streams (a list, or pipelines.mixture.stream.merge_states(states))")
-        self._reset(state["generation"], layers)
+        if int(state.get("grad_accum", 1)) != self.grad_accum and self.cfg.stages:
+            raise StreamStateError(f"state was taken with gradient_accumulation_steps {state.get('grad_accum')}, "
+                                   f"this stream has {self.grad_accum}; curriculum stages count optimizer steps, "
+                                   f"so resume with the same value")
+        self._reset(state["generation"], layers, int(state.get("step_offset", 0)))
         self.cursors = [int(state["cursors"][g.name]) for g in self.groups]
         self.choices, self.draws, self.packs = int(state["choices"]), int(state["draws"]), int(state["packs"])
         self.stats = {k: list(v) for k, v in state["stats"].items()}
@@ -269,7 +289,7 @@ class MixtureStream:
         """A group by weight (shares of samples, or of tokens with weight_unit: tokens)."""
         u = rng.uniform(self.seed, "group", self.epoch, self.generation, self.slot, self.choices)
         self.choices += 1
-        weights = self.weights
+        weights = self.cfg.weights(self.step()) if self.cfg.stages else self.weights
         if self.cfg.weight_unit == "tokens":
             raw = [w / self._mean_tokens(i) if w > 0 else 0.0 for i, w in enumerate(weights)]
             total = sum(raw)
@@ -353,6 +373,8 @@ class MixtureStream:
                 break
             members.append(d)
             curr += d.cost
+        stage = self.stage()
+        step = self.step()
         self.packs += 1
         tokens_per_group: dict[str, int] = {}
         samples_per_group: dict[str, int] = {}
@@ -373,6 +395,8 @@ class MixtureStream:
             "skipped_too_long_ids": [d.sample.sample_id for d in skipped],
             "buffer_size": len(self.buffer),
             "mandatory_missing": mandatory_missing,
+            "step": step,
+            "stage": stage,
         }
         return PackPlan(members, curr, metrics, self.state_dict())
 
@@ -470,4 +494,7 @@ def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
              for k in first["stats"]}
     return {"version": first["version"], "kind": "merged", "seed": first["seed"], "epoch": first["epoch"],
             "groups": first["groups"], "generation": first["generation"] + 1, "layers": layers,
-            "previous_slots": slots, "stats": stats}
+            "previous_slots": slots, "stats": stats,
+            # the optimizer step the new streams start at: the earliest next step of the old streams (at a
+            # checkpoint, every rank has finished the same steps)
+            "step_offset": min(int(s.get("next_step", 0)) for s in states)}
