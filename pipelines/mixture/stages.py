@@ -106,3 +106,12 @@ def stage_start(stages: tuple[Stage, ...], i: int) -> int:
 def normalised(weights: tuple[float, ...] | list[float]) -> list[float]:
     total = sum(weights)
     return [w / total for w in weights]
+
+
+def stage_record(stages: tuple[Stage, ...], step: int) -> dict:
+    """The metrics fields of the stage optimizer step `step` (0-based) is in: index, name, boundaries."""
+    if not stages:
+        return {}
+    i = stage_index(stages, step)
+    return {"stage": i, "stage_name": stages[i].name, "stage_start_step": stage_start(stages, i),
+            "stage_until_step": stages[i].until_step}
