@@ -77,7 +77,7 @@ def format_report(r: dict) -> str:
                   f"  {'group':<56} {'weight':>7} {'samples':>8} {'tokens':>8}"]
         for name, g in st["groups"].items():
             lines.append(f"  {name:<56} {g['weight']:>7.1%} {g['sample_share']:>8.1%} {g['token_share']:>8.1%}")
-    lines += [f"note: {n}" for n in r["notes"]]
+    lines += ([""] if r.get("stages") and r["notes"] else []) + [f"note: {n}" for n in r["notes"]]
     return "\n".join(lines)
 
 

@@ -81,6 +81,7 @@ def plan_mixture(cfg: MixtureConfig, packing: PackingConfig, steps: int, world_s
     n_stages = max(1, len(cfg.stages))
     st_samples = [[0] * len(groups) for _ in range(n_stages)]
     st_tokens = [[0] * len(groups) for _ in range(n_stages)]
+    stage_packs = [0] * n_stages
     stream = None
     for rank in range(world_size):
         for worker in range(num_workers):
@@ -94,6 +95,7 @@ def plan_mixture(cfg: MixtureConfig, packing: PackingConfig, steps: int, world_s
                 packs += 1
                 tokens_total += plan.tokens
                 stage = plan.metrics["stage"]
+                stage_packs[stage] += 1
                 for m in plan.members:
                     g_samples[m.group] += 1
                     g_tokens[m.group] += m.cost
@@ -105,6 +107,10 @@ def plan_mixture(cfg: MixtureConfig, packing: PackingConfig, steps: int, world_s
                 key = (d.group, d.sample.dataset)
                 ds_drawn[key] = ds_drawn.get(key, 0) + 1
     weights = normalised([g.config.weight for g in groups])
+    if cfg.stages:   # the weights in force, averaged over the simulated packs
+        per_stage = [normalised(st.weights) for st in cfg.stages]
+        weights = [sum(n * w[i] for n, w in zip(stage_packs, per_stage)) / max(1, sum(stage_packs))
+                   for i in range(len(groups))]
     n_samples, n_tokens = max(1, sum(g_samples)), max(1, sum(g_tokens))
     out_groups = {}
     for g in groups:
