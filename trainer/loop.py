@@ -236,7 +236,7 @@ class Trainer:
         cfg = self.cfg
         mixture = load_mixture(str(cfg.mixture_path))
         self.mixture_groups = self.groups or mixture.group_names
-        self.mixture_stages = mixture.stages
+        self.mixture_cfg = mixture
         return StreamFactory(mixture=mixture, packing=packing_config(cfg, self.mc),
                              tokenizer_spec=tokenizer_spec(cfg), rank=self.rank, world_size=self.world,
                              seed=cfg.data.data_seed, loader=copy.deepcopy(self.loader_state), threads=cfg.data.dataloader_threads,
@@ -386,7 +386,10 @@ class Trainer:
         rec = summarise(reduced, world=self.world, step=self.step, lr=lr_used, lrs=lrs,
                         wall=time.perf_counter() - self.window_start, device=self.device,
                         llm_config=getattr(self.mc, "llm", None), peak_tflops=self.peak)
-        rec.update(stage_record(getattr(self, "mixture_stages", ()), self.step - 1))   # curriculum stage, if any
+        mix = getattr(self, "mixture_cfg", None)
+        if mix is not None:   # the configured weights in force (jobs/plot.py draws them) and the curriculum stage
+            rec.update({f"weight/{g}": w for g, w in zip(mix.group_names, mix.weights(self.step - 1))})
+            rec.update(stage_record(mix.stages, self.step - 1))
         self.sink.log(rec)
         self.window = Window(groups=self.mixture_groups)
         self.window_start = time.perf_counter()

@@ -127,3 +127,21 @@ def test_world_size_change_keeps_the_optimizer_step(catalog):
     new = MixtureStream(c, PACKING, tok, rank=0, world_size=3)
     new.load_state_dict(states)
     assert [new.next_plan().metrics["step"] for _ in range(2)] == [5, 6]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 5), st.text(max_size=3),
+                 st.booleans(), st.none()))
+def test_any_weight_is_accepted_only_when_finite_and_not_negative(value):
+    """Group weights and stage weights: finite numbers >= 0 pass, anything else is one refusal naming the field."""
+    import math
+
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value >= 0)
+    for raw in ({"sft": {"dataset_names": ["a"], "weight": value}, "t2i": {"dataset_names": ["b"], "weight": 1}},
+                {"sft": {"dataset_names": ["a"]}, "t2i": {"dataset_names": ["b"]},
+                 "stages": [{"until_step": 3, "weight": {"sft": value}}]}):
+        if ok:
+            MixtureConfig.from_dict(raw, "w.yaml")
+        else:
+            with pytest.raises(MixtureConfigError, match=r"w\.yaml.*weight.*must be a finite number >= 0"):
+                MixtureConfig.from_dict(raw, "w.yaml")
