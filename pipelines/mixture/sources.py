@@ -207,10 +207,11 @@ def resolve_sources(cfg: MixtureConfig) -> ResolvedMixture:
         group = GroupSource(gc, gi, sources)
         _blocks(group)
         notes.extend(_clip_notes(group, cfg))
-        if group.total == 0 and gc.weight > 0 or group.total == 0 and gc.is_mandatory:
+        used = gc.weight > 0 or gc.is_mandatory or any(s.weights[gi] > 0 for s in cfg.stages)
+        if group.total == 0 and used:
             where = f"{cfg.path or '<mixture config>'}" + (f", line {gc.line}" if gc.line else "")
             raise MixtureConfigError(f"{where}: group {gc.name!r} has no rows (datasets "
                                      f"{', '.join(u.name for u in gc.datasets)} are empty or num_used_data "
-                                     f"selects nothing); give it weight 0 or fix num_used_data")
+                                     f"selects nothing); give it weight 0 (in every stage too) or fix num_used_data")
         groups.append(group)
     return ResolvedMixture(cfg, catalog, shards_dir, groups, notes)

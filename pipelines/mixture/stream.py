@@ -172,9 +172,9 @@ class MixtureStream:
     def _check_common(self, state: dict[str, Any]) -> None:
         if isinstance(state, dict) and state.get("version") == 1:
             raise StreamStateError("the state is of version 1 (passes split across streams by whole chunks); "
-                                   "this version splits them by rows and cannot continue it: start the data "
-                                   "stream afresh (train from the checkpoint's weights without its stream state) "
-                                   "or finish the run with the version that wrote it")
+                                   "this version splits them by rows and cannot continue it: resume with "
+                                   "--resume_model_only True (weights only, a fresh data stream) or finish the "
+                                   "run with the MedLoom version that wrote it")
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise StreamStateError(f"not a mixture stream state of version {STATE_VERSION}")
         if (state["seed"], state["epoch"]) != (self.seed, self.epoch):
