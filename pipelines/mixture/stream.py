@@ -215,7 +215,7 @@ class MixtureStream:
     # -- drawing -----------------------------------------------------------------------------------
     def _locate(self, gi: int, v: int) -> tuple[int, int, int] | None:
         """(dataset index in group, dataset row, global position) of virtual position v of group gi,
-        or None when v is a void position (the padding of a pass to whole chunks)."""
+        or None for a group without rows (a pass has no void positions since the split is by rows)."""
         group = self.groups[gi]
         g = to_global(self.layers[gi], v)
         where = self.orders[gi].split(g)
@@ -227,7 +227,7 @@ class MixtureStream:
     def _fetch(self, gi: int, v: int, draw_key: int, where: tuple[int, int, int] | None = None) -> Drawn:
         """The sample at position v of group gi (`where`: its `_locate` result, when already known)."""
         group = self.groups[gi]
-        di, row, g = where or self._locate(gi, v)   # refs are never void
+        di, row, g = where or self._locate(gi, v)   # refs always name a row
         ds = group.datasets[di]
         rg, off = ds.layout.find(row)
         path, rgi = ds.layout.row_group(rg)
@@ -245,7 +245,7 @@ class MixtureStream:
         return Drawn(gi, v, draw_key, sample, di, row, g, g // self.orders[gi].span)
 
     def _next_v(self, gi: int) -> tuple[int, tuple[int, int, int]]:
-        """This stream's next non-void position of group gi and its `_locate` result (advances the cursor)."""
+        """This stream's next position of group gi and its `_locate` result (advances the cursor)."""
         while True:
             v = self._position(gi, self.cursors[gi])
             self.cursors[gi] += 1
@@ -254,7 +254,7 @@ class MixtureStream:
                 return v, where
 
     def peek_global(self, gi: int) -> int:
-        """Global position of this stream's next draw from group gi (void ones included); for tools."""
+        """Global position of this stream's next draw from group gi; for tools."""
         return to_global(self.layers[gi], self._position(gi, self.cursors[gi]))
 
     def _position(self, gi: int, j: int) -> int:

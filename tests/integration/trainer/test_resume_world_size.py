@@ -12,7 +12,7 @@ from jobs import train as train_job
 from pipelines.mixture.config import MixtureConfig
 from pipelines.mixture.dry_run import packing_from_config
 from pipelines.mixture.stream import MixtureStream
-from tests.helpers.shard_factory import write_mixture
+from tests.helpers.shard_factory import make_catalog, tiny, write_config, write_mixture
 from tests.helpers.stream_ledger import drawn_until_pass_done, pass0_ids, trained_before
 from trainer.checkpoint import local as ck
 
@@ -52,3 +52,32 @@ def test_two_ranks_resume_with_one_and_with_three(ray_cluster, tmp_path, capsys)
             got = pass0_ids(trained, g.index) + pass0_ids(new_draws, g.index)
             rows = [f"{ds.name}:{i}" for ds in g.datasets for i in range(1, ds.rows + 1)]
             assert sorted(got) == sorted(rows), (world, g.name)
+
+
+def test_fsdp_optimizer_shards_are_recut_for_another_world_size(ray_cluster, tmp_path, capsys):
+    """FSDP over 2 ranks writes 2 optimizer shards; resuming with 3 ranks rebuilds each rank's shard from
+    them (and with 1 rank, the whole state) and trains on."""
+    import re
+
+    catalog = make_catalog(tmp_path / "cat", [tiny("vqa", "sft", rows=24, seed=1), tiny("gen", "t2i", rows=16, seed=2),
+                                              tiny("txt", "text_only", rows=16, seed=3), tiny("ed", "edit", rows=12, seed=4)])
+    text = re.sub(r"(?m)^catalog: .*$", f"catalog: {catalog}", write_mixture(tmp_path / "data").read_text())
+    # an editing group in every pack (ViT and generation units on every rank, as FSDP needs)
+    mix = write_config(tmp_path / "fsdp.yaml", text.replace(
+        "t2i: {dataset_names: [gen], weight: 1}",
+        "t2i: {dataset_names: [gen], weight: 1}\nedit: {dataset_names: [ed], weight: 1, is_mandatory: true}"))
+    common = ["--config", str(mix), "--total_steps", "4", "--save_every", "2", "--dataloader_workers", "0",
+              "--parallelism", "fsdp"]
+    first = tmp_path / "first"
+    assert train_job.main([*common, "--storage_path", str(first), "--num_workers", "2", "--stop_at_step", "2"]) == 0
+    ckpt = first / "fsdp/checkpoints/0000002"
+    assert {p.name for p in ckpt.glob("optimizer.*.pt")} == {ck.optimizer_file(0, 2), ck.optimizer_file(1, 2)}
+    capsys.readouterr()
+    for world in (3, 1):
+        storage = tmp_path / f"w{world}"
+        shutil.copytree(first, storage)
+        assert train_job.main([*common, "--storage_path", str(storage), "--num_workers", str(world)]) == 0
+        out = capsys.readouterr().out
+        assert f"with {world} x 1" in out and "[train] finished: step 4" in out
+        final = storage / "fsdp/checkpoints/0000004"
+        assert {p.name for p in final.glob("optimizer.*.pt")} == {ck.optimizer_file(i, world) for i in range(world)}
