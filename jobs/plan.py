@@ -28,9 +28,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "that can never fit. Packing settings come from the config's train: section unless given.",
         epilog="Example: python jobs/plan.py configs/radiology_sft.yaml --steps 200 --world-size 2 --json")
     p.add_argument("config", help="mixture config YAML (upstream dataset YAML, see docs/mixture.md)")
-    p.add_argument("--steps", type=int, default=100, help="packs per rank to simulate (default 100)")
-    p.add_argument("--world-size", type=int, default=1, help="number of ranks (default 1)")
-    p.add_argument("--num-workers", type=int, default=1, help="loader workers per rank (default 1)")
+    p.add_argument("--steps", type=int, help="packs per rank and loader worker to simulate (default 100; with "
+                                              "stages: enough packs to reach the last stage's until_step)")
+    p.add_argument("--world-size", type=int, help="number of ranks (default: the config's train: num_workers, "
+                                                  "else 1)")
+    p.add_argument("--num-workers", type=int, help="loader workers per rank (default: the config's train: "
+                                                   "dataloader_workers, else 1; 0 counts as 1)")
     p.add_argument("--seed", type=int, default=42, help="data seed when the config has no seed: (default 42)")
     p.add_argument("--epoch", type=int, default=0)
     p.add_argument("--expected-num-tokens", type=int)
@@ -40,9 +43,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _train_int(cfg: MixtureConfig, key: str, default: int) -> int:
+    value = cfg.train.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise MixtureConfigError(f"{cfg.path}: train: {key} must be a whole number >= 0, got {value!r}")
+    return value
+
+
 def format_report(r: dict) -> str:
     lines = [f"mixture {r['config']}  ({r['steps']} steps x {r['world_size']} rank(s) x {r['num_workers']} "
              f"worker(s) = {r['packs']} packs, seed {r['seed']}, weights in {r['weight_unit']})",
+             f"world size {r['world_size']} ({r['world_size_from']}), loader workers per rank "
+             f"{r['num_workers']} ({r['num_workers_from']}), gradient accumulation "
+             f"{r['gradient_accumulation_steps']}: {r['optimizer_steps']} optimizer steps",
              f"packing: expected {r['packing']['expected_num_tokens']}, max {r['packing']['max_num_tokens']}, "
              f"per sample {r['packing']['max_num_tokens_per_sample']} tokens", "",
              f"{'group':<58} {'weight':>7} {'samples':>8} {'tokens':>8}  mandatory"]
@@ -58,22 +71,38 @@ def format_report(r: dict) -> str:
               f"samples that can never fit (> {r['packing']['max_num_tokens_per_sample']} tokens): {nf['count']}"
               + (f" {nf['by_dataset']}" if nf["count"] else "")
               + (f", e.g. {', '.join(nf['sample_ids'][:5])}" if nf["sample_ids"] else "")]
-    lines += [f"note: {n}" for n in r["notes"]]
+    for st in r.get("stages", []):
+        lines += ["", f"stage {st['name']}: steps {st['start_step']}..{st['until_step'] - 1} "
+                      f"({st['samples']} samples simulated)",
+                  f"  {'group':<56} {'weight':>7} {'samples':>8} {'tokens':>8}"]
+        for name, g in st["groups"].items():
+            lines.append(f"  {name:<56} {g['weight']:>7.1%} {g['sample_share']:>8.1%} {g['token_share']:>8.1%}")
+    lines += ([""] if r.get("stages") and r["notes"] else []) + [f"note: {n}" for n in r["notes"]]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR)   # notes are part of the report (no-op where logging is set up)
     args = parse_args(argv)
-    if args.steps < 1 or args.world_size < 1 or args.num_workers < 1:
+    if any(v is not None and v < 1 for v in (args.steps, args.world_size, args.num_workers)):
         print("error: --steps, --world-size and --num-workers must be at least 1", file=sys.stderr)
         return 2
     try:
         cfg = MixtureConfig.from_yaml(args.config)
+        world_size = args.world_size or max(1, _train_int(cfg, "num_workers", 1))
+        num_workers = args.num_workers or max(1, _train_int(cfg, "dataloader_workers", 1))
+        grad_accum = max(1, _train_int(cfg, "gradient_accumulation_steps", 1))
+        steps = args.steps
+        if steps is None:
+            steps = -(-cfg.stages[-1].until_step * grad_accum // num_workers) if cfg.stages else 100
         packing = packing_from_config(cfg, expected_num_tokens=args.expected_num_tokens,
                                       max_num_tokens=args.max_num_tokens,
                                       max_num_tokens_per_sample=args.max_num_tokens_per_sample)
-        report = plan_mixture(cfg, packing, args.steps, args.world_size, args.num_workers, args.seed, args.epoch)
+        report = plan_mixture(cfg, packing, steps, world_size, num_workers, args.seed, args.epoch, grad_accum)
+        for key, arg, train_key in (("world_size", args.world_size, "num_workers"),
+                                    ("num_workers", args.num_workers, "dataloader_workers")):
+            report[f"{key}_from"] = ("--" + key.replace("_", "-") if arg is not None else
+                                     f"train: {train_key}" if train_key in cfg.train else "default")
     except (MixtureConfigError, CatalogError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,6 +1,10 @@
 #!/usr/bin/env python
 """Plot a training run: loss curves (CE, MSE), learning rate and the realised mixture shares.
 
+The mixture panels show each group's realised share of samples next to its configured weight (dashed, as
+logged by the trainer: the weight in force at that step, so curriculum stages show as steps) and the share
+of packed tokens; stage boundaries are marked and named.
+
     python jobs/plot.py runs/radiology_sft                 # -> runs/radiology_sft/training_curves.png
     python jobs/plot.py runs/radiology_sft --out docs/training_curves.png
 """
@@ -38,7 +42,8 @@ def plot(records: list[dict], out: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in records]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, grid = plt.subplots(2, 2, figsize=(15, 9))
+    axes = grid.ravel()
     ax = axes[0]
     for key, color in (("ce", "tab:blue"), ("mse", "tab:orange")):
         pts = [(s, r[key]) for s, r in zip(steps, records) if r.get(key) is not None]
@@ -57,16 +62,28 @@ def plot(records: list[dict], out: Path, title: str) -> Path:
     ax2 = ax.twinx()
     ax2.plot(steps, [100 * r.get("data_wait_fraction", 0.0) for r in records], color="tab:red", alpha=0.6)
     ax2.set_ylabel("data wait, % of step time", color="tab:red")
-    ax = axes[2]
-    groups = sorted({k.split("/", 1)[1] for r in records for k in r if k.startswith("share_tokens/")})
-    for g in groups:
-        ax.plot(steps, [r.get(f"share_tokens/{g}", 0.0) for r in records], label=g, marker=".")
-    ax.set_xlabel("step")
-    ax.set_ylabel("share of packed tokens (per log window)")
-    ax.set_title("realised mixture")
-    ax.grid(alpha=0.3)
-    if groups:
-        ax.legend(fontsize=7)
+    groups = sorted({k.split("/", 1)[1] for r in records for k in r
+                     if k.startswith(("share_samples/", "share_tokens/", "weight/"))})
+    colors = {g: f"C{i % 10}" for i, g in enumerate(groups)}
+    for ax, key, label in ((axes[2], "share_samples", "share of samples (per log window)"),
+                           (axes[3], "share_tokens", "share of packed tokens (per log window)")):
+        for g in groups:
+            pts = [(s, r[f"{key}/{g}"]) for s, r in zip(steps, records) if f"{key}/{g}" in r]
+            if pts:
+                ax.plot(*zip(*pts), label=f"{g} realised", color=colors[g], marker=".")
+            weights = [(s, r[f"weight/{g}"]) for s, r in zip(steps, records) if f"weight/{g}" in r]
+            if weights:
+                ax.step(*zip(*weights), where="pre", linestyle="--", color=colors[g], alpha=0.8,
+                        label=f"{g} weight")
+        _mark_stages(ax, records)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+    axes[2].set_title("mixture: realised sample shares vs configured weights (dashed)")
+    axes[3].set_title("mixture: realised token shares")
     fig.suptitle(title)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -75,6 +92,18 @@ def plot(records: list[dict], out: Path, title: str) -> Path:
     plt.close(fig)
     tmp.replace(out)
     return out
+
+
+def _mark_stages(ax, records: list[dict]) -> None:
+    """A vertical line and the stage name where a curriculum stage begins (records with `stage_name`)."""
+    seen = []
+    for r in records:
+        name = r.get("stage_name")
+        if name is not None and name not in seen:
+            seen.append(name)
+            start = r.get("stage_start_step", r["step"])
+            ax.axvline(start, color="grey", linestyle=":", linewidth=1)
+            ax.text(start, 0.98, f" {name}", va="top", fontsize=7, color="grey")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,9 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = MixtureConfig.from_yaml(args.config)
         resolved = resolve_sources(cfg)
+        grad_accum = cfg.train.get("gradient_accumulation_steps", 1)
+        if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
+            raise MixtureConfigError(f"{args.config}: train: gradient_accumulation_steps must be a whole number "
+                                     f">= 1, got {grad_accum!r}")
         stream = MixtureStream(cfg, packing_from_config(cfg), tokenizer_for(resolved), rank=args.rank,
                                world_size=args.world_size, worker_id=args.worker_id, num_workers=args.num_workers,
-                               seed=args.seed, epoch=args.epoch, resolved=resolved)
+                               seed=args.seed, epoch=args.epoch, resolved=resolved, grad_accum=grad_accum)
         if args.state_in:
             stream.load_state_dict(_read_states(args.state_in))
         for _ in range(args.take):
@@ -77,10 +81,14 @@ def main(argv: list[str] | None = None) -> int:
                       "groups": plan.metrics["samples_per_group"],
                       "packing_efficiency": round(plan.metrics["packing_efficiency"], 6),
                       "skipped_too_long": plan.metrics["skipped_too_long_ids"]}
+            stage = ""
+            if cfg.stages:   # curriculum: the optimizer step this pack feeds and its stage
+                record.update(step=plan.metrics["step"], stage=cfg.stages[plan.metrics["stage"]].name)
+                stage = f" step {record['step']:>5} stage {record['stage']}"
             if args.json:
                 print(json.dumps(record), flush=True)
             else:
-                print(f"rank {args.rank} pack {record['index']:>5}: {plan.tokens:>6} tokens  "
+                print(f"rank {args.rank} pack {record['index']:>5}{stage}: {plan.tokens:>6} tokens  "
                       f"{' '.join(record['samples'])}", flush=True)
         if args.state_out:
             tmp = f"{args.state_out}.tmp.{os.getpid()}"

@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"[train] run {cfg.run_name}: {cfg.run.num_workers} worker(s), "
           f"{'GPU' if cfg.run.use_gpu else 'CPU'}, {cfg.train.total_steps} steps; start: {plan.reason}")
+    note = _topology_note(plan, cfg)
+    if note:
+        print(f"[train] note: {note}")
     from trainer.checkpoint.remote import remote_checkpoint_root
 
     remote = remote_checkpoint_root(cfg.run.storage_path, cfg.run_name)
@@ -56,7 +59,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[train] run dir {summary['results_dir']}; last checkpoint {summary['last_checkpoint']}")
         if summary["error"]:
             print(f"[train] error: {summary['error']}", file=sys.stderr)
+        elif note:
+            print(f"[train] note: {note}")
     return 1 if summary["error"] else 0
+
+
+def _topology_note(plan, cfg) -> str:
+    """What is guaranteed when a checkpoint resumes with another number of ranks or loader workers."""
+    from trainer.checkpoint.reshard import saved_topology, topology_note
+
+    if not plan.load_train_state or plan.source is None or not plan.source.is_dir():
+        return ""
+    old = saved_topology(plan.source)
+    new = (cfg.run.num_workers, max(1, cfg.data.dataloader_workers))
+    return topology_note(old, new) if old is not None and old != new else ""
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ class StreamFactory:
     seed: int
     loader: LoaderState = field(default_factory=LoaderState)
     threads: int = 0   # >0: batches built ahead by this many threads (stream.batches; identical batches)
+    grad_accum: int = 1   # packs per optimizer step: curriculum stages count optimizer steps
 
     def build(self, slot: int = 0):
         from datasets_catalog.tokenizer import TextTokenizer
@@ -72,7 +73,7 @@ class StreamFactory:
         tok = TextTokenizer.load(self.tokenizer_spec)
         n = self.loader.num_slots
         stream = MixtureStream(self.mixture, self.packing, tok, rank=self.rank, world_size=self.world_size,
-                               worker_id=slot, num_workers=n, seed=self.seed)
+                               worker_id=slot, num_workers=n, seed=self.seed, grad_accum=self.grad_accum)
         if self.loader.states[slot] is not None:
             stream.load_state_dict(self.loader.states[slot])
         return stream
@@ -95,7 +96,9 @@ def load_mixture(mixture: MixtureConfig | str) -> MixtureConfig:
 
 def generation_groups(mixture: MixtureConfig | str) -> list[str]:
     """Names of mixture groups whose task emits noised VAE targets (needed when visual_gen is on)."""
-    return [g.name for g in load_mixture(mixture).groups if g.task.generation and g.weight > 0]
+    cfg = load_mixture(mixture)
+    used = [max([g.weight] + [s.weights[i] for s in cfg.stages]) > 0 for i, g in enumerate(cfg.groups)]
+    return [g.name for g, u in zip(cfg.groups, used) if g.task.generation and u]
 
 
 def mandatory_coverage(mixture: MixtureConfig | str) -> dict[str, bool]:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from trainer.checkpoint import remote as cr
 from trainer.checkpoint import local as ck
 from trainer.config import TrainConfig, training_args_json
+from pipelines.mixture.stages import stage_record
 from trainer.data import LoaderState, StreamFactory, load_mixture
 from trainer.ema import ema_update, make_ema
 from trainer.loss import Denominators, all_reduce_sum, compute_loss, global_denominators
@@ -205,7 +206,8 @@ class Trainer:
         if plan.load_train_state and plan.source is not None:
             self.step, self.stream_state = ck.restore_train_state(
                 plan.source, self.state, load_optimizer=plan.load_optimizer, rank=self.rank, world=self.world,
-                fetch=self.fetched.fetch if self.fetched is not None else None)
+                fetch=self.fetched.fetch if self.fetched is not None else None,
+                slots=max(1, self.cfg.data.dataloader_workers))
             self.log(f"resumed train state at step {self.step}")
         if self.fetched is not None:   # everything is in memory now
             self.fetched.release()
@@ -234,9 +236,11 @@ class Trainer:
         cfg = self.cfg
         mixture = load_mixture(str(cfg.mixture_path))
         self.mixture_groups = self.groups or mixture.group_names
+        self.mixture_cfg = mixture
         return StreamFactory(mixture=mixture, packing=packing_config(cfg, self.mc),
                              tokenizer_spec=tokenizer_spec(cfg), rank=self.rank, world_size=self.world,
-                             seed=cfg.data.data_seed, loader=copy.deepcopy(self.loader_state), threads=cfg.data.dataloader_threads)
+                             seed=cfg.data.data_seed, loader=copy.deepcopy(self.loader_state), threads=cfg.data.dataloader_threads,
+                             grad_accum=max(1, cfg.train.gradient_accumulation_steps))
 
     def open_outputs(self) -> None:
         """The run and checkpoint directories, training_args.json, the metrics sink and the start event;
@@ -382,6 +386,10 @@ class Trainer:
         rec = summarise(reduced, world=self.world, step=self.step, lr=lr_used, lrs=lrs,
                         wall=time.perf_counter() - self.window_start, device=self.device,
                         llm_config=getattr(self.mc, "llm", None), peak_tflops=self.peak)
+        mix = getattr(self, "mixture_cfg", None)
+        if mix is not None:   # the configured weights in force (jobs/plot.py draws them) and the curriculum stage
+            rec.update({f"weight/{g}": w for g, w in zip(mix.group_names, mix.weights(self.step - 1))})
+            rec.update(stage_record(mix.stages, self.step - 1))
         self.sink.log(rec)
         self.window = Window(groups=self.mixture_groups)
         self.window_start = time.perf_counter()

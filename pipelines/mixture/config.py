@@ -1,13 +1,14 @@
 """The mixture config: upstream UniMedVL/BAGEL dataset YAML (docs/upstream-compat.md#dataset-yaml), accepted unchanged.
 
 Top-level keys are task kinds (upstream class names or our aliases); each holds one group (list form) or
-several (grouped form: `dataset_names: {group: [names]}` -> groups named `{key}_{group}`). Four optional
+several (grouped form: `dataset_names: {group: [names]}` -> groups named `{key}_{group}`). The optional
 top-level keys are ours:
 
     catalog: catalog/radiology.yaml   # the dataset catalog; default <project root>/catalog/radiology.yaml
     shards: shards                    # shard folder or s3://bucket/prefix; default: the catalog's output_dir
     seed: 42                          # data seed; default: the `seed` argument of MixtureStream
     weight_unit: samples              # or `tokens`: weights are shares of packed tokens
+    stages: [...]                     # curriculum: weights by optimizer step (pipelines/mixture/stages.py)
     train: {...}                      # the trainer's section; ignored here
 
 Relative paths resolve against the config file's folder. This module only parses and checks structure;
@@ -16,6 +17,7 @@ Relative paths resolve against the config file's folder. This module only parses
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,8 +27,9 @@ import yaml
 from datasets_catalog.catalog import CatalogError, _LineLoader, project_root
 from datasets_catalog.task_kinds import TaskKind, UnknownTaskKind, resolve_task_kind
 from datasets_catalog.transforms import ImageTransformArgs
+from pipelines.mixture.stages import Stage, normalised, parse_stages, stage_index
 
-OUR_TOP_LEVEL_KEYS = ("catalog", "shards", "seed", "weight_unit", "train", "shuffle_window_blocks")
+OUR_TOP_LEVEL_KEYS = ("catalog", "shards", "seed", "weight_unit", "train", "shuffle_window_blocks", "stages")
 GROUP_KEYS = ("dataset_names", "image_transform_args", "vit_image_transform_args", "is_mandatory", "weight",
               "num_used_data", "shuffle_lines", "shuffle_seed", "resume_data_status", "frame_sampler_args")
 DEFAULT_CATALOG = "catalog/radiology.yaml"
@@ -79,6 +82,7 @@ class MixtureConfig:
     weight_unit: Literal["samples", "tokens"] = "samples"
     shuffle_window_blocks: int = DEFAULT_SHUFFLE_WINDOW_BLOCKS
     train: dict[str, Any] = field(default_factory=dict)
+    stages: tuple[Stage, ...] = ()   # curriculum (pipelines/mixture/stages.py); () = the weights above throughout
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -143,7 +147,10 @@ class MixtureConfig:
             if v is not None and not isinstance(v, str):
                 raise err(k, f"{k} must be a path, got {v!r}")
         train = raw.get("train") or {}
-        return cls(groups=tuple(groups), path=path,
+        stages = parse_stages(raw.get("stages"),
+                              [(g.name, (g.task.name, g.task.upstream) if g.name == g.key else (), g.weight,
+                                g.is_mandatory) for g in groups], err, raw)
+        return cls(groups=tuple(groups), path=path, stages=stages,
                    catalog=_resolve(base, catalog) if catalog else None,
                    shards=_shards_location(base, shards) if shards else None,
                    seed=seed, weight_unit=unit, shuffle_window_blocks=window,
@@ -160,9 +167,12 @@ class MixtureConfig:
     def group_names(self) -> list[str]:
         return [g.name for g in self.groups]
 
-    def weights(self) -> list[float]:
-        total = sum(g.weight for g in self.groups)
-        return [g.weight / total for g in self.groups]
+    def weights(self, step: int | None = None) -> list[float]:
+        """Normalised group weights; with stages, those of the stage optimizer step `step` is in (the
+        first stage when `step` is None)."""
+        if self.stages:
+            return normalised(self.stages[stage_index(self.stages, step or 0)].weights)
+        return normalised([g.weight for g in self.groups])
 
 
 def _resolve(base: Path, value: str) -> Path:
@@ -172,6 +182,14 @@ def _resolve(base: Path, value: str) -> Path:
 
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _no_repeats(names: list[str], label: str, err, body) -> None:
+    """A dataset listed twice in one group would silently double its share: refuse it."""
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise err("dataset_names", f"{label} names {', '.join(map(repr, twice))} more than once; list each dataset "
+                                   f"once and use weight (or a separate group) to change its share", body)
 
 
 def _parse_groups(key: str, body: Any, err, top) -> list[GroupConfig]:
@@ -215,9 +233,10 @@ def _parse_groups(key: str, body: Any, err, top) -> list[GroupConfig]:
         raise err(key, f"{key}: dataset_names is missing; list the catalog datasets of this group", body)
 
     def number(value: Any, field_name: str, group: str | None) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or value < 0):
             label = f"{key}.{field_name}" + (f"[{group}]" if group else "")
-            raise err(field_name, f"{label} must be a number >= 0, got {value!r}", body)
+            raise err(field_name, f"{label} must be a finite number >= 0, got {value!r}", body)
         return float(value)
 
     def flag(value: Any, group: str | None) -> bool:
@@ -233,6 +252,7 @@ def _parse_groups(key: str, body: Any, err, top) -> list[GroupConfig]:
     if isinstance(names, list):   # list form: one group named after the key
         if not names or not all(isinstance(n, str) for n in names):
             raise err("dataset_names", f"{key}.dataset_names must be a non-empty list of dataset names", body)
+        _no_repeats(names, f"{key}.dataset_names", err, body)
         used = body.get("num_used_data")
         if used is None or used == 0:
             used = [0] * len(names)
@@ -267,6 +287,7 @@ def _parse_groups(key: str, body: Any, err, top) -> list[GroupConfig]:
             members = [members]
         if not isinstance(members, list) or not members or not all(isinstance(n, str) for n in members):
             raise err("dataset_names", f"{key}.dataset_names[{group}] must be a non-empty list of names", body)
+        _no_repeats(members, f"{key}.dataset_names[{group}]", err, body)
         rng = used.get(group, [0, 0])
         if (not isinstance(rng, list) or len(rng) != 2 or not all(_is_count(v) for v in rng)
                 or (rng[1] != 0 and rng[1] <= rng[0])):

@@ -16,6 +16,7 @@ from pipelines.mixture.stream import MixtureStream
 from pipelines.mixture.config import MixtureConfig
 from pipelines.mixture.recompute import RECOMPUTE_COLUMNS, recompute_row
 from pipelines.mixture.sources import ResolvedMixture, resolve_sources
+from pipelines.mixture.stages import normalised, stage_start
 from pipelines.packing.config import PackingConfig
 from pipelines.storage.shard_reader import RowGroupCache
 
@@ -65,8 +66,9 @@ def never_fit_scan(resolved: ResolvedMixture, limit: int, tokenizer: TextTokeniz
 
 
 def plan_mixture(cfg: MixtureConfig, packing: PackingConfig, steps: int, world_size: int = 1,
-                 num_workers: int = 1, seed: int = 42, epoch: int = 0) -> dict[str, Any]:
-    """Simulate `steps` packs on every (rank, worker) and report realised shares, passes, efficiency."""
+                 num_workers: int = 1, seed: int = 42, epoch: int = 0, grad_accum: int = 1) -> dict[str, Any]:
+    """Simulate `steps` packs on every (rank, worker) and report realised shares, passes, efficiency
+    (per curriculum stage too, when the config has `stages:`)."""
     resolved = resolve_sources(cfg)
     tokenizer = tokenizer_for(resolved)
     groups = resolved.groups
@@ -76,26 +78,39 @@ def plan_mixture(cfg: MixtureConfig, packing: PackingConfig, steps: int, world_s
     ds_drawn: dict[tuple[int, str], int] = {}
     tokens_total = packs = 0
     skipped = 0
+    n_stages = max(1, len(cfg.stages))
+    st_samples = [[0] * len(groups) for _ in range(n_stages)]
+    st_tokens = [[0] * len(groups) for _ in range(n_stages)]
+    stage_packs = [0] * n_stages
     stream = None
     for rank in range(world_size):
         for worker in range(num_workers):
             stream = MixtureStream(cfg, packing, tokenizer, rank=rank, world_size=world_size, worker_id=worker,
-                                   num_workers=num_workers, seed=seed, epoch=epoch, resolved=resolved)
+                                   num_workers=num_workers, seed=seed, epoch=epoch, resolved=resolved,
+                                   grad_accum=grad_accum)
             log: list = []
             stream.log_draws(log)
             for _ in range(steps):
                 plan = stream.next_plan()
                 packs += 1
                 tokens_total += plan.tokens
+                stage = plan.metrics["stage"]
+                stage_packs[stage] += 1
                 for m in plan.members:
                     g_samples[m.group] += 1
                     g_tokens[m.group] += m.cost
+                    st_samples[stage][m.group] += 1
+                    st_tokens[stage][m.group] += m.cost
                     ds_samples[m.sample.dataset] = ds_samples.get(m.sample.dataset, 0) + 1
             skipped += sum(stream.stats["skipped_too_long"])
             for d in log:
                 key = (d.group, d.sample.dataset)
                 ds_drawn[key] = ds_drawn.get(key, 0) + 1
-    weights = cfg.weights()
+    weights = normalised([g.config.weight for g in groups])
+    if cfg.stages:   # the weights in force, averaged over the simulated packs
+        per_stage = [normalised(st.weights) for st in cfg.stages]
+        weights = [sum(n * w[i] for n, w in zip(stage_packs, per_stage)) / max(1, sum(stage_packs))
+                   for i in range(len(groups))]
     n_samples, n_tokens = max(1, sum(g_samples)), max(1, sum(g_tokens))
     out_groups = {}
     for g in groups:
@@ -115,6 +130,16 @@ def plan_mixture(cfg: MixtureConfig, packing: PackingConfig, steps: int, world_s
             drawn = ds_drawn.get((g.index, ds.name), 0)
             entry["drawn"] += drawn
             entry["passes"] = round(entry["passes"] + (drawn / rows if rows else 0.0), 6)
+    out_stages = []
+    for i, stage in enumerate(cfg.stages):
+        sw = normalised(stage.weights)
+        ns, nt = max(1, sum(st_samples[i])), max(1, sum(st_tokens[i]))
+        out_stages.append({
+            "name": stage.name, "start_step": stage_start(cfg.stages, i), "until_step": stage.until_step,
+            "samples": sum(st_samples[i]),
+            "groups": {g.name: {"weight": round(sw[g.index], 6),
+                                "sample_share": round(st_samples[i][g.index] / ns, 6),
+                                "token_share": round(st_tokens[i][g.index] / nt, 6)} for g in groups}})
     never_fit = never_fit_scan(resolved, packing.max_num_tokens_per_sample, tokenizer)
     never_fit["skipped_in_run"] = skipped
     return {
@@ -129,4 +154,7 @@ def plan_mixture(cfg: MixtureConfig, packing: PackingConfig, steps: int, world_s
         "packing_efficiency": round(tokens_total / max(1, packs) / packing.max_num_tokens, 6),
         "mean_tokens_per_pack": round(tokens_total / max(1, packs), 1),
         "never_fit": never_fit, "notes": list(resolved.notes),
+        "gradient_accumulation_steps": grad_accum,
+        "optimizer_steps": -(-steps * num_workers // grad_accum),
+        **({"stages": out_stages} if cfg.stages else {}),
     }

@@ -8,14 +8,17 @@ Two pure, integer-only pieces (no I/O, no state beyond small caches):
   shuffle_seed, pass), so the order changes every pass and is the same on every machine. Memory:
   O(blocks) per cached pass, never O(rows).
 
-* The split across streams. Pass k occupies positions u = k * span + p of an infinite sequence, where
-  span = rows rounded up to a multiple of `chunk` (positions p >= rows are void and skipped). Stream s of
-  S (S = world_size * num_workers) takes the whole chunks s, s + S, s + 2S, ...: every position is taken
-  by exactly one stream, so within a pass no row is read twice or skipped, whatever rows mod S is, and a
-  stream reads whole windows (its row groups are read once, not S times). A world-size change adds a
-  `Layer`: the positions the old streams had not trained on (their in-flight samples, the rest of their
-  current chunks, their untouched chunks below the furthest old chunk M), then everything from chunk M
-  on; the new streams split that new sequence the same way. Layers are O(old streams + in-flight).
+* The split across streams, by rows. Pass k occupies positions u = k * rows + p of an infinite
+  sequence (no void positions). The sequence is cut into rounds (a round is one pass, or
+  ceil(S / rows) passes when a group has fewer rows than streams), and stream s of S (S = world_size *
+  num_workers) takes the contiguous share [floor(s * L / S), floor((s + 1) * L / S)) of every round of
+  length L, in order. So the first floor(rows / S) draws of every stream in a pass are distinct across
+  streams and cover floor(rows / S) * S rows, whatever the row-group size, and a stream reads its share
+  window by window (large groups: every row group is read by one stream, two at share edges).
+  A world-size change adds a `Layer`: the positions the old streams had not trained on (their in-flight
+  samples, the rest of their shares of the rounds up to the furthest one any old stream touched), then
+  everything from the next round on; in the new layer those holes form round 0 and the rest follows in
+  rounds as above. Layers are O(old streams + in-flight).
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ class PassOrder:
         self.key_parts = key_parts
         self.shuffle = shuffle
         self.chunk = max(1, int(chunk))
-        self.span = -(-self.total // self.chunk) * self.chunk   # positions per pass incl. void ones
+        self.span = self.total   # positions per pass (the split is by rows: no void positions)
         self._passes: OrderedDict[int, tuple] = OrderedDict()
         self._windows: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
 
@@ -85,14 +88,42 @@ class PassOrder:
         return int(order[slot]), int(q - cum[slot])
 
     def split(self, u: int) -> tuple[int, int] | None:
-        """(pass, position) of global position u, or None for a void position (p >= rows)."""
+        """(pass, position) of global position u (None only for an empty group)."""
         k, p = divmod(u, self.span)
         return None if p >= self.total else (k, p)
 
 
-def stream_position(slot: int, slots: int, chunk: int, j: int) -> int:
+def round_length(rows: int, slots: int) -> int:
+    """Positions per round: one pass, or whole passes enough to give every stream at least one."""
+    return rows * max(1, -(-slots // max(1, rows)))
+
+
+def _share(length: int, slots: int, slot: int) -> tuple[int, int]:
+    return slot * length // slots, (slot + 1) * length // slots
+
+
+def stream_round(slot: int, slots: int, rows: int, first: int, j: int) -> tuple[int, int]:
+    """(round, offset in this stream's share of it) of the j-th draw of stream `slot` of `slots`; round 0
+    has `first` positions (the holes of a resharded layer, 0 otherwise), later rounds `round_length`."""
+    a, b = _share(first, slots, slot)
+    if j < b - a:
+        return 0, j
+    j -= b - a
+    a, b = _share(round_length(rows, slots), slots, slot)
+    r, o = divmod(j, b - a)
+    return r + 1, o
+
+
+def round_start(slots: int, rows: int, first: int, r: int) -> int:
+    """Position (in the layer) where round r begins."""
+    return 0 if r == 0 else first + (r - 1) * round_length(rows, slots)
+
+
+def stream_position(slot: int, slots: int, rows: int, first: int, j: int) -> int:
     """The position (in the newest layer) of the j-th draw of stream `slot` of `slots`."""
-    return ((j // chunk) * slots + slot) * chunk + j % chunk
+    r, o = stream_round(slot, slots, rows, first, j)
+    length = first if r == 0 else round_length(rows, slots)
+    return round_start(slots, rows, first, r) + _share(length, slots, slot)[0] + o
 
 
 @dataclass
@@ -137,21 +168,29 @@ def to_global(layers: list[Layer], v: int) -> int:
     return v
 
 
-def reshard_layer(slots: int, chunk: int, cursors: list[int], inflight: list[int]) -> Layer:
+def layer_first(layers: list[Layer]) -> int:
+    """Length of round 0 of the newest layer: its holes (0 without a world-size change)."""
+    return layers[-1].n_holes if layers else 0
+
+
+def reshard_layer(slots: int, rows: int, first: int, cursors: list[int], inflight: list[int]) -> Layer:
     """The layer continuing a split over `slots` streams in which stream s made cursors[s] draws
-    (positions `stream_position(s, slots, chunk, j)`, j < cursors[s], of the newest layer), minus
-    `inflight` ones (drawn but never trained)."""
+    (positions `stream_position(s, slots, rows, first, j)`, j < cursors[s], of the newest layer), minus
+    `inflight` ones (drawn but never trained). Every stream's untrained rest of the rounds up to the
+    furthest round any stream touched becomes a hole; the tail starts at the next round, which begins a
+    pass."""
+    where = [stream_round(s, slots, rows, first, j) for s, j in enumerate(cursors)]
+    top = max((r + (1 if o else 0) for r, o in where), default=0)   # rounds touched: 0 .. top - 1
+    length = round_length(rows, slots)
     runs = []
-    first_free = []
-    for s, j in enumerate(cursors):
-        done, r = divmod(j, chunk)
-        if r:   # the rest of the chunk the stream was in
-            runs.append([stream_position(s, slots, chunk, j), 1, 1, chunk - r])
-            done += 1
-        first_free.append(done * slots + s)   # first chunk of s it never touched
-    top = max(first_free) if first_free else 0
-    for s, f in enumerate(first_free):
-        count = -(-(top - f) // slots)
+    for s, (r, o) in enumerate(where):
+        if r >= top:
+            continue
+        a, b = _share(first if r == 0 else length, slots, s)
+        if b - a - o > 0:   # the rest of the share of the round the stream is in
+            runs.append([round_start(slots, rows, first, r) + a + o, 1, 1, b - a - o])
+        count = top - 1 - r                       # whole shares of the later touched rounds (all >= 1)
         if count > 0:
-            runs.append([f * chunk, slots * chunk, count, chunk])
-    return Layer(sorted(int(v) for v in inflight), runs, top * chunk)
+            a, b = _share(length, slots, s)
+            runs.append([round_start(slots, rows, first, r + 1) + a, length, count, b - a])
+    return Layer(sorted(int(v) for v in inflight), runs, round_start(slots, rows, first, top))

@@ -144,6 +144,24 @@ def _load_dataset(name: str, group: GroupConfig, catalog: Catalog, shards_dir: P
     return source
 
 
+def _clip_notes(group: GroupSource, cfg: MixtureConfig) -> list[str]:
+    """num_used_data beyond what the shards hold is used as "all rows": say so with the real size."""
+    where = f"{cfg.path or '<mixture config>'}" + (f", line {group.config.line}" if group.config.line else "")
+    out = []
+    for ds, use in zip(group.datasets, group.config.datasets):
+        if use.limit is not None and use.limit > ds.rows:
+            out.append(f"{where}: group {group.config.name!r}: num_used_data {use.limit} for dataset {ds.name!r} "
+                       f"exceeds its {ds.rows} rows; all {ds.rows} are used")
+    end = group.config.row_range[1]
+    rows = sum(ds.rows for ds in group.datasets)
+    if end is not None and end > rows:
+        out.append(f"{where}: group {group.config.name!r}: num_used_data end {end} exceeds the group's {rows} "
+                   f"rows; rows up to {rows} are used")
+    for note in out:
+        log.warning(note)
+    return out
+
+
 def _blocks(group: GroupSource) -> None:
     start, end = group.config.row_range
     ds_idx, rows, lens = [], [], []
@@ -188,10 +206,12 @@ def resolve_sources(cfg: MixtureConfig) -> ResolvedMixture:
             sources.append(loaded[cache_key])
         group = GroupSource(gc, gi, sources)
         _blocks(group)
-        if group.total == 0 and gc.weight > 0 or group.total == 0 and gc.is_mandatory:
+        notes.extend(_clip_notes(group, cfg))
+        used = gc.weight > 0 or gc.is_mandatory or any(s.weights[gi] > 0 for s in cfg.stages)
+        if group.total == 0 and used:
             where = f"{cfg.path or '<mixture config>'}" + (f", line {gc.line}" if gc.line else "")
             raise MixtureConfigError(f"{where}: group {gc.name!r} has no rows (datasets "
                                      f"{', '.join(u.name for u in gc.datasets)} are empty or num_used_data "
-                                     f"selects nothing); give it weight 0 or fix num_used_data")
+                                     f"selects nothing); give it weight 0 (in every stage too) or fix num_used_data")
         groups.append(group)
     return ResolvedMixture(cfg, catalog, shards_dir, groups, notes)

@@ -29,14 +29,16 @@ from datasets_catalog.tokenizer import TextTokenizer
 
 from pipelines.mixture import rng
 from pipelines.mixture.config import MixtureConfig, MixtureConfigError
-from pipelines.mixture.order import Layer, PassOrder, chunk_size, reshard_layer, stream_position, to_global
+from pipelines.mixture.order import (Layer, PassOrder, chunk_size, layer_first, reshard_layer, stream_position,
+                                     to_global)
 from pipelines.mixture.recompute import RECOMPUTE_COLUMNS, recompute_images, recompute_row
 from pipelines.mixture.sources import GroupSource, ResolvedMixture, resolve_sources
+from pipelines.mixture.stages import stage_index
 from pipelines.packing.config import PackingConfig
 from pipelines.packing.sample import StreamSample
 from pipelines.storage.shard_reader import RowGroupCache, table_row
 
-STATE_VERSION = 1
+STATE_VERSION = 2   # 2: passes split across streams by rows (1: by whole chunks)
 PENDING_TRIES = 4   # packs a held-over sample may wait beside the mandatory samples before it is reported
 META_COLUMNS = ("sample_id", "num_tokens")
 _TOKEN_PRIOR_WEIGHT = 8
@@ -87,7 +89,8 @@ class MixtureStream:
 
     def __init__(self, cfg: MixtureConfig, packing: PackingConfig, tokenizer: TextTokenizer, rank: int = 0,
                  world_size: int = 1, worker_id: int = 0, num_workers: int = 1, seed: int = 42, epoch: int = 0,
-                 resolved: ResolvedMixture | None = None, cache_bytes: int | None = None) -> None:
+                 resolved: ResolvedMixture | None = None, cache_bytes: int | None = None,
+                 grad_accum: int = 1) -> None:
         if not (0 <= rank < world_size and 0 <= worker_id < num_workers):
             raise ValueError(f"need 0 <= rank < world_size and 0 <= worker_id < num_workers, got rank={rank}, "
                              f"world_size={world_size}, worker_id={worker_id}, num_workers={num_workers}")
@@ -103,6 +106,9 @@ class MixtureStream:
         self.orders = [PassOrder(g.block_len, (self.seed, self.epoch, g.name, g.config.shuffle_seed),
                                  g.config.shuffle_lines, c) for g, c in zip(self.groups, self.chunks)]
         self.mandatory = [g.index for g in self.groups if g.config.is_mandatory]
+        # curriculum stages go by optimizer step: this stream's pack p is pack p * num_workers + worker_id of
+        # its rank (the trainer takes loader slots round-robin), and grad_accum packs make one step
+        self.grad_accum = max(1, int(grad_accum))
         self.weights = cfg.weights()
         # a stream works through one chunk (about shuffle_window_blocks row groups, +2 for unaligned edges)
         # per group at a time: hold that many row groups so random order inside a chunk never re-reads
@@ -119,8 +125,9 @@ class MixtureStream:
         self._reset(generation=0, layers=[[] for _ in self.groups])
 
     # -- state --------------------------------------------------------------------------------------
-    def _reset(self, generation: int, layers: list[list[Layer]]) -> None:
+    def _reset(self, generation: int, layers: list[list[Layer]], step_offset: int = 0) -> None:
         self.generation = generation
+        self.step_offset = step_offset   # optimizer steps before this topology (world-size changes)
         self.layers = layers
         self.cursors = [0] * len(self.groups)
         self.choices = 0          # weighted group draws
@@ -150,9 +157,24 @@ class MixtureStream:
             "pending": self.pending.ref() if self.pending else None,
             "pending_tries": self.pending_tries,
             "stats": {k: list(v) for k, v in self.stats.items()},
+            "step_offset": self.step_offset, "grad_accum": self.grad_accum, "next_step": self.step(),
         }
 
+    def step(self, pack: int | None = None) -> int:
+        """The optimizer step (0-based) that this stream's pack `pack` (default: the next one) feeds."""
+        pack = self.packs if pack is None else pack
+        return self.step_offset + (pack * self.num_workers + self.worker_id) // self.grad_accum
+
+    def stage(self, pack: int | None = None) -> int:
+        """Index of the curriculum stage of pack `pack` (default: the next one); 0 without stages."""
+        return stage_index(self.cfg.stages, self.step(pack)) if self.cfg.stages else 0
+
     def _check_common(self, state: dict[str, Any]) -> None:
+        if isinstance(state, dict) and state.get("version") == 1:
+            raise StreamStateError("the state is of version 1 (passes split across streams by whole chunks); "
+                                   "this version splits them by rows and cannot continue it: resume with "
+                                   "--resume_model_only True (weights only, a fresh data stream) or finish the "
+                                   "run with the MedLoom version that wrote it")
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise StreamStateError(f"not a mixture stream state of version {STATE_VERSION}")
         if (state["seed"], state["epoch"]) != (self.seed, self.epoch):
@@ -170,7 +192,7 @@ class MixtureStream:
         self._check_common(state)
         layers = [[Layer.from_state(l) for l in state["layers"][g.name]] for g in self.groups]
         if state["kind"] == "merged":
-            self._reset(state["generation"], layers)
+            self._reset(state["generation"], layers, int(state.get("step_offset", 0)))
             return
         if (state["slot"], state["slots"]) != (self.slot, self.slots):
             raise StreamStateError(
@@ -178,7 +200,11 @@ class MixtureStream:
                 f"{state['world_size']}, worker {state['worker_id']}/{state['num_workers']}), this is slot "
                 f"{self.slot} of {self.slots}; after a change of world size or workers pass the states of all "
                 f"old streams (a list, or pipelines.mixture.stream.merge_states(states))")
-        self._reset(state["generation"], layers)
+        if int(state.get("grad_accum", 1)) != self.grad_accum and self.cfg.stages:
+            raise StreamStateError(f"state was taken with gradient_accumulation_steps {state.get('grad_accum')}, "
+                                   f"this stream has {self.grad_accum}; curriculum stages count optimizer steps, "
+                                   f"so resume with the same value")
+        self._reset(state["generation"], layers, int(state.get("step_offset", 0)))
         self.cursors = [int(state["cursors"][g.name]) for g in self.groups]
         self.choices, self.draws, self.packs = int(state["choices"]), int(state["draws"]), int(state["packs"])
         self.stats = {k: list(v) for k, v in state["stats"].items()}
@@ -189,7 +215,7 @@ class MixtureStream:
     # -- drawing -----------------------------------------------------------------------------------
     def _locate(self, gi: int, v: int) -> tuple[int, int, int] | None:
         """(dataset index in group, dataset row, global position) of virtual position v of group gi,
-        or None when v is a void position (the padding of a pass to whole chunks)."""
+        or None for a group without rows (a pass has no void positions since the split is by rows)."""
         group = self.groups[gi]
         g = to_global(self.layers[gi], v)
         where = self.orders[gi].split(g)
@@ -201,7 +227,7 @@ class MixtureStream:
     def _fetch(self, gi: int, v: int, draw_key: int, where: tuple[int, int, int] | None = None) -> Drawn:
         """The sample at position v of group gi (`where`: its `_locate` result, when already known)."""
         group = self.groups[gi]
-        di, row, g = where or self._locate(gi, v)   # refs are never void
+        di, row, g = where or self._locate(gi, v)   # refs always name a row
         ds = group.datasets[di]
         rg, off = ds.layout.find(row)
         path, rgi = ds.layout.row_group(rg)
@@ -219,17 +245,21 @@ class MixtureStream:
         return Drawn(gi, v, draw_key, sample, di, row, g, g // self.orders[gi].span)
 
     def _next_v(self, gi: int) -> tuple[int, tuple[int, int, int]]:
-        """This stream's next non-void position of group gi and its `_locate` result (advances the cursor)."""
+        """This stream's next position of group gi and its `_locate` result (advances the cursor)."""
         while True:
-            v = stream_position(self.slot, self.slots, self.chunks[gi], self.cursors[gi])
+            v = self._position(gi, self.cursors[gi])
             self.cursors[gi] += 1
             where = self._locate(gi, v)
             if where is not None:
                 return v, where
 
     def peek_global(self, gi: int) -> int:
-        """Global position of this stream's next draw from group gi (void ones included); for tools."""
-        return to_global(self.layers[gi], stream_position(self.slot, self.slots, self.chunks[gi], self.cursors[gi]))
+        """Global position of this stream's next draw from group gi; for tools."""
+        return to_global(self.layers[gi], self._position(gi, self.cursors[gi]))
+
+    def _position(self, gi: int, j: int) -> int:
+        """Position (in the newest layer) of this stream's j-th draw from group gi."""
+        return stream_position(self.slot, self.slots, self.groups[gi].total, layer_first(self.layers[gi]), j)
 
     def _draw_from(self, gi: int) -> Drawn:
         v, where = self._next_v(gi)
@@ -259,7 +289,7 @@ class MixtureStream:
         """A group by weight (shares of samples, or of tokens with weight_unit: tokens)."""
         u = rng.uniform(self.seed, "group", self.epoch, self.generation, self.slot, self.choices)
         self.choices += 1
-        weights = self.weights
+        weights = self.cfg.weights(self.step()) if self.cfg.stages else self.weights
         if self.cfg.weight_unit == "tokens":
             raw = [w / self._mean_tokens(i) if w > 0 else 0.0 for i, w in enumerate(weights)]
             total = sum(raw)
@@ -343,6 +373,8 @@ class MixtureStream:
                 break
             members.append(d)
             curr += d.cost
+        stage = self.stage()
+        step = self.step()
         self.packs += 1
         tokens_per_group: dict[str, int] = {}
         samples_per_group: dict[str, int] = {}
@@ -363,6 +395,8 @@ class MixtureStream:
             "skipped_too_long_ids": [d.sample.sample_id for d in skipped],
             "buffer_size": len(self.buffer),
             "mandatory_missing": mandatory_missing,
+            "step": step,
+            "stage": stage,
         }
         return PackPlan(members, curr, metrics, self.state_dict())
 
@@ -452,10 +486,15 @@ def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
         for s in range(slots):
             refs = list(by_slot[s]["buffer"]) + ([by_slot[s]["pending"]] if by_slot[s]["pending"] else [])
             inflight += [int(v) for g, v, _ in refs if g == gi]
-        chunk = int(first["groups"][name][1])
-        layers[name] = first["layers"][name] + [reshard_layer(slots, chunk, cursors, inflight).to_state()]
+        rows = int(first["groups"][name][0])
+        old = [Layer.from_state(l) for l in first["layers"][name]]
+        layers[name] = first["layers"][name] + [reshard_layer(slots, rows, layer_first(old), cursors,
+                                                              inflight).to_state()]
     stats = {k: [sum(s["stats"][k][i] for s in states) for i in range(len(first["groups"]))]
              for k in first["stats"]}
     return {"version": first["version"], "kind": "merged", "seed": first["seed"], "epoch": first["epoch"],
             "groups": first["groups"], "generation": first["generation"] + 1, "layers": layers,
-            "previous_slots": slots, "stats": stats}
+            "previous_slots": slots, "stats": stats,
+            # the optimizer step the new streams start at: the earliest next step of the old streams (at a
+            # checkpoint, every rank has finished the same steps)
+            "step_offset": min(int(s.get("next_step", 0)) for s in states)}

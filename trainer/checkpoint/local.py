@@ -263,15 +263,24 @@ def read_train_state(path: Path) -> dict:
         return {"step": 0}
 
 
-def load_stream_state(path: Path, rank: int, world: int) -> Optional[dict]:
+def load_stream_state(path: Path, rank: int, world: int, slots: Optional[int] = None) -> Optional[dict]:
+    """This rank's saved data-stream state; after a change of world size or (given `slots`) of loader
+    workers, the merge of every old stream's state (trainer/checkpoint/reshard.py)."""
+    from trainer.checkpoint import reshard
+
     f = path / stream_state_file(rank, world)
-    if f.is_file():
+    saved = reshard.saved_topology(path)
+    if f.is_file() and (slots is None or saved is None or saved[1] == slots):
         return json.loads(f.read_text())
-    others = sorted(p.name for p in path.glob("stream_state.*.json"))
-    if others:
-        raise ResumeError(f"{path} was saved with a different number of workers ({others[0]}); resume with the "
-                          f"same --num_workers ({world} now), or pass --resume_model_only True")
-    return None
+    if saved is None:
+        return None
+    if slots is None:
+        raise ResumeError(f"{path} was saved with {saved[0]} worker(s); resume with the same --num_workers "
+                          f"({world} now), or pass --resume_model_only True")
+    try:
+        return reshard.merged_loader_state(path, slots)
+    except reshard.TopologyError as exc:
+        raise ResumeError(str(exc)) from None
 
 
 def load_weights_checked(model, source: Path, filename: str, *, strict: bool, log: Callable[[str], None]) -> None:
@@ -308,7 +317,8 @@ class TrainingState:
 
 
 def restore_train_state(source: Path, state: TrainingState, *, load_optimizer: bool, rank: int, world: int,
-                        fetch: Optional[Callable[[str], Any]] = None) -> tuple[int, Optional[dict]]:
+                        fetch: Optional[Callable[[str], Any]] = None,
+                        slots: Optional[int] = None) -> tuple[int, Optional[dict]]:
     """A full resume from `source`: returns (completed steps, this rank's stream state) after loading this
     rank's optimizer shard and the LR schedule (or, without the optimizer, only the schedule's step).
     `fetch(name)` downloads a file of this rank that is not on disk yet (object storage: its optimizer shard)."""
@@ -317,7 +327,7 @@ def restore_train_state(source: Path, state: TrainingState, *, load_optimizer: b
         _load_optimizer(source, state, fetch)
     else:
         state.scheduler.load_state_dict({"last_step": step})
-    return step, load_stream_state(source, rank, world)
+    return step, load_stream_state(source, rank, world, slots)
 
 
 def _load_optimizer(source: Path, state: TrainingState, fetch: Optional[Callable[[str], Any]]) -> None:
@@ -325,10 +335,17 @@ def _load_optimizer(source: Path, state: TrainingState, fetch: Optional[Callable
     f = source / optimizer_file(idx, count)
     if fetch is not None and not f.is_file():   # this rank's shard only, fetched by this rank
         fetch(f.name)
-    if not f.is_file():
-        raise ResumeError(f"{source} has no {f.name} for this rank (saved with another "
-                          f"world size or sharding); resume with the same --num_workers")
-    load_optimizer_state(state.optimizer, torch.load(f, map_location="cpu", weights_only=False))
+    if f.is_file():
+        saved = torch.load(f, map_location="cpu", weights_only=False)
+    else:   # saved with another FSDP shard count: rebuild this rank's shard from all old ones
+        from trainer.checkpoint.reshard import load_resharded_optimizer
+
+        saved = load_resharded_optimizer(source, idx, count, fetch)
+        if saved is None:
+            raise ResumeError(f"{source} has no {f.name} for this rank and no complete set of optimizer shards "
+                              f"to rebuild it from; pass --resume_model_optimizer False to start a fresh "
+                              f"optimizer, or --resume_model_only True")
+    load_optimizer_state(state.optimizer, saved)
     sched_file = source / SCHEDULER_FILE
     if sched_file.is_file():
         state.scheduler.load_state_dict(torch.load(sched_file, map_location="cpu", weights_only=False))
