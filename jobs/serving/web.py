@@ -157,13 +157,14 @@ def build_blocks(engine: Engine, worker: Worker, model_name: str, max_tokens_lim
                         renorm = gr.Dropdown(RENORM_TYPES, value="text_channel", label="CFG renorm type")
                         renorm_min = gr.Number(0.0, label="CFG renorm min")
                     with gr.Row():
-                        steps = gr.Slider(1, 100, value=50, step=1, label="timesteps")
+                        steps = gr.Slider(1, 100, value=50, step=1, label="timesteps", elem_id="gen-steps")
                         shift = gr.Number(3.0, label="timestep shift")
                     with gr.Row():
                         gen_seed = gr.Number(42, precision=0, label="seed")
-                        size = gr.Textbox("", label="size HEIGHTxWIDTH (empty: input's size, or 1024x1024)")
+                        size = gr.Textbox("", label="size HEIGHTxWIDTH (empty: input's size, or 1024x1024)",
+                                          elem_id="gen-size")
                     with gr.Row():
-                        think = gr.Checkbox(False, label="thinking mode (show the thought)")
+                        think = gr.Checkbox(False, label="thinking mode (show the thought)", elem_id="gen-think")
                         understanding = gr.Dropdown(["append", "turn", "none"], value="append",
                                                     label="edit understanding pass")
                     run = gr.Button("Generate", variant="primary", interactive=can_generate, elem_id="gen-run")

@@ -246,6 +246,21 @@ def test_web_app_answers_in_a_real_browser(server):
         box.send_keys("again")
         driver.find_element(By.CSS_SELECTOR, "#vqa-send").click()
         WebDriverWait(driver, 60).until(lambda d: "temperature must be > 0" in d.find_element(By.TAG_NAME, "body").text)
+
+        # the image tab: text-to-image at 64x64 in 4 steps, thinking mode on (its thought fills the text box)
+        next(b for b in driver.find_elements(By.CSS_SELECTOR, "button[role=tab]") if b.text == "Image generation").click()
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#gen-instruction textarea").is_displayed())
+        driver.find_element(By.CSS_SELECTOR, "#gen-instruction textarea").send_keys("An axial CT slice.")
+        for sel, value in (("#gen-size textarea, #gen-size input", "64x64"), ("#gen-steps input[type=number]", "4")):
+            field = driver.find_element(By.CSS_SELECTOR, sel)
+            field.clear()
+            field.send_keys(value)
+        driver.find_element(By.CSS_SELECTOR, "#gen-think input").click()
+        driver.find_element(By.CSS_SELECTOR, "#gen-run").click()
+        WebDriverWait(driver, 120).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gen-out img"))
+        assert "64x64 in" in driver.find_element(By.TAG_NAME, "body").text
+        if shot:
+            driver.save_screenshot(shot.replace(".png", "_image.png"))
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
