@@ -259,6 +259,20 @@ def test_web_app_answers_in_a_real_browser(server):
         driver.find_element(By.CSS_SELECTOR, "#gen-run").click()
         WebDriverWait(driver, 120).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gen-out img"))
         assert "64x64 in" in driver.find_element(By.TAG_NAME, "body").text
+        # progress while sampling: 100 timesteps (99 Euler steps) show "k/99 steps" over the output
+        steps = driver.find_element(By.CSS_SELECTOR, "#gen-steps input[type=number]")
+        steps.clear()
+        steps.send_keys("100")
+        driver.find_element(By.CSS_SELECTOR, "#gen-run").click()
+        seen: set[str] = set()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            text = driver.find_element(By.CSS_SELECTOR, "#gen-out").text
+            seen |= {line for line in text.splitlines() if "/99 steps" in line}
+            if seen:
+                break
+            time.sleep(0.05)
+        assert seen, "no sampling progress shown"
         if shot:
             driver.save_screenshot(shot.replace(".png", "_image.png"))
     finally:
