@@ -178,8 +178,5 @@ def build_blocks(engine: Engine, worker: Worker, model_name: str, max_tokens_lim
 
 
 def _chatbot() -> gr.Chatbot:
-    """A chatbot holding OpenAI-style {"role", "content"} turns (gradio 5 asks for it, gradio 6 has only that)."""
-    try:
-        return gr.Chatbot(type="messages", label="Conversation", elem_id="vqa-chat", height=360)
-    except TypeError:
-        return gr.Chatbot(label="Conversation", elem_id="vqa-chat", height=360)
+    """A chatbot holding OpenAI-style {"role", "content"} turns (gradio 6's only format)."""
+    return gr.Chatbot(label="Conversation", elem_id="vqa-chat", height=360)

@@ -196,7 +196,7 @@ def test_api_key_and_warning(tiny_ckpt, tmp_path):
     assert "has no authentication" in (tmp_path / "keyed.log").read_text()
 
 
-def test_user_mistakes_exit_2(tiny_ckpt, tmp_path):
+def test_user_mistakes_exit_2(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "jobs" / "serve.py"), "--model_path", str(tmp_path)],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "missing llm_config.json" in r.stderr
