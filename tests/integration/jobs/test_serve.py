@@ -208,6 +208,8 @@ CHROMEDRIVER = shutil.which("chromedriver")
 
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="Debian's chromium + chromium-driver (.ci/run installs them)")
 def test_web_app_answers_in_a_real_browser(server):
+    """Upload, ask, read the memorised answer; a follow-up; an error shown in the page; the image tab with
+    its progress. MEDLOOM_SERVE_SCREENSHOT=PATH saves the README's screenshot (docs/serve.png)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -237,6 +239,14 @@ def test_web_app_answers_in_a_real_browser(server):
         shot = os.environ.get("MEDLOOM_SERVE_SCREENSHOT")
         if shot:
             driver.save_screenshot(shot)
+        # a follow-up question: the conversation is replayed, a second answer appears under it
+        driver.find_element(By.CSS_SELECTOR, "#vqa-question textarea").send_keys("And the window?")
+        driver.find_element(By.CSS_SELECTOR, "#vqa-send").click()
+        WebDriverWait(driver, 120).until(
+            lambda d: d.find_element(By.CSS_SELECTOR, "#vqa-chat").get_attribute("innerHTML").count(
+                'class="message-row') == 4 and d.find_element(By.CSS_SELECTOR, "#vqa-chat").text.split(
+                "And the window?")[-1].strip())
+        assert memorised in driver.find_element(By.CSS_SELECTOR, "#vqa-chat").text
         # an error is shown in the page and the app keeps answering: sampling with temperature 0 is refused
         driver.find_element(By.CSS_SELECTOR, "#vqa-greedy input").click()
         slider = driver.find_element(By.CSS_SELECTOR, "#vqa-temperature input[type=number]")
