@@ -12,8 +12,8 @@ optional --api-key on the API. Exit status 2 for a user mistake (one message, no
 from __future__ import annotations
 
 import argparse
-import sys
 import socket
+import sys
 
 from jobs import prog
 from model.inference.interleave import UMV_GEN_VAE_ARGS, UMV_GEN_VIT_ARGS, VQA_VIT_ARGS
