@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -21,7 +21,7 @@ from pipelines.imaging.decode import ImageDecodeError, load_image_rgb
 from .image_sampler import SamplerParams
 from .interleave import (GEN_THINK_SYSTEM_PROMPT, UMV_GEN_VAE_ARGS, UMV_GEN_VIT_ARGS, VLM_THINK_SYSTEM_PROMPT,
                          VQA_VIT_ARGS, ContextTooLong, Session, TextOptions)
-from .loading import InferenceError, load_for_inference
+from .loading import InferenceError, Loaded, load_for_inference
 
 ImageLike = str | Path | Image.Image
 UNDERSTANDING_MODES = ("append", "turn", "none")
@@ -51,19 +51,21 @@ class VQAInferencer:
     """Visual question answering / report writing: ViT-update each image, text-update the prompt, generate.
 
     `vit_transform` defaults to the vlm_sft transform of the released models (980, 378, 14, 2,007,040); pass
-    the ViT transform your checkpoint was trained with (docs/upstream-compat.md#text-generation)."""
+    the ViT transform your checkpoint was trained with (docs/upstream-compat.md#text-generation). `loaded` reuses
+    a model already loaded (a server holding one copy for chat and image generation)."""
 
     def __init__(self, model_path: str | Path, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, use_ema: bool = True,
-                 vit_transform: ImageTransformArgs = VQA_VIT_ARGS) -> None:
-        self._loaded = load_for_inference(model_path, visual_gen=False, device=device, dtype=dtype, use_ema=use_ema)
+                 vit_transform: ImageTransformArgs = VQA_VIT_ARGS, loaded: Loaded | None = None) -> None:
+        self._loaded = loaded or load_for_inference(model_path, visual_gen=False, device=device, dtype=dtype,
+                                                    use_ema=use_ema)
         self.model, self.tokenizer = self._loaded.model, self._loaded.tokenizer
         self.device, self.dtype = self._loaded.device, self._loaded.dtype
         self.vit_transform = vit_transform
 
     def infer_single(self, image_path: ImageLike | Sequence[ImageLike] | None, prompt: str,
                      temperature: float = 1.0, max_new_tokens: int = 512, do_sample: bool = True,
-                     seed: int = 42, think: bool = False) -> str:
+                     seed: int = 42, think: bool = False, on_token: Callable[[int], None] | None = None) -> str:
         """Answer `prompt` about the image(s). Defaults as UniMedVL's VQA script (sampling at temperature 1.0,
         512 new tokens); `do_sample=False` is greedy. `<image>` tags in the prompt place the images as in
         training (pieces stripped); without tags the images come first, then the raw prompt. `think` adds the
@@ -71,14 +73,18 @@ class VQAInferencer:
         images = [] if image_path is None else (
             list(image_path) if isinstance(image_path, (list, tuple)) else [image_path])
         return self.chat(images, [Message("human", prompt)], temperature=temperature,
-                         max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed, think=think)
+                         max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed, think=think,
+                         on_token=on_token)
 
     def chat(self, images: Sequence[ImageLike], messages: Sequence[Message], temperature: float = 1.0,
-             max_new_tokens: int = 512, do_sample: bool = True, seed: int = 42, think: bool = False) -> str:
-        """Replay a conversation ending with a human turn (earlier gpt turns are context), then answer it."""
+             max_new_tokens: int = 512, do_sample: bool = True, seed: int = 42, think: bool = False,
+             on_token: Callable[[int], None] | None = None) -> str:
+        """Replay a conversation ending with a human turn (earlier gpt turns are context), then answer it.
+        `on_token` sees each answer token id as it is generated (decode with self.tokenizer)."""
         pil = [open_image(i) for i in images]
         _seed_all(seed)
-        s = Session(self.model, self.tokenizer, vit_args=self.vit_transform, understanding_output=True, seed=seed)
+        s = Session(self.model, self.tokenizer, vit_args=self.vit_transform, understanding_output=True, seed=seed,
+                    on_token=on_token)
         try:
             if think:
                 s.add_system(VLM_THINK_SYSTEM_PROMPT)
@@ -123,15 +129,17 @@ class ImageGenerator:
     def __init__(self, model_path: str | Path, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, use_ema: bool = True,
                  vae_transform: ImageTransformArgs = UMV_GEN_VAE_ARGS,
-                 vit_transform: ImageTransformArgs = UMV_GEN_VIT_ARGS) -> None:
-        self._loaded = load_for_inference(model_path, visual_gen=True, device=device, dtype=dtype, use_ema=use_ema)
+                 vit_transform: ImageTransformArgs = UMV_GEN_VIT_ARGS, loaded: Loaded | None = None) -> None:
+        self._loaded = loaded or load_for_inference(model_path, visual_gen=True, device=device, dtype=dtype,
+                                                    use_ema=use_ema)
+        self._on_step: Callable[[int, int], None] | None = None
         self.model, self.tokenizer = self._loaded.model, self._loaded.tokenizer
         self.device, self.dtype = self._loaded.device, self._loaded.dtype
         self.vae_transform, self.vit_transform = vae_transform, vit_transform
 
     def _session(self, understanding_output: bool, seed: int) -> Session:
         return Session(self.model, self.tokenizer, self.vae_transform, self.vit_transform,
-                       understanding_output=understanding_output, seed=seed)
+                       understanding_output=understanding_output, seed=seed, on_step=self._on_step)
 
     def _understand(self, image: Image.Image, text: str, think: bool, options: TextOptions, seed: int) -> str:
         s = self._session(True, seed)
@@ -146,14 +154,16 @@ class ImageGenerator:
                      cfg_renorm_type: str = "text_channel", cfg_renorm_min: float = 0.0, num_timesteps: int = 50,
                      timestep_shift: float = 3.0, seed: int = 42, use_thinking: bool = False,
                      understanding: str = "append", text_do_sample: bool = False, text_temperature: float = 0.3,
-                     max_think_token_n: int = 800, image_shape: Sequence[int] | None = None) -> GenerationResult:
+                     max_think_token_n: int = 800, image_shape: Sequence[int] | None = None,
+                     on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
         """Defaults as the UniMedVL editing example (scales 4.0 / 2.0, interval [0, 1], text_channel renorm,
         50 steps, shift 3.0, seed 42, greedy text at temperature 0.3, 800 think tokens).
 
         `understanding` (edits without use_thinking): "append" = UniMedVL's example (an understanding pass over
         [ViT image, instruction] whose text is appended to the instruction); "turn" = the text is generated on
         the full generation context and added as its own turn before the image (the sequence layout of edit
-        training records: VAE + ViT image, human text, gpt text, target); "none" = no text pass."""
+        training records: VAE + ViT image, human text, gpt text, target); "none" = no text pass.
+        `on_step(done, total)` follows the image sampling steps (progress bars)."""
         if understanding not in UNDERSTANDING_MODES:
             raise InferenceError(f"understanding {understanding!r} is not one of {UNDERSTANDING_MODES}")
         try:
@@ -165,6 +175,7 @@ class ImageGenerator:
             raise InferenceError(str(exc)) from None
         pil = open_image(image) if image is not None else None
         _seed_all(seed)
+        self._on_step = on_step
         options = TextOptions(do_sample=text_do_sample, temperature=text_temperature, max_new_tokens=max_think_token_n)
         thought = text = None
         final = instruction

@@ -15,6 +15,8 @@ Uncond passes are skipped when their scale does not apply (outside cfg_interval,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from PIL import Image
 
@@ -113,8 +115,10 @@ def velocity_at(model: UnifiedModel, ctxs: GuidanceContexts, x_t: torch.Tensor, 
 
 @torch.no_grad()
 def sample_latent(model: UnifiedModel, ctxs: GuidanceContexts, height: int, width: int, special: SpecialIds,
-                  params: SamplerParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Euler from t = 1 (noise x ~ N(0, I) drawn from `generator`) to t = 0; returns tokens [h*w, p*p*z]."""
+                  params: SamplerParams, generator: torch.Generator | None = None,
+                  on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Euler from t = 1 (noise x ~ N(0, I) drawn from `generator`) to t = 0; returns tokens [h*w, p*p*z].
+    `on_step(done, total)` is called after each step (progress bars)."""
     d = model.config.latent_downsample
     if height % d or width % d or height <= 0 or width <= 0:
         raise ValueError(f"image size {height}x{width} must be positive multiples of {d} (VAE 8x, latent patch 2)")
@@ -127,9 +131,12 @@ def sample_latent(model: UnifiedModel, ctxs: GuidanceContexts, height: int, widt
     device = model.llm2vae.weight.device
     x = x.to(device)
     ts, dts = schedule(params.num_timesteps, params.timestep_shift)
-    for t, dt in zip(ts.tolist(), dts.tolist()):
+    steps = list(zip(ts.tolist(), dts.tolist()))
+    for i, (t, dt) in enumerate(steps):
         v = velocity_at(model, ctxs, x, t, height, width, special, params)
         x = x - v.to(x.dtype) * dt
+        if on_step is not None:
+            on_step(i + 1, len(steps))
     return x
 
 

@@ -10,7 +10,7 @@ three guidance contexts, generates text (understanding output) or an image.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -66,6 +66,8 @@ class Session:
     text_uncond: Context = field(init=False)
     img_uncond: Context = field(init=False)
     image_shape: tuple[int, int] | None = field(init=False, default=None)  # (H, W) of the last input image
+    on_token: Callable[[int], None] | None = None        # sees each generated text token (streaming)
+    on_step: Callable[[int, int], None] | None = None    # (done, total) after each image sampling step
 
     def __post_init__(self) -> None:
         n = self.model.config.llm.num_hidden_layers
@@ -132,7 +134,7 @@ class Session:
         room = max(0, self.max_positions - self.cond.rope - 1)
         out = generate_text(self.model, self.cond, self.special, max_new_tokens=min(options.max_new_tokens, room),
                             do_sample=options.do_sample, temperature=options.temperature,
-                            generator=self._text_gen)
+                            generator=self._text_gen, on_token=self.on_token)
         return self.tokenizer.decode(out.ids, skip_special_tokens=True)
 
     def append_to_cond(self, text: str) -> None:
@@ -147,7 +149,7 @@ class Session:
         height, width = image_shape or self.image_shape or (1024, 1024)
         ctxs = GuidanceContexts(self.cond, self.text_uncond, self.img_uncond)
         gen = torch.Generator().manual_seed(self.seed)
-        latent = sample_latent(self.model, ctxs, height, width, self.special, params, gen)
+        latent = sample_latent(self.model, ctxs, height, width, self.special, params, gen, on_step=self.on_step)
         return decode_latent(self.model, latent, height, width), latent, (height, width)
 
 

@@ -7,6 +7,7 @@ updated, causal) and picks the next one from lm_head. The end token itself is ne
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -37,8 +38,10 @@ def pick_token(logits: torch.Tensor, do_sample: bool, temperature: float,
 @torch.no_grad()
 def generate_text(model: UnifiedModel, ctx: Context, special: SpecialIds, max_new_tokens: int = 512,
                   do_sample: bool = False, temperature: float = 1.0,
-                  generator: torch.Generator | None = None) -> GeneratedText:
-    """Decode from `ctx` (left untouched). `generator` (CPU) drives the draws when do_sample."""
+                  generator: torch.Generator | None = None,
+                  on_token: Callable[[int], None] | None = None) -> GeneratedText:
+    """Decode from `ctx` (left untouched). `generator` (CPU) drives the draws when do_sample; `on_token` sees
+    each kept token as it is picked (streaming servers), never the final eos."""
     token = special.bos
     out: list[int] = []
     stopped = False
@@ -49,4 +52,6 @@ def generate_text(model: UnifiedModel, ctx: Context, special: SpecialIds, max_ne
             stopped = True
             break
         out.append(token)
+        if on_token is not None:
+            on_token(token)
     return GeneratedText(out, stopped, ctx)
