@@ -26,7 +26,7 @@ from datasets_catalog.catalog import CatalogError, _LineLoader, project_root
 from datasets_catalog.task_kinds import TaskKind, UnknownTaskKind, resolve_task_kind
 from datasets_catalog.transforms import ImageTransformArgs
 
-OUR_TOP_LEVEL_KEYS = ("catalog", "shards", "seed", "weight_unit", "train", "shuffle_window_blocks")
+OUR_TOP_LEVEL_KEYS = ("catalog", "shards", "seed", "weight_unit", "train", "shuffle_window_blocks", "eval")
 GROUP_KEYS = ("dataset_names", "image_transform_args", "vit_image_transform_args", "is_mandatory", "weight",
               "num_used_data", "shuffle_lines", "shuffle_seed", "resume_data_status", "frame_sampler_args")
 DEFAULT_CATALOG = "catalog/radiology.yaml"
@@ -79,6 +79,7 @@ class MixtureConfig:
     weight_unit: Literal["samples", "tokens"] = "samples"
     shuffle_window_blocks: int = DEFAULT_SHUFFLE_WINDOW_BLOCKS
     train: dict[str, Any] = field(default_factory=dict)
+    eval: Any = None                 # the raw `eval:` section (parsed by trainer/evaluation.py)
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -147,7 +148,7 @@ class MixtureConfig:
                    catalog=_resolve(base, catalog) if catalog else None,
                    shards=_shards_location(base, shards) if shards else None,
                    seed=seed, weight_unit=unit, shuffle_window_blocks=window,
-                   train=dict(train) if isinstance(train, dict) else {})
+                   train=dict(train) if isinstance(train, dict) else {}, eval=raw.get("eval"))
 
     # -- derived ------------------------------------------------------------------------------------
     def catalog_path(self) -> Path:
