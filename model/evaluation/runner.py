@@ -35,6 +35,7 @@ class EvalOptions:
     num_timesteps: int = 50
     cfg_text_scale: float = 4.0
     cfg_img_scale: float = 2.0
+    understanding: str = "append"       # edits: as jobs/generate.py --understanding
     seed: int = 42
     device: str | None = None
     dtype: str | None = None
@@ -182,7 +183,10 @@ class Evaluator:
             source = item.images[0].load() if item.images else None
             target = item.target.load()
             shape = None if source is not None else _target_shape(target, gen.vae_transform)
-            result = gen.infer_single(source, item.question, cfg_text_scale=self.opt.cfg_text_scale,
+            # "turn" is the layout of edit training records: the human text verbatim, <image> tags kept
+            instruction = item.messages[-1].value.strip() if self.opt.understanding == "turn" else item.question
+            result = gen.infer_single(source, instruction, cfg_text_scale=self.opt.cfg_text_scale,
+                                      understanding=self.opt.understanding,
                                       cfg_img_scale=self.opt.cfg_img_scale, num_timesteps=self.opt.num_timesteps,
                                       seed=self.opt.seed, image_shape=shape)
         except (InferenceError, ValueError) as exc:
