@@ -122,6 +122,27 @@ def load_eval_rows(mixture_path: Path, names: list[str]) -> dict[str, tuple[list
     return out
 
 
+def check_eval_section(mixture_path: str | Path) -> Optional[EvalSettings]:
+    """Before launching (jobs/train.py): the section parses and every eval dataset has shards."""
+    from datasets_catalog.catalog import load_catalog
+    from pipelines.mixture.config import MixtureConfig
+
+    mix = MixtureConfig.from_yaml(mixture_path)
+    settings = parse_eval_section(mix.eval, f"{mixture_path}: eval")
+    if settings is None:
+        return None
+    catalog = load_catalog(mix.catalog_path())
+    shards = Path(mix.shards or catalog.output_dir)
+    for name in settings.datasets:
+        if name not in catalog.datasets:
+            raise EvalConfigError(f"{mixture_path}: eval.datasets names {name!r}, which is not in the catalog "
+                                  f"{catalog.path}; known: {', '.join(catalog.datasets)}")
+        if not (shards / name / "_manifest.json").is_file():
+            raise EvalConfigError(f"{mixture_path}: eval dataset {name!r} has no shards in {shards / name}; run "
+                                  f"python jobs/ingest.py {catalog.path} --only {name}")
+    return settings
+
+
 @dataclass
 class _Pack:
     dataset: str

@@ -232,6 +232,8 @@ def run(items: Iterable[EvalItem], model_path: str | Path, out: Path, options: E
         texts = [it for it in todo if it.error is None and not it.is_image]
         emit([error_row(it, it.error) for it in todo if it.error is not None])
         step = max(1, options.batch_size)
+        if texts:
+            evaluator.vqa()   # load before timing: text records/s measures decoding, not loading
         for start in range(0, len(texts), step):
             chunk = texts[start:start + step]
             t0 = time.perf_counter()
