@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +124,12 @@ def test_memorised_model_scores_perfectly_batched_equals_sequential_and_resumes(
     assert len(srcs) == 3 and all(s.startswith("data:image/png;base64,") for s in srcs)
     assert all(base64.b64decode(s.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n" for s in srcs)
     assert "http" not in page and "<script" not in page
+    if shutil.which("chromium"):   # the page renders in a real browser (a screenshot with content)
+        shot = tmp_path / "report.png"
+        subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        "--window-size=1100,1200", f"--screenshot={shot}", (tmp_path / "batched" / "report.html").as_uri()],
+                       capture_output=True, timeout=120, cwd=tmp_path)
+        from PIL import Image
+
+        with Image.open(shot) as im:
+            assert im.size == (1100, 1200) and len(set(im.convert("L").getdata())) > 16
