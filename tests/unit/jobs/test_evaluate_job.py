@@ -6,6 +6,7 @@ import base64
 import io
 import json
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -112,3 +113,40 @@ def test_report_html_embeds_every_image(tmp_path):
         assert Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).size == (32, 24)
     assert page.index("a:1") < page.index("a:2")          # worst first
     assert "Is it &lt;b&gt;?" in page                       # escaped
+
+
+def test_bad_records_become_error_lines_and_a_torn_run_resumes(tmp_path, capsys):
+    from tests.unit.model.inference.test_batched_text import _ckpt
+
+    ck = _ckpt(tmp_path / "ck")
+    good = {"input_img": [{"path": "ct/ct_small_bone.png"}],
+            "message": [{"from": "human", "value": "<image>\nIs this a CT?"}, {"from": "gpt", "value": "yes"}]}
+    lines = [json.dumps(good),
+             json.dumps({**good, "input_img": [{"path": "ct/missing.png"}]}),
+             "{not json",
+             json.dumps({"message": [{"from": "human", "value": "What is a bone window?"}]}),   # no answer
+             json.dumps({"message": [{"from": "human", "value": "What is a bone window?"},
+                                     {"from": "gpt", "value": "A wide window for bone."}]})]
+    src = tmp_path / "recs.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    images = Path(__file__).resolve().parents[3] / "examples" / "radiology" / "images"
+    args = ["--model_path", str(ck), "--input", str(src), "--data_dir", str(images), "--out", str(tmp_path / "o"),
+            "--max_new_tokens", "4", "--batch_size", "2", "--vit_transform", "56,28,14,3136", "--quiet"]
+    assert main(args) == 0
+    out = tmp_path / "o" / "predictions.jsonl"
+    rows = {r["sample_id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert sorted(rows) == [f"recs:{i}" for i in range(1, 6)]
+    assert "missing.png" in rows["recs:2"]["error"] and "recs.jsonl:3" in rows["recs:3"]["error"]
+    assert "no gpt answer" in rows["recs:4"]["error"]
+    assert rows["recs:1"]["answer_type"] == "closed" and rows["recs:5"]["answer_type"] == "open"
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert m["datasets"]["recs"]["n"] == 5 and m["datasets"]["recs"]["errors"] == 3
+
+    # a run killed mid-line: the torn record is redone, the others are kept
+    text = out.read_text().splitlines()
+    out.write_text("\n".join(text[:-1]) + "\n" + text[-1][: len(text[-1]) // 2])
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "1 records evaluated (0 errors), 4 already in" in capsys.readouterr().out
+    again = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(r["sample_id"] for r in again) == sorted(rows)
