@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--understanding", choices=("append", "turn", "none"), default="append",
                    help="edit records: as jobs/generate.py (default append, UniMedVL's example)")
     g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--fid_weights", type=Path, help="local Inception weights file for FID (skipped without it)")
+    g.add_argument("--fid_weights", type=Path, help="local Inception weights file for FID (not computed in this version: a note says so)")
     m = p.add_argument_group("model")
     m.add_argument("--device", help="cuda, cuda:1, cpu (default: CUDA when present)")
     m.add_argument("--dtype", help="bf16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
@@ -151,7 +151,8 @@ def _main(argv: list[str] | None) -> int:
             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
             vit_transform=parse_transform(args.vit_transform, "--vit_transform") if args.vit_transform else None,
             vae_transform=parse_transform(args.vae_transform, "--vae_transform") if args.vae_transform else None,
-            num_timesteps=args.num_timesteps, understanding=args.understanding, cfg_text_scale=args.cfg_text_scale, cfg_img_scale=args.cfg_img_scale,
+            num_timesteps=args.num_timesteps, understanding=args.understanding,
+            cfg_text_scale=args.cfg_text_scale, cfg_img_scale=args.cfg_img_scale,
             seed=args.seed, device=args.device, dtype=args.dtype, use_ema=not args.use_model_weights,
             fid_weights=args.fid_weights)
         metrics, stats = run(_items(args), args.model_path, args.out, options,

@@ -212,7 +212,11 @@ class TrainingEvaluator:
         """{"step", "eval/ce", "eval/mse", "eval/<dataset>/ce", ..., "eval/seconds"} reduced over ranks."""
         start = time.perf_counter()
         t, device = trainer.cfg.train, trainer.device
-        module = trainer.ema if self.settings.ema else trainer.par.step_module
+        module = trainer.par.step_module
+        if self.settings.ema:   # the EMA copy behind the same VAE-encode + forward wrapper (no DDP: no grads)
+            from trainer.parallel import StepModule
+
+            module = StepModule(trainer.ema, freeze_vae=True)
         index = {n: i for i, n in enumerate(self.names)}
         sums = torch.zeros(len(self.names), 4, dtype=torch.float64)    # ce_sum, ce_denom, mse_sum, mse_n
         for k, pack in enumerate(self.packs):

@@ -1,5 +1,5 @@
-"""Image scores of generation / editing records (docs/evaluation.md#images): PSNR and SSIM against the target
-image at the target's size (scikit-image), FID only from a local Inception weights file.
+"""Image scores of generation / editing records (docs/evaluation.md#scoring-rules): PSNR and SSIM against the target
+image at the target's size (scikit-image), FID not yet (see `fid_note`).
 
 The prediction is resized to the target's size (bicubic) before comparing: a model may generate at another
 resolution than the reference, and the target is what the user asked for.
@@ -35,12 +35,12 @@ def psnr_ssim(target: Image.Image, prediction: Image.Image) -> dict[str, float]:
     return {"psnr": min(psnr, 100.0), "ssim": ssim}
 
 
-def fid(targets: list[Path], predictions: list[Path], weights: Path | None) -> tuple[float | None, str]:
-    """FID of the generated images against the targets with torchvision-free Inception weights from a local
-    file; (None, why) when no weights are given or they cannot be used, never a download."""
+def fid_note(weights: Path | None) -> str:
+    """FID is not computed in this version (no Inception network is bundled, and nothing is downloaded): the
+    note metrics.json carries instead, naming what was asked for."""
     if weights is None:
-        return None, "FID skipped: pass --fid_weights FILE (local Inception-v3 FID weights) to compute it"
+        return "FID skipped: pass --fid_weights FILE (local Inception-v3 FID weights) to compute it"
     if not Path(weights).is_file():
-        return None, f"FID skipped: --fid_weights {weights}: no such file"
-    return None, ("FID skipped: an Inception-v3 network for the weights file is not bundled in this version; "
-                  "PSNR / SSIM are reported")
+        return f"FID skipped: --fid_weights {weights}: no such file"
+    return (f"FID skipped: --fid_weights {weights} given, but this version bundles no Inception-v3 network to "
+            f"load it into; PSNR / SSIM are reported")

@@ -19,7 +19,7 @@ from PIL import Image
 
 from model.inference.loading import InferenceError
 
-from .image_metrics import fid, psnr_ssim
+from .image_metrics import fid_note, psnr_ssim
 from .scoring import (PredictionError, aggregate, answer_type_of, is_correct, parse_prediction_line, score_row)
 from .sources import EvalItem, ImageSource
 
@@ -277,11 +277,7 @@ def finish(rows: list[dict[str, Any]], model_path: str | None, out: Path, stats:
     notes = list(stats.notes) if stats else []
     image_rows = [r for r in rows if r.get("answer_type") == "image" and not r.get("error")]
     if image_rows:
-        value, note = fid([], [], fid_weights)
-        if value is None:
-            notes.append(note)
-        else:
-            metrics["fid"] = value
+        notes.append(fid_note(fid_weights))
     if stats is not None and stats.text_records:
         metrics["text_records_per_second"] = stats.text_records / stats.text_seconds if stats.text_seconds else None
     metrics["notes"] = notes

@@ -98,3 +98,23 @@ def test_eval_section_mistakes_name_the_key(section, message):
         parse_eval_section(section, "mix.yaml: eval")
     assert parse_eval_section(None, "x") is None
     assert parse_eval_section({"datasets": "a", "every": 5, "ema": True, "metric": "eval/a/mse"}, "x").ema
+
+
+def test_ema_weights_are_evaluated_and_logged_to_tensorboard(mixture, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    text = mixture.read_text().replace(EVAL, EVAL.replace("seed: 3}", "seed: 3, ema: true}"))
+    text = text.replace("enable_tensorboard: false", "enable_tensorboard: true")
+    ema_mix = write_config(mixture.parent / "mix_ema.yaml", text)
+    quiet = dict(print_fn=lambda s: None)
+    train_loop(_cfg(mixture, tmp_path / "m", "--total_steps", "2", "--save_every", "2"), **quiet)
+    train_loop(_cfg(ema_mix, tmp_path / "e", "--total_steps", "2", "--save_every", "2"), **quiet)
+    model_eval, ema_eval = _evals(tmp_path / "m" / "mix"), _evals(tmp_path / "e" / "mix_ema")
+    assert [r["step"] for r in ema_eval] == [2]
+    assert ema_eval[0]["eval/ce"] != model_eval[0]["eval/ce"]    # the EMA lags behind the trained weights
+    assert json.loads((tmp_path / "e" / "mix_ema" / "best.json").read_text())["ema"] is True
+    events = EventAccumulator(str(tmp_path / "e" / "mix_ema" / "tensorboard"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert "eval/ce" in scalars and "eval/vqa_val/ce" in scalars and "train/ce" in scalars
+    assert [e.step for e in events.Scalars("eval/ce")] == [2]
