@@ -38,9 +38,6 @@ def psnr_ssim(target: Image.Image, prediction: Image.Image) -> dict[str, float]:
 def fid_note(weights: Path | None) -> str:
     """FID is not computed in this version (no Inception network is bundled, and nothing is downloaded): the
     note metrics.json carries instead, naming what was asked for."""
-    if weights is None:
-        return "FID skipped: pass --fid_weights FILE (local Inception-v3 FID weights) to compute it"
-    if not Path(weights).is_file():
-        return f"FID skipped: --fid_weights {weights}: no such file"
-    return (f"FID skipped: --fid_weights {weights} given, but this version bundles no Inception-v3 network to "
-            f"load it into; PSNR / SSIM are reported")
+    if weights is not None and not Path(weights).is_file():
+        return f"FID not computed: --fid_weights {weights}: no such file"
+    return "FID not computed: this version bundles no Inception-v3 network for --fid_weights; PSNR / SSIM are reported"
