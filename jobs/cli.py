@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "model-info": "jobs.model_info",
     "import-legacy": "jobs.import_legacy",
     "serve": "jobs.serve",
+    "evaluate": "jobs.evaluate",
 }
 
 

@@ -19,7 +19,8 @@ from jobs import prog
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """metrics.jsonl records, keeping the last record per step (a restarted run re-logs some steps)."""
+    """metrics.jsonl records, one per step: a step's training and evaluation records are merged, later
+    records winning (a restarted run re-logs some steps)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: pass the run directory (storage_path/name) of a training run")
@@ -31,7 +32,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
             rec = json.loads(line)
         except json.JSONDecodeError:
             raise ValueError(f"{path}, line {n}: not valid JSON") from None
-        by_step[int(rec["step"])] = rec
+        by_step.setdefault(int(rec["step"]), {}).update(rec)
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -49,13 +50,19 @@ def plot(records: list[dict], out: Path, title: str) -> Path:
         pts = [(s, r[key]) for s, r in zip(steps, records) if r.get(key) is not None]
         if pts:
             ax.plot(*zip(*pts), label=key.upper(), color=color, marker=".")
+    for key, color in (("eval/ce", "tab:blue"), ("eval/mse", "tab:orange")):   # validation (eval: section)
+        pts = [(s, r[key]) for s, r in zip(steps, records) if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), label=f"{key.split('/')[1].upper()} (eval)", color=color, linestyle="--", marker="o")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (global per-token mean)")
     ax.set_title("losses")
     ax.legend()
     ax.grid(alpha=0.3)
     ax = axes[1]
-    ax.plot(steps, [r["lr"] for r in records], color="tab:green")
+    lr_points = [(s, r["lr"]) for s, r in zip(steps, records) if "lr" in r]
+    if lr_points:
+        ax.plot(*zip(*lr_points), color="tab:green")
     ax.set_xlabel("step")
     ax.set_title("learning rate")
     ax.grid(alpha=0.3)

@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     as_json = "--json" in argv
     argv = [a for a in argv if a != "--json"]
     from pipelines.mixture.config import MixtureConfigError
+    from trainer.evaluation import EvalConfigError, check_eval_section
     try:
         cfg = resolve_paths(load_config(argv))
         from trainer.data import generation_groups, load_mixture, mandatory_coverage
@@ -33,8 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         gen = generation_groups(mixture) if mixture else None
         cover = mandatory_coverage(mixture) if mixture else None
         validate(cfg, gen, cover)
+        if cfg.mixture_path:
+            check_eval_section(cfg.mixture_path)
         plan = plan_resume_for(cfg)
-    except (ConfigError, MixtureConfigError, ResumeError) as exc:
+    except (ConfigError, MixtureConfigError, ResumeError, EvalConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"[train] run {cfg.run_name}: {cfg.run.num_workers} worker(s), "

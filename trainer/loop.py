@@ -28,6 +28,7 @@ from trainer.config import TrainConfig, training_args_json
 from pipelines.mixture.stages import stage_record
 from trainer.data import LoaderState, StreamFactory, load_mixture
 from trainer.ema import ema_update, make_ema
+from trainer.evaluation import TrainingEvaluator
 from trainer.loss import Denominators, all_reduce_sum, compute_loss, global_denominators
 from trainer.metrics import MetricsSink, Window, peak_tflops_from_name, summarise
 from trainer.optim import build_optimizer
@@ -99,6 +100,7 @@ class Trainer:
         self.restore()
         self.build_data()
         self.open_outputs()
+        self.evaluator = TrainingEvaluator.build(self)   # None without an `eval:` section
         return self
 
     def setup_devices(self) -> None:
@@ -372,7 +374,11 @@ class Trainer:
         do_log = step % t.log_every == 0 or step == self.end_step
         do_save = step % t.save_every == 0 or step == self.end_step
         rec = self.log_metrics(lr_used) if do_log else {}
+        evaluated = self.evaluator.maybe_run(self) if self.evaluator is not None else None
         ckpt_path = self.save() if do_save else None
+        if evaluated is not None:
+            self.evaluator.record_best(evaluated, ckpt_path)
+            rec = {**rec, **evaluated}
         if self.reporter is not None and (do_log or do_save):
             self.reporter.report({"step": step, **{k: v for k, v in rec.items() if v is not None}},
                                  ckpt_path if self.is_main else None)

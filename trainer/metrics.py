@@ -172,6 +172,22 @@ class MetricsSink:
             self.tb.flush()
         self.print(format_line(rec))
 
+    def log_extra(self, rec: dict[str, Any], line: str) -> None:
+        """A record that is not a training window (evaluation): metrics.jsonl, TensorBoard under its own
+        keys (eval/ce, ...), and `line` on the console."""
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({**rec, "time": time.time()}, default=float) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and math.isfinite(float(v)):
+                    self.tb.add_scalar(k, float(v), rec["step"])
+            self.tb.flush()
+        self.print(line)
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()

@@ -76,13 +76,11 @@ class VQAInferencer:
                          max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed, think=think,
                          on_token=on_token)
 
-    def chat(self, images: Sequence[ImageLike], messages: Sequence[Message], temperature: float = 1.0,
-             max_new_tokens: int = 512, do_sample: bool = True, seed: int = 42, think: bool = False,
-             on_token: Callable[[int], None] | None = None) -> str:
-        """Replay a conversation ending with a human turn (earlier gpt turns are context), then answer it.
+    def prepare(self, images: Sequence[ImageLike], messages: Sequence[Message], think: bool = False,
+                seed: int = 42, on_token: Callable[[int], None] | None = None) -> Session:
+        """The session after the conversation's context (ViT images, text turns), before any answer token.
         `on_token` sees each answer token id as it is generated (decode with self.tokenizer)."""
         pil = [open_image(i) for i in images]
-        _seed_all(seed)
         s = Session(self.model, self.tokenizer, vit_args=self.vit_transform, understanding_output=True, seed=seed,
                     on_token=on_token)
         try:
@@ -103,8 +101,28 @@ class VQAInferencer:
                         s.add_vit_image(pil[item.image.index])
         except ContextTooLong as exc:
             raise InferenceError(str(exc)) from None
+        return s
+
+    def chat(self, images: Sequence[ImageLike], messages: Sequence[Message], temperature: float = 1.0,
+             max_new_tokens: int = 512, do_sample: bool = True, seed: int = 42, think: bool = False,
+             on_token: Callable[[int], None] | None = None) -> str:
+        """Replay a conversation ending with a human turn (earlier gpt turns are context), then answer it.
+        `on_token` sees each answer token id as it is generated (decode with self.tokenizer)."""
+        _seed_all(seed)
+        s = self.prepare(images, messages, think=think, seed=seed, on_token=on_token)
         options = TextOptions(do_sample=do_sample, temperature=temperature, max_new_tokens=max_new_tokens)
         return s.generate_text(options)
+
+    def answer_batch(self, sessions: Sequence[Session], max_new_tokens: int = 512) -> list[str]:
+        """Greedy answers of prepared sessions, decoded together (model.inference.batched_text): the same
+        tokens as `chat(..., do_sample=False)` one at a time."""
+        from .batched_text import generate_text_batch
+
+        if not sessions:
+            return []
+        limits = [min(max_new_tokens, max(0, s.max_positions - s.cond.rope - 1)) for s in sessions]
+        outs = generate_text_batch(self.model, [s.cond for s in sessions], self.tokenizer.special, limits)
+        return [self.tokenizer.decode(o.ids, skip_special_tokens=True) for o in outs]
 
 
 @dataclass

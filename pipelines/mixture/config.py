@@ -29,7 +29,7 @@ from datasets_catalog.task_kinds import TaskKind, UnknownTaskKind, resolve_task_
 from datasets_catalog.transforms import ImageTransformArgs
 from pipelines.mixture.stages import Stage, normalised, parse_stages, stage_index
 
-OUR_TOP_LEVEL_KEYS = ("catalog", "shards", "seed", "weight_unit", "train", "shuffle_window_blocks", "stages")
+OUR_TOP_LEVEL_KEYS = ("catalog", "shards", "seed", "weight_unit", "train", "shuffle_window_blocks", "stages", "eval")
 GROUP_KEYS = ("dataset_names", "image_transform_args", "vit_image_transform_args", "is_mandatory", "weight",
               "num_used_data", "shuffle_lines", "shuffle_seed", "resume_data_status", "frame_sampler_args")
 DEFAULT_CATALOG = "catalog/radiology.yaml"
@@ -83,6 +83,7 @@ class MixtureConfig:
     shuffle_window_blocks: int = DEFAULT_SHUFFLE_WINDOW_BLOCKS
     train: dict[str, Any] = field(default_factory=dict)
     stages: tuple[Stage, ...] = ()   # curriculum (pipelines/mixture/stages.py); () = the weights above throughout
+    eval: Any = None                 # the raw `eval:` section (parsed by trainer/evaluation.py)
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -154,7 +155,7 @@ class MixtureConfig:
                    catalog=_resolve(base, catalog) if catalog else None,
                    shards=_shards_location(base, shards) if shards else None,
                    seed=seed, weight_unit=unit, shuffle_window_blocks=window,
-                   train=dict(train) if isinstance(train, dict) else {})
+                   train=dict(train) if isinstance(train, dict) else {}, eval=raw.get("eval"))
 
     # -- derived ------------------------------------------------------------------------------------
     def catalog_path(self) -> Path:
