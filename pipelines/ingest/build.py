@@ -211,7 +211,7 @@ def chunk_tasks(plan: DatasetPlan, catalog: Catalog, reference_images: bool, ver
         first_line=first_line, chunk_index=index, staging_dir=str(plan.staging),
         image_transform_args=spec.image_transform_args.to_dict(),
         vit_image_transform_args=spec.vit_image_transform_args.to_dict(),
-        max_image_pixels=spec.max_image_pixels, tokenizer=catalog.tokenizer,
+        max_image_pixels=spec.max_image_pixels, max_image_bytes=spec.max_image_bytes, tokenizer=catalog.tokenizer,
         reference_images=reference_images, verify_images=verify_images, store_pixels=spec.store_pixels,
         extra_options=spec.extra_options,
         row_group_bytes=PIXEL_ROW_GROUP_BYTES if spec.store_pixels else ROW_GROUP_BYTES,

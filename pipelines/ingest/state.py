@@ -106,6 +106,7 @@ def settings_of(spec: DatasetSpec, tokenizer_name: str, reference_images: bool, 
         "reference_images": reference_images,
         "verify_images": verify_images,
         "max_image_pixels": spec.max_image_pixels,
+        "max_image_bytes": spec.max_image_bytes,
         "rows_per_shard": spec.rows_per_shard,
         **({"store_pixels": True} if spec.store_pixels else {}),   # absent when off: old manifests still match
         "extra_options": spec.extra_options,
