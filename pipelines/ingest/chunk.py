@@ -35,6 +35,7 @@ from pipelines.imaging.probe import (
     ImageError, ImageProbe, check_file, clear_path_cache, probe_image, resolve_image_path,
 )
 from pipelines.ingest import image_cache
+from pipelines.storage import uris as storage
 from pipelines.storage.shard_schema import PIXEL_FIELDS, REJECTS_SCHEMA, SHARD_SCHEMA, leaf_paths
 
 ROW_GROUP_ROWS = 256
@@ -459,3 +460,35 @@ def write_rejects(path: Path, rejects: list[dict[str, Any]]) -> None:
     """The rejects of a chunk, sorted by line (a row-level fallback may add some out of order)."""
     rejects = sorted(rejects, key=lambda r: r["line_number"])
     pq.write_table(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), str(path))
+
+
+def failed_chunk(task: ChunkTask, why: str) -> ChunkResult:
+    """The result of a chunk whose worker failed twice: every line of its range rejected as `worker_failed`
+    (the partial output of the dead worker is never used), so no line is silently lost."""
+    result = ChunkResult(task.dataset, task.chunk_index)
+    rejects = []
+    first, line_number = task.first_line, task.first_line - 1
+    for raw in iter_lines(task.jsonl_path, task.offset, task.length):
+        line_number += 1
+        if not raw.strip():
+            result.blank_lines += 1
+            continue
+        rejects.append({"line_number": line_number, "reason": "worker_failed", "detail": "",
+                        "raw": raw.decode("utf-8", errors="replace")})
+    for reject in rejects:
+        reject["detail"] = (f"the worker processing lines {first}-{line_number} (chunk {task.chunk_index}) failed "
+                            f"twice ({why}); this line was not processed: run the ingest again, or split the file "
+                            f"to find the line that kills the worker")
+    result.rows_read = result.rows_rejected = len(rejects)
+    staging = storage.as_path(task.staging_dir)
+    if isinstance(staging, Path):   # what the dead worker wrote must not be published with the dataset
+        (staging / f"chunk-{task.chunk_index:05d}.parquet").unlink(missing_ok=True)
+    if rejects:
+        result.reasons["worker_failed"] = len(rejects)
+        result.examples["worker_failed"] = [rejects[0]["line_number"], rejects[0]["detail"]]
+        name = f"_rejects-{task.chunk_index:05d}.parquet"
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), sink)
+        storage.write_bytes_atomic(staging / name, sink.getvalue().to_pybytes())
+        result.rejects_file = name
+    return result

@@ -128,8 +128,22 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
         return None
 
 
+def shard_problem(destination, manifest: dict[str, Any]) -> str | None:
+    """Why the published files do not match the manifest (a shard deleted or truncated), or None."""
+    for shard in manifest.get("shards") or ():
+        path = destination / shard["file"]
+        try:
+            size = path.size() if hasattr(path, "size") else path.stat().st_size
+        except (OSError, FileNotFoundError):
+            return f"shard {shard['file']} is missing"
+        if size != shard["bytes"]:
+            return f"shard {shard['file']} has {size:,} bytes, the manifest says {shard['bytes']:,}"
+    return None
+
+
 def quick_source_sha(path: Path, previous: dict | None) -> str | None:
-    """Reuse the recorded sha256 when the JSONL's size and mtime are unchanged (no re-read on no-op runs)."""
+    """`--fast-check` only: reuse the recorded sha256 when the JSONL's size and mtime are unchanged (an edit
+    that keeps both is then missed; the default check hashes the content)."""
     if not previous:
         return None
     source = previous.get("source") or {}
