@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
@@ -171,8 +172,13 @@ def _run_chunks(tasks: list[ChunkTask], run_chunk: ChunkRunner, on_result: Calla
         items = [{"task": _json.dumps(t.to_dict(), default=str)} for t in tasks]
         try:
             ds = ray.data.from_items(items, override_num_blocks=len(items))
-            ds = ds.map_batches(_process_batch, fn_kwargs={"run_chunk": run_chunk}, batch_size=1,
-                                batch_format="numpy", num_cpus=1, zero_copy_batch=False, max_retries=0)
+            # Ray Data retries a task whose worker died forever by default (a chunk that kills its worker
+            # would hang the run): one try here, one retry below. No named parameter exists for it yet.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+                ds = ds.map_batches(_process_batch, fn_kwargs={"run_chunk": run_chunk}, batch_size=1,
+                                    batch_format="numpy", num_cpus=1, zero_copy_batch=False,
+                                    ray_remote_args={"max_retries": 0})
             for row in ds.iter_rows():
                 take(_json.loads(row["result"]))
         except Exception as exc:  # noqa: BLE001 - whatever did not come back is retried below
