@@ -178,7 +178,7 @@ def _run_chunks(tasks: list[ChunkTask], run_chunk: ChunkRunner, on_result: Calla
                 warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
                 ds = ds.map_batches(_process_batch, fn_kwargs={"run_chunk": run_chunk}, batch_size=1,
                                     batch_format="numpy", num_cpus=1, zero_copy_batch=False,
-                                    ray_remote_args={"max_retries": 0})
+                                    max_retries=0)
             for row in ds.iter_rows():
                 take(_json.loads(row["result"]))
         except Exception as exc:  # noqa: BLE001 - whatever did not come back is retried below
