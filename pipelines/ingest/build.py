@@ -316,7 +316,8 @@ def finish_or_fail(plan: DatasetPlan, catalog: Catalog, out, seconds: float, say
         return finish_dataset(plan, catalog, out, seconds, say, assemble)
     except Exception as exc:  # noqa: BLE001 - this dataset only; the message names the cause
         discard(plan)
-        message = f"could not be published ({type(exc).__name__}: {exc}); the earlier version, if any, is kept"
+        message = (f"could not be published ({type(exc).__name__}: {exc}); it is not marked complete (no "
+                   f"_manifest.json), so no reader uses it: fix the cause and run the ingest again")
         say(f"[ingest] {plan.spec.name}: FAILED: {message}")
         return DatasetReport(plan.spec.name, plan.spec.task.name, STATUS_FAILED, _shown(plan.destination),
                              rows_read=sum(r["rows_read"] for r in plan.results), message=message)
