@@ -25,7 +25,7 @@ from datasets_catalog.catalog import DatasetSpec
 from pipelines.storage import uris as storage
 from pipelines.storage.shard_schema import REJECTS_SCHEMA, SCHEMA_VERSION, SHARD_SCHEMA
 
-INGEST_VERSION = 1          # bump when ingest output changes for the same inputs
+INGEST_VERSION = 2          # bump when ingest output changes for the same inputs (2: dictionary-encoded image columns)
 MANIFEST = "_manifest.json"
 REJECTS = "_rejects.parquet"
 FAILED_DIR = "_failed"

@@ -288,6 +288,14 @@ def test_each_distinct_image_is_probed_once_and_stored_once_per_row_group(tmp_pa
     for _, row in rows.iterrows():
         image = row["input_images"][0]
         assert image["bytes"] == (data / image["path"]).read_bytes()
+    import duckdb
+    from datasets import load_dataset
+
+    sizes = duckdb.sql(f"SELECT octet_length(input_images[1].bytes) FROM read_parquet('{part}') "
+                       f"ORDER BY line_number").fetchall()
+    assert [s for (s,) in sizes] == [(data / name).stat().st_size for name in images for _ in range(10)]
+    hf = load_dataset("parquet", data_files=str(part), split="train", cache_dir=str(tmp_path / "hf"))
+    assert hf[25]["input_images"][0]["bytes"] == (data / "img2.png").read_bytes()
     column = pq.ParquetFile(part).metadata.row_group(0)
     paths = {column.column(i).path_in_schema: column.column(i) for i in range(column.num_columns)}
     assert "RLE_DICTIONARY" in paths["input_images.list.element.bytes"].encodings
