@@ -240,8 +240,8 @@ class ChunkProcessor:
                     probe = exc
                 image_cache.PROBES.put(key, probe, 512 if isinstance(probe, ImageError) else
                                        len(probe.data) + sum(len(f.data) for f in probe.frames or ()))
-            if isinstance(probe, ImageError):
-                raise probe
+            if isinstance(probe, ImageError):   # a fresh exception: re-raising one object grows its traceback
+                raise ImageError(probe.reason, probe.detail)
             probes.append((ref, rel, probe, key))
         framed = [i for i, (_, _, p, _) in enumerate(probes) if p.frames]
         if len(framed) > 1:
