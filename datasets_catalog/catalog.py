@@ -10,6 +10,7 @@ Layout (see docs/ingest.md)::
     tokenizer: builtin               # optional: "builtin" or a tokenizer directory (Qwen2 files)
     max_reject_fraction: 0.5         # optional: fail a dataset when more than this share of rows is rejected
     max_image_pixels: 20000000       # optional: decompression-bomb cap, checked from the header
+    max_image_bytes: 536870912       # optional: file-size cap, checked with stat before a file is read
     rows_per_shard: 1000             # optional
     store_pixels: false              # optional: also store decoded, resized pixels (fast loader, more disk)
     datasets:
@@ -40,14 +41,16 @@ from .transforms import DEFAULT_VAE_ARGS, DEFAULT_VIT_ARGS, ImageTransformArgs
 
 DEFAULT_MAX_REJECT_FRACTION = 0.5
 DEFAULT_MAX_IMAGE_PIXELS = 20_000_000   # upstream UniMedVL's Image.MAX_IMAGE_PIXELS (docs/upstream-compat.md#sequence-plans)
+DEFAULT_MAX_IMAGE_BYTES = 512 * 1024 * 1024   # bounds a worker's memory: a larger file is rejected unread
 DEFAULT_ROWS_PER_SHARD = 1000
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
-TOP_LEVEL_KEYS = ("output_dir", "tokenizer", "max_reject_fraction", "max_image_pixels", "rows_per_shard",
+TOP_LEVEL_KEYS = ("output_dir", "tokenizer", "max_reject_fraction", "max_image_pixels", "max_image_bytes",
+                  "rows_per_shard",
                   "store_pixels", "datasets", "description")
 DATASET_KEYS = ("name", "task", "jsonl_path", "data_dir", "modality", "split", "license", "description",
                 "image_transform_args", "vit_image_transform_args", "max_reject_fraction", "max_image_pixels",
-                "rows_per_shard", "store_pixels", "options", "source", "hf")
+                "max_image_bytes", "rows_per_shard", "store_pixels", "options", "source", "hf")
 # Per-dataset keys reserved for extensions (docs/medical_imaging.md: DICOM/NIfTI display rules). They are accepted at the
 # dataset level and copied into `DatasetSpec.extra_options`; `register_extra_option` adds more.
 EXTRA_OPTION_KEYS: set[str] = {
@@ -101,6 +104,7 @@ class DatasetSpec:
     vit_image_transform_args: ImageTransformArgs = DEFAULT_VIT_ARGS
     max_reject_fraction: float = DEFAULT_MAX_REJECT_FRACTION
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD
     store_pixels: bool = False   # also store decoded, resized VAE/ViT pixels (pipelines.imaging.pixels)
     extra_options: dict[str, Any] = field(default_factory=dict)
@@ -304,6 +308,7 @@ def _parse_dataset(path: Path, base: Path, index: int, entry: Any, top: dict) ->
         vit_image_transform_args=_transform(ctx, entry, "vit_image_transform_args", DEFAULT_VIT_ARGS),
         max_reject_fraction=_fraction(ctx, entry, "max_reject_fraction", top["max_reject_fraction"]),
         max_image_pixels=_positive_int(ctx, entry, "max_image_pixels", top["max_image_pixels"]),
+        max_image_bytes=_positive_int(ctx, entry, "max_image_bytes", top["max_image_bytes"]),
         rows_per_shard=_positive_int(ctx, entry, "rows_per_shard", top["rows_per_shard"]),
         store_pixels=_flag(ctx, entry, "store_pixels", top["store_pixels"]),
         extra_options=dict(extra), line=getattr(entry, "line", None),
@@ -358,6 +363,7 @@ def parse_catalog(text: str, path: str | Path = "<catalog>") -> Catalog:
     top = {
         "max_reject_fraction": _fraction(ctx, raw, "max_reject_fraction", DEFAULT_MAX_REJECT_FRACTION),
         "max_image_pixels": _positive_int(ctx, raw, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
+        "max_image_bytes": _positive_int(ctx, raw, "max_image_bytes", DEFAULT_MAX_IMAGE_BYTES),
         "rows_per_shard": _positive_int(ctx, raw, "rows_per_shard", DEFAULT_ROWS_PER_SHARD),
         "store_pixels": _flag(ctx, raw, "store_pixels", False),
     }

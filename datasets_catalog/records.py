@@ -7,6 +7,7 @@ short stable reason code (`REASONS`) and a sentence a person can act on. Image f
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +35,20 @@ REASONS: dict[str, str] = {
     "image_unsupported": "an image file's format has no reader",
     "size_mismatch": "declared width/height differ from the real image",
     "frames_ambiguous": "more than one image of a record expands into frames",
+    "json_too_deep": "the line nests JSON arrays/objects deeper than the limit",
+    "text_invalid_unicode": "a string holds a lone surrogate (cannot be encoded as UTF-8)",
+    "path_invalid": "an image path holds a NUL or control character",
+    "image_not_regular_file": "an image path names a FIFO, socket, device or folder, not a file",
+    "image_too_big": "an image file is larger than max_image_bytes",
+    "internal_error": "an unexpected error while handling this line (exception type and message in detail)",
+    "worker_failed": "the worker processing this line's chunk died twice; the line was not processed",
 }
+
+MAX_JSON_DEPTH = 64   # real records nest 4-5 levels; Python's json recursion would fail near 1,000
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(rb"[\[\]{}]")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 UMV_FIELDS = ("input_img", "output_img", "message")
 VLM_FIELDS = ("image", "conversations")
@@ -91,13 +105,49 @@ def decode_line(raw: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise RecordError("not_utf8", f"byte {exc.start} (0x{raw[exc.start]:02x}) is not valid UTF-8; "
                                       f"re-encode the JSONL file as UTF-8") from None
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH:   # cheap test first: few lines get past it
+        _check_depth(raw)
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise RecordError("json_invalid", f"{exc.msg} at column {exc.colno}; fix the JSON on this line") from None
+    except RecursionError:
+        raise RecordError("json_too_deep", f"the JSON nests deeper than this Python can parse; keep records "
+                                           f"under {MAX_JSON_DEPTH} levels") from None
     if not isinstance(obj, dict):
         raise RecordError("not_object", f"expected a JSON object {{...}}, got {type(obj).__name__}")
+    if _SURROGATE_ESCAPE.search(raw):   # only a \\uD800-\\uDFFF escape can make a string that UTF-8 cannot hold
+        _check_unicode(obj, "record")
     return obj
+
+
+def _check_depth(raw: bytes) -> None:
+    """RecordError(json_too_deep) when arrays/objects nest deeper than MAX_JSON_DEPTH (strings skipped)."""
+    depth = 0
+    for bracket in _BRACKETS.findall(_JSON_STRING.sub(b"", raw)):
+        depth += 1 if bracket in b"[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            raise RecordError("json_too_deep", f"arrays/objects nest more than {MAX_JSON_DEPTH} levels deep; "
+                                               f"flatten the record (real records need 4-5 levels)")
+
+
+def _check_unicode(value: Any, where: str) -> None:
+    """RecordError(text_invalid_unicode) for a string (or key) holding a lone surrogate such as "\\ud800"."""
+    stack = [(value, where)]
+    while stack:
+        item, at = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise RecordError("text_invalid_unicode", f"{at or 'a string'} holds a lone surrogate "
+                                                          f"({item[exc.start]!r} at character {exc.start}); "
+                                                          f"write the character itself or a valid pair") from None
+        elif isinstance(item, dict):
+            stack.extend((k, f"{at}.{k!r} (key)") for k in item)
+            stack.extend((v, f"{at}.{k}" if isinstance(k, str) else at) for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((v, f"{at}[{i}]") for i, v in enumerate(item))
 
 
 def _int_or_none(value: Any, where: str) -> int | None:
@@ -130,6 +180,10 @@ def _check_path(path: Any, where: str) -> str:
         raise RecordError("field_type", f"{where} must be a string, got {type(path).__name__}")
     if not path.strip():
         raise RecordError("field_missing", f"{where} is empty; give the image path relative to data_dir")
+    bad = _CONTROL.search(path)
+    if bad:
+        raise RecordError("path_invalid", f"{where} holds the control character {bad.group()!r} at position "
+                                          f"{bad.start()}; fix the path (file names cannot contain it)")
     return path
 
 

@@ -2,10 +2,12 @@
 """Ingest a dataset catalog into validated Parquet shards (Ray Data).
 
     python jobs/ingest.py catalog/radiology.yaml [--out DIR] [--only NAME,...] [--force]
-                          [--reference-images] [--store-pixels] [--address ADDR] [--verify-images] [--json]
+                          [--reference-images] [--store-pixels] [--address ADDR] [--verify-images]
+                          [--fast-check] [--json]
 
-Exit status: 0 when every dataset is built or up to date, 1 when a dataset has more rejected rows than its
-max_reject_fraction, 2 for a catalog or usage error (one message, no traceback).
+Exit status: 0 when every dataset is built or up to date, 1 when a dataset failed (more rejected rows than its
+max_reject_fraction, or it could not be published; the summary names it, the others are published), 2 for a
+catalog or usage error (one message, no traceback).
 """
 from __future__ import annotations
 
@@ -51,6 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep-dicom-tags", metavar="KEYWORD,...", default="",
                         help="DICOM keywords to copy into each image's meta (an allow-list; by default only "
                              "technical fields are kept, never patient or institution data)")
+    parser.add_argument("--fast-check", action="store_true",
+                        help="decide that a dataset is up to date from its JSONL's size and mtime instead of "
+                             "hashing the JSONL (for huge sources; misses an edit that keeps both). Shards are "
+                             "still checked against the manifest")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     return parser.parse_args(argv)
@@ -72,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
         report = run_ingest(catalog, out=args.out, only=only, force=args.force,
                             reference_images=args.reference_images, address=args.address,
-                            verify_images=args.verify_images, progress=not args.quiet)
+                            verify_images=args.verify_images, progress=not args.quiet,
+                            fast_check=args.fast_check)
     except (CatalogError, IngestError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

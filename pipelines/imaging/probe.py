@@ -2,6 +2,11 @@
 first bytes, reads the size from the header (never a full decode just to get the size) and returns the bytes
 to embed with their sha256.
 
+Files are checked before they are read (`check_file`): only regular files are opened, a file over
+`max_bytes` (the catalog's `max_image_bytes`) is rejected from its `stat`, and the format sniff and the
+PNG/JPEG pixel cap look at a bounded prefix before the rest is read. So a FIFO cannot hang a worker and one
+worker holds at most one file of `max_bytes` (plus its prefix) at a time.
+
 Formats are handlers in a small registry (`register_format`), so DICOM and NIfTI readers plug in without
 touching ingest. Every failure is an `ImageError` whose `reason` is a stable code from
 `datasets_catalog.records.REASONS`.
@@ -22,6 +27,7 @@ from typing import Any, Callable
 
 from PIL import Image, UnidentifiedImageError
 
+from datasets_catalog.catalog import DEFAULT_MAX_IMAGE_BYTES
 from datasets_catalog.records import RecordError
 
 
@@ -109,9 +115,15 @@ def resolve_image_path(data_dir: Path, path: str) -> tuple[Path, str]:
     Upstream strips a leading separator and joins to data_dir; we accept that, and absolute paths that lie
     inside data_dir, but reject `..`, absolute paths elsewhere and symlinks that leave data_dir.
     """
+    if "\x00" in path:
+        raise ImageError("path_invalid", f"image path {path!r} holds a NUL byte; fix the path")
     root = _real_root(str(data_dir))
     if os.path.isabs(path):
         lexical = os.path.normpath(path)
+        if not _inside(lexical, root) and not _inside(lexical, os.path.normpath(str(data_dir))) \
+                and _inside(_real_dir(os.path.dirname(lexical)), root):
+            # spelled through a symlink to data_dir (the catalog's own spelling of a linked folder)
+            lexical = os.path.join(_real_dir(os.path.dirname(lexical)), os.path.basename(lexical))
         if not _inside(lexical, root) and not _inside(lexical, os.path.normpath(str(data_dir))):
             stripped = os.path.normpath(os.path.join(root, path.lstrip("/\\")))
             if not os.path.exists(stripped):
@@ -133,31 +145,114 @@ def resolve_image_path(data_dir: Path, path: str) -> tuple[Path, str]:
 
 # -- probing ------------------------------------------------------------------------------------------
 
-def _read(path: Path) -> bytes:
+_PREFIX = 64 * 1024   # the header probe's read: enough for PNG IHDR, JPEG SOF after typical EXIF, DICOM preamble
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _check_stat(path: Path, st: os.stat_result, max_bytes: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError("image_not_regular_file", f"{path} is {_kind(st.st_mode)}, not an image file; point the "
+                                                   f"record at a regular file")
+    if st.st_size > max_bytes:
+        raise ImageError("image_too_big", f"{path} is {st.st_size:,} bytes, over max_image_bytes {max_bytes:,}; "
+                                          f"shrink the file or raise max_image_bytes in the catalog")
+
+
+def check_file(path: Path, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> os.stat_result:
+    """The file's stat when it is a regular file within the size cap, else ImageError; never opens it."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        st = os.stat(path)
     except FileNotFoundError:
         raise ImageError("image_missing", f"image file {path} does not exist; check the path and data_dir") from None
-    except IsADirectoryError:
-        raise ImageError("image_missing", f"{path} is a folder, not an image file") from None
     except PermissionError:
         raise ImageError("image_missing", f"image file {path} cannot be read (permission denied)") from None
+    except ValueError:
+        raise ImageError("path_invalid", f"image path {str(path)!r} holds a NUL byte; fix the path") from None
+    except OSError as exc:
+        raise ImageError("image_missing", f"image file {path} cannot be found ({exc.strerror}); check the "
+                                          f"path") from None
+    _check_stat(path, st, max_bytes)
+    return st
+
+
+class _Reader:
+    """An opened, checked image file: `prefix` read at once, `rest()` on demand, both bounded by max_bytes."""
+
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        check_file(path, max_bytes)
+        try:   # O_NONBLOCK: a FIFO swapped in after the stat cannot block the open; fstat below rejects it
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise ImageError("image_missing", f"image file {path} does not exist; check the path") from None
+        except OSError as exc:
+            raise ImageError("image_missing", f"image file {path} cannot be read ({exc.strerror})") from None
+        self.file = os.fdopen(fd, "rb")
+        try:
+            _check_stat(path, os.fstat(fd), max_bytes)
+            self.path, self.max_bytes = path, max_bytes
+            self.prefix = self.file.read(_PREFIX)
+        except BaseException:
+            self.file.close()
+            raise
+
+    def rest(self) -> bytes:
+        more = self.file.read(self.max_bytes + 1 - len(self.prefix)) if len(self.prefix) == _PREFIX else b""
+        data = self.prefix + more
+        if len(data) > self.max_bytes:   # grew after the stat
+            raise ImageError("image_too_big", f"{self.path} is over max_image_bytes {self.max_bytes:,}; shrink "
+                                              f"the file or raise max_image_bytes in the catalog")
+        return data
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _read(path: Path, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
+    reader = _Reader(path, max_bytes)
+    try:
+        return reader.rest()
+    finally:
+        reader.close()
+
+
+def _header_pixels(head: bytes) -> tuple[int, int] | None:
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return _png_size(head)
+    if head.startswith(b"\xff\xd8\xff"):
+        return _jpeg_size(head)
+    return None
 
 
 def probe_image(path: Path, max_pixels: int, options: dict[str, Any] | None = None,
-                verify: bool = False) -> ImageProbe:
-    """Read `path` once and return its size, format, bytes and sha256; ImageError with a reason otherwise."""
-    data = _read(path)
-    if not data:
-        raise ImageError("image_empty", f"image file {path} is empty (0 bytes)")
+                verify: bool = False, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> ImageProbe:
+    """Read `path` once and return its size, format, bytes and sha256; ImageError with a reason otherwise.
+
+    The format and (PNG/JPEG) the pixel cap are checked on the first 64 KiB, before the rest is read."""
+    reader = _Reader(path, max_bytes)
+    try:
+        head = reader.prefix[:512]
+        if not head:
+            raise ImageError("image_empty", f"image file {path} is empty (0 bytes)")
+        handler = next((h for h in HANDLERS if h.sniff(head, path)), None)
+        if handler is None:
+            raise ImageError("image_unsupported", f"{path} is not an image format MedLoom reads (first bytes "
+                                                  f"{head[:8]!r}); convert it to PNG or JPEG")
+        size = _header_pixels(reader.prefix)
+        if size is not None:
+            check_pixels(path, *size, max_pixels)
+        data = reader.rest()
+    finally:
+        reader.close()
     context = ProbeContext(max_pixels=max_pixels, options=dict(options or {}), verify=verify)
-    head = data[:512]
-    for handler in HANDLERS:
-        if handler.sniff(head, path):
-            return handler.probe(data, path, context)
-    raise ImageError("image_unsupported", f"{path} is not an image format MedLoom reads (first bytes "
-                                          f"{head[:8]!r}); convert it to PNG or JPEG")
+    return handler.probe(data, path, context)
 
 
 def check_pixels(path: Path, width: int, height: int, max_pixels: int) -> None:

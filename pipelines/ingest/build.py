@@ -37,6 +37,8 @@ class DatasetReport:
     samples_written: int = 0
     rows_rejected: int = 0
     rejects_by_reason: dict[str, int] = field(default_factory=dict)
+    reject_examples: dict[str, list] = field(default_factory=dict)   # reason -> [line_number, detail]
+    rejects_file: str = ""     # where all rejected lines are (<folder>/_rejects.parquet)
     images: int = 0
     text_tokens: int = 0
     num_tokens: int = 0
@@ -52,6 +54,7 @@ class DatasetReport:
             rows_read=manifest["rows_read"], rows_written=manifest["rows_written"],
             samples_written=manifest.get("samples_written", manifest["rows_written"]),
             rows_rejected=manifest["rows_rejected"], rejects_by_reason=dict(manifest.get("rejects_by_reason", {})),
+            reject_examples=dict(manifest.get("reject_examples", {})), rejects_file=f"{folder}/_rejects.parquet",
             images=manifest["images"], text_tokens=manifest.get("text_tokens", 0),
             num_tokens=manifest.get("num_tokens", 0), shards=len(manifest["shards"]),
             bytes=sum(s["bytes"] for s in manifest["shards"]),
@@ -118,14 +121,18 @@ class DatasetPlan:
     fingerprint: str
     results: list[dict] = field(default_factory=list)
     expected_chunks: int = 0
+    why: str = ""          # why it is (re)built, printed with the "building" line
 
 
 def _manifest(plan: DatasetPlan, catalog: Catalog, shards: list[dict], n_rejects: int, seconds: float) -> dict:
     spec, results = plan.spec, plan.results
     reasons: dict[str, int] = {}
-    for r in results:
+    examples: dict[str, list] = {}
+    for r in sorted(results, key=lambda r: r["chunk_index"]):
         for reason, count in r["reasons"].items():
             reasons[reason] = reasons.get(reason, 0) + count
+        for reason, example in (r.get("examples") or {}).items():
+            examples.setdefault(reason, example)
     rows_read = sum(r["rows_read"] for r in results)
     rows_written = sum(r["rows_written"] for r in results)
     rows_rejected = sum(r["rows_rejected"] for r in results)
@@ -138,6 +145,7 @@ def _manifest(plan: DatasetPlan, catalog: Catalog, shards: list[dict], n_rejects
         "samples_written": sum(r["samples_written"] for r in results),
         "blank_lines": sum(r["blank_lines"] for r in results),
         "rejects_by_reason": dict(sorted(reasons.items())),
+        "reject_examples": dict(sorted(examples.items())),   # reason -> [line_number, detail] of its first reject
         "images": sum(r["images"] for r in results),
         "image_bytes": sum(r["image_bytes"] for r in results),
         "text_tokens": sum(r["text_tokens"] for r in results),
@@ -175,11 +183,15 @@ def _refresh(destination, manifest: dict, updates: dict) -> dict:
 
 def plan_dataset(spec: DatasetSpec, out_dir, tokenizer_name: str, reference_images: bool,
                  verify_images: bool, force: bool, catalog_path: Path = Path("?"),
-                 digests: dict[Path | None, str | None] | None = None) -> tuple[DatasetPlan | None, dict | None]:
+                 digests: dict[Path | None, str | None] | None = None,
+                 fast_check: bool = False) -> tuple[DatasetPlan | None, dict | None]:
     """(plan, None) when the dataset must be built, (None, manifest) when it is up to date.
 
-    `out_dir` is a local folder or a `storage.RemotePath`; the caller sets `plan.staging`. `digests` caches
-    image-folder digests across the datasets of one run (several datasets often share one data_dir).
+    Up to date means: the JSONL's content hash, the image folder listing and the settings give the recorded
+    fingerprint, and every shard of the manifest exists with its recorded size. `fast_check` trusts the
+    JSONL's size and mtime instead of hashing it (huge sources; misses an edit that keeps both).
+    `out_dir` is a local folder or a `storage.RemotePath`; the caller sets `plan.staging` (and `plan.why`).
+    `digests` caches image-folder digests across the datasets of one run (several often share one data_dir).
     """
     destination = out_dir / spec.name
     previous = st.read_manifest(destination)
@@ -189,17 +201,34 @@ def plan_dataset(spec: DatasetSpec, out_dir, tokenizer_name: str, reference_imag
         digests[spec.data_dir] = st.folder_digest(spec.data_dir, exclude=out_dir if isinstance(out_dir, Path) else None)
     digest = digests[spec.data_dir]
     metadata = _metadata(spec, catalog_path)
-    if previous and previous.get("status") == "ok" and not force:
+    usable = bool(previous) and previous.get("status") == "ok"
+    if usable and not force and fast_check:
         sha = st.quick_source_sha(spec.jsonl_path, previous)
-        if sha is not None and previous.get("fingerprint") == st.fingerprint(sha, digest, settings):
+        if sha is not None and previous.get("fingerprint") == st.fingerprint(sha, digest, settings) \
+                and st.shard_problem(destination, previous) is None:
             return None, _refresh(destination, previous, metadata)
     scan = st.scan_source(spec.jsonl_path, spec.rows_per_shard)
     fp = st.fingerprint(scan.sha256, digest, settings)
-    if previous and previous.get("status") == "ok" and not force and previous.get("fingerprint") == fp:
-        # touched but identical bytes: remember the new mtime so the next run skips the re-hash
+    problem = st.shard_problem(destination, previous) if usable else None
+    if usable and not force and previous.get("fingerprint") == fp and problem is None:
+        # same content: remember the current size and mtime (what --fast-check compares)
         source = {**previous["source"], "size": scan.size, "mtime_ns": scan.mtime_ns}
         return None, _refresh(destination, previous, {**metadata, "source": source})
-    return DatasetPlan(spec, destination, out_dir / "?", scan, digest, settings, fp), None
+    if force:
+        why = "--force"
+    elif not usable:
+        why = "no complete earlier build"
+    elif problem is not None:
+        why = problem
+    elif (previous.get("source") or {}).get("sha256") != scan.sha256:
+        why = "the JSONL's content changed"
+    elif previous.get("data_dir_digest") != digest:
+        why = "the image folder changed"
+    else:
+        why = "the settings changed"
+    plan = DatasetPlan(spec, destination, out_dir / "?", scan, digest, settings, fp)
+    plan.why = why
+    return plan, None
 
 
 def chunk_tasks(plan: DatasetPlan, catalog: Catalog, reference_images: bool, verify_images: bool) -> list[ChunkTask]:
@@ -211,7 +240,7 @@ def chunk_tasks(plan: DatasetPlan, catalog: Catalog, reference_images: bool, ver
         first_line=first_line, chunk_index=index, staging_dir=str(plan.staging),
         image_transform_args=spec.image_transform_args.to_dict(),
         vit_image_transform_args=spec.vit_image_transform_args.to_dict(),
-        max_image_pixels=spec.max_image_pixels, tokenizer=catalog.tokenizer,
+        max_image_pixels=spec.max_image_pixels, max_image_bytes=spec.max_image_bytes, tokenizer=catalog.tokenizer,
         reference_images=reference_images, verify_images=verify_images, store_pixels=spec.store_pixels,
         extra_options=spec.extra_options,
         row_group_bytes=PIXEL_ROW_GROUP_BYTES if spec.store_pixels else ROW_GROUP_BYTES,
@@ -222,7 +251,8 @@ def chunk_tasks(plan: DatasetPlan, catalog: Catalog, reference_images: bool, ver
 
 def plan_all(catalog: Catalog, specs: list[DatasetSpec], out, tokenizer_name: str, reference_images: bool,
              verify_images: bool, force: bool, say: Callable[[str], None], make_staging: Callable[[DatasetSpec], Any],
-             shown: Callable[[Any], str] = str) -> tuple[dict[str, DatasetReport], list[DatasetPlan], list[ChunkTask]]:
+             shown: Callable[[Any], str] = str, fast_check: bool = False
+             ) -> tuple[dict[str, DatasetReport], list[DatasetPlan], list[ChunkTask]]:
     """Plan every selected dataset (local folder or object storage): up-to-date ones get their report, the
     others a staging area (`make_staging`) and their chunk tasks. `shown` renders a location for messages."""
     reports: dict[str, DatasetReport] = {}
@@ -230,7 +260,7 @@ def plan_all(catalog: Catalog, specs: list[DatasetSpec], out, tokenizer_name: st
     digests: dict[Path | None, str | None] = {}
     for spec in specs:
         plan, manifest = plan_dataset(spec, out, tokenizer_name, reference_images, verify_images, force,
-                                      catalog.path, digests)
+                                      catalog.path, digests, fast_check)
         if plan is None:
             reports[spec.name] = DatasetReport.from_manifest(manifest, STATUS_UP_TO_DATE, shown(out / spec.name),
                                                              "inputs and settings unchanged: nothing to do")
@@ -241,7 +271,7 @@ def plan_all(catalog: Catalog, specs: list[DatasetSpec], out, tokenizer_name: st
     tasks: list[ChunkTask] = []
     for plan in plans:
         tasks.extend(chunk_tasks(plan, catalog, reference_images, verify_images))
-        say(f"[ingest] {plan.spec.name}: building ({plan.spec.task.name}, {plan.scan.lines:,} lines, "
+        say(f"[ingest] {plan.spec.name}: building ({plan.why}; {plan.spec.task.name}, {plan.scan.lines:,} lines, "
             f"{plan.expected_chunks} chunk(s)) -> {shown(plan.destination)}")
     return reports, plans, tasks
 
@@ -275,3 +305,19 @@ def finish_dataset(plan: DatasetPlan, catalog: Catalog, out, seconds: float, say
         return DatasetReport.from_manifest(manifest, STATUS_FAILED, _shown(failed), message)
     publish(manifest, plan.destination)
     return DatasetReport.from_manifest(manifest, STATUS_BUILT, _shown(plan.destination))
+
+
+def finish_or_fail(plan: DatasetPlan, catalog: Catalog, out, seconds: float, say,
+                   assemble: Callable[[DatasetPlan], tuple[list[dict], int, Publisher]],
+                   discard: Callable[[DatasetPlan], None]) -> DatasetReport:
+    """`finish_dataset`, but a dataset that cannot be assembled or published fails alone: the other datasets
+    of the run are still published, and the exit status says which failed."""
+    try:
+        return finish_dataset(plan, catalog, out, seconds, say, assemble)
+    except Exception as exc:  # noqa: BLE001 - this dataset only; the message names the cause
+        discard(plan)
+        message = (f"could not be published ({type(exc).__name__}: {exc}); it is not marked complete (no "
+                   f"_manifest.json), so no reader uses it: fix the cause and run the ingest again")
+        say(f"[ingest] {plan.spec.name}: FAILED: {message}")
+        return DatasetReport(plan.spec.name, plan.spec.task.name, STATUS_FAILED, _shown(plan.destination),
+                             rows_read=sum(r["rows_read"] for r in plan.results), message=message)

@@ -19,7 +19,7 @@ from datasets_catalog.catalog import Catalog
 from pipelines.imaging.medical_hooks import register_medical_imaging
 from pipelines.ingest import state as st
 from pipelines.ingest.build import (
-    STATUS_FAILED, DatasetPlan, IngestError, IngestReport, Publisher, finish_dataset, load_tokenizer, plan_all,
+    STATUS_FAILED, DatasetPlan, IngestError, IngestReport, Publisher, finish_or_fail, load_tokenizer, plan_all,
     prepare_sources,
 )
 from pipelines.ingest.chunk import process_chunk
@@ -44,19 +44,21 @@ def register_post_ingest_check(check: PostIngestCheck) -> None:
 def run_ingest(catalog: Catalog, out: str | Path | None = None, only: list[str] | None = None,
                force: bool = False, reference_images: bool = False, address: str | None = None,
                verify_images: bool = False, progress: bool = True, stream: TextIO | None = None,
-               log: Callable[[str], None] | None = None, executor: str = "ray") -> IngestReport:
+               log: Callable[[str], None] | None = None, executor: str = "ray",
+               fast_check: bool = False) -> IngestReport:
     """Ingest the selected datasets of `catalog` into `out` (default: the catalog's output_dir).
 
     `executor="ray"` maps the chunks with Ray Data (a running Ray is reused; else `address`/RAY_ADDRESS is
     joined or a local Ray started); `executor="local"` runs them one by one in this process (debugging,
-    unit tests). Both call the same `process_chunk`.
+    unit tests). Both call the same `process_chunk`. `fast_check` trusts the JSONL's size and mtime
+    instead of hashing it to decide that a dataset is up to date.
     """
     if executor not in ("ray", "local"):
         raise ValueError(f"executor must be 'ray' or 'local', got {executor!r}")
     if storage.is_remote(out):   # s3://...: same plan and chunks, marker-last publish (pipelines.ingest.remote)
         return run_ingest_remote(catalog, out, only=only, force=force, reference_images=reference_images,
                                  address=address, verify_images=verify_images, progress=progress, stream=stream,
-                                 log=log, executor=executor)
+                                 log=log, executor=executor, fast_check=fast_check)
     started = time.perf_counter()
     say = log or (lambda message: print(message, file=stream or sys.stderr, flush=True))
     out_dir = Path(out).resolve() if out is not None else catalog.output_dir
@@ -70,13 +72,15 @@ def run_ingest(catalog: Catalog, out: str | Path | None = None, only: list[str] 
 
     specs = prepare_sources(catalog, only)
     reports, plans, tasks = plan_all(catalog, specs, out_dir, tokenizer.name, reference_images, verify_images,
-                                     force, say, make_staging=lambda spec: st.staging_dir(out_dir, spec.name))
+                                     force, say, make_staging=lambda spec: st.staging_dir(out_dir, spec.name),
+                                     fast_check=fast_check)
     nodes = execute_chunks(plans, tasks, process_chunk, executor, address, say, stream, progress,
                            discard_staging=lambda plan: shutil.rmtree(plan.staging, ignore_errors=True))
 
     for plan in plans:
         worker_seconds = sum(r["seconds"] for r in plan.results)   # time spent on this dataset in workers
-        reports[plan.spec.name] = finish_dataset(plan, catalog, out_dir, worker_seconds, say, _assemble_local)
+        reports[plan.spec.name] = finish_or_fail(plan, catalog, out_dir, worker_seconds, say, _assemble_local,
+                                                 discard=lambda p: shutil.rmtree(p.staging, ignore_errors=True))
 
     report = IngestReport(str(out_dir), [reports[s.name] for s in specs], time.perf_counter() - started,
                           nodes=nodes)
@@ -91,6 +95,22 @@ def _assemble_local(plan: DatasetPlan) -> tuple[list[dict], int, Publisher]:
 
 
 # -- summary --------------------------------------------------------------------------------------------
+
+TOP_REASONS = 3
+
+
+def _reject_lines(d) -> list[str]:
+    """A dataset's top reject reasons, each with its count and one example (line number and what to do)."""
+    reasons = sorted(d.rejects_by_reason.items(), key=lambda kv: (-kv[1], kv[0]))
+    lines = [f"  {d.name}: {d.rows_rejected:,} of {d.rows_read:,} rows rejected; all of them in {d.rejects_file}"]
+    for reason, count in reasons[:TOP_REASONS]:
+        example = d.reject_examples.get(reason)
+        shown = f": line {example[0]}: {example[1]}" if example else ""
+        lines.append(f"    {reason} {count:,}{shown}")
+    if len(reasons) > TOP_REASONS:
+        lines.append("    " + ", ".join(f"{k} {v:,}" for k, v in reasons[TOP_REASONS:]))
+    return lines
+
 
 def format_summary(report: IngestReport) -> str:
     """The per-dataset table printed at the end of a run."""
@@ -117,10 +137,9 @@ def format_summary(report: IngestReport) -> str:
     rejected = [d for d in report.datasets if d.rejects_by_reason]
     if rejected:
         lines.append("")
-        lines.append("rejected rows by reason (details: <dataset>/_rejects.parquet):")
+        lines.append("rejected rows: top reasons, with the first example of each:")
         for d in rejected:
-            reasons = ", ".join(f"{k} {v}" for k, v in sorted(d.rejects_by_reason.items(), key=lambda kv: -kv[1]))
-            lines.append(f"  {d.name}: {reasons}")
+            lines.extend(_reject_lines(d))
     for d in report.datasets:
         if d.status == STATUS_FAILED:
             lines.append(f"FAILED {d.name}: {d.message}")

@@ -24,7 +24,7 @@ from datasets_catalog.catalog import Catalog
 from pipelines.imaging.medical_hooks import register_medical_imaging
 from pipelines.ingest import state as st
 from pipelines.ingest.build import (
-    IngestError, IngestReport, finish_dataset, load_tokenizer, plan_all, prepare_sources,
+    IngestError, IngestReport, finish_or_fail, load_tokenizer, plan_all, prepare_sources,
 )
 from pipelines.ingest.chunk import ChunkResult, ChunkTask, process_chunk
 from pipelines.ingest.execute import execute_chunks
@@ -76,7 +76,7 @@ def clean_stale_staging(out: RemotePath, names: list[str]) -> list[str]:
 def run_ingest_remote(catalog: Catalog, out: str | RemotePath, only: list[str] | None = None, force: bool = False,
                       reference_images: bool = False, address: str | None = None, verify_images: bool = False,
                       progress: bool = True, stream: TextIO | None = None, log: Callable[[str], None] | None = None,
-                      executor: str = "ray") -> IngestReport:
+                      executor: str = "ray", fast_check: bool = False) -> IngestReport:
     """`run_ingest` with `out` on object storage (see the module doc). Same arguments, same report."""
     if executor not in ("ray", "local"):
         raise ValueError(f"executor must be 'ray' or 'local', got {executor!r}")
@@ -97,13 +97,13 @@ def run_ingest_remote(catalog: Catalog, out: str | RemotePath, only: list[str] |
     reports, plans, tasks = plan_all(
         catalog, specs, out, tokenizer.name, reference_images, verify_images, force, say,
         make_staging=lambda spec: out / f"{st.STAGING_PREFIX}{spec.name}-{uuid.uuid4().hex[:12]}",
-        shown=RemotePath.display)
+        shown=RemotePath.display, fast_check=fast_check)
     nodes = execute_chunks(plans, tasks, process_chunk_remote, executor, address, say, stream, progress,
                            discard_staging=lambda plan: plan.staging.rmtree())
 
     for plan in plans:
-        reports[plan.spec.name] = finish_dataset(plan, catalog, out, sum(r["seconds"] for r in plan.results),
-                                                 say, _assemble)
+        reports[plan.spec.name] = finish_or_fail(plan, catalog, out, sum(r["seconds"] for r in plan.results),
+                                                 say, _assemble, discard=lambda p: p.staging.rmtree())
     report = IngestReport(out.display(), [reports[s.name] for s in specs], time.perf_counter() - started,
                           nodes=nodes)
     report.warnings.append("post-ingest checks (leakage, duplicates) read local folders and were skipped for "

@@ -25,7 +25,7 @@ from datasets_catalog.catalog import DatasetSpec
 from pipelines.storage import uris as storage
 from pipelines.storage.shard_schema import REJECTS_SCHEMA, SCHEMA_VERSION, SHARD_SCHEMA
 
-INGEST_VERSION = 1          # bump when ingest output changes for the same inputs
+INGEST_VERSION = 2          # bump when ingest output changes for the same inputs (2: dictionary-encoded image columns)
 MANIFEST = "_manifest.json"
 REJECTS = "_rejects.parquet"
 FAILED_DIR = "_failed"
@@ -106,6 +106,7 @@ def settings_of(spec: DatasetSpec, tokenizer_name: str, reference_images: bool, 
         "reference_images": reference_images,
         "verify_images": verify_images,
         "max_image_pixels": spec.max_image_pixels,
+        "max_image_bytes": spec.max_image_bytes,
         "rows_per_shard": spec.rows_per_shard,
         **({"store_pixels": True} if spec.store_pixels else {}),   # absent when off: old manifests still match
         "extra_options": spec.extra_options,
@@ -127,8 +128,22 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
         return None
 
 
+def shard_problem(destination, manifest: dict[str, Any]) -> str | None:
+    """Why the published files do not match the manifest (a shard deleted or truncated), or None."""
+    for shard in manifest.get("shards") or ():
+        path = destination / shard["file"]
+        try:
+            size = path.size() if hasattr(path, "size") else path.stat().st_size
+        except (OSError, FileNotFoundError):
+            return f"shard {shard['file']} is missing"
+        if size != shard["bytes"]:
+            return f"shard {shard['file']} has {size:,} bytes, the manifest says {shard['bytes']:,}"
+    return None
+
+
 def quick_source_sha(path: Path, previous: dict | None) -> str | None:
-    """Reuse the recorded sha256 when the JSONL's size and mtime are unchanged (no re-read on no-op runs)."""
+    """`--fast-check` only: reuse the recorded sha256 when the JSONL's size and mtime are unchanged (an edit
+    that keeps both is then missed; the default check hashes the content)."""
     if not previous:
         return None
     source = previous.get("source") or {}
