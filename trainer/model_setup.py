@@ -77,7 +77,7 @@ def apply_freeze_flags(model: nn.Module, cfg: TrainConfig) -> None:
     t = cfg.train
     from model.freeze import apply_freeze
 
-    apply_freeze(model, freeze_llm=t.freeze_llm, freeze_vit=t.freeze_vit, freeze_vae=t.freeze_vae,
+    apply_freeze(model, freeze_llm=t.freeze_llm or t.finetuning_type == "freeze", freeze_vit=t.freeze_vit, freeze_vae=t.freeze_vae,
                  freeze_und=t.freeze_und)
 
 
