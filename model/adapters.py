@@ -71,8 +71,8 @@ def target_names(model: nn.Module, s: LoraSettings) -> list[str]:
     wanted = None if s.target.strip() == "all" else {t.strip() for t in s.target.split(",") if t.strip()}
     out, seen_short = [], set()
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
+        if not isinstance(module, nn.Linear) or ".lora_" in name or name.endswith(".base_layer"):
+            continue   # (the parts of an already injected adapter)
         short = name.rsplit(".", 1)[-1].replace("_moe_gen", "")
         if name.startswith("language_model.model.layers."):
             seen_short.add(short)
