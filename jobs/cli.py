@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "generate": "jobs.generate",
     "model-info": "jobs.model_info",
     "import-legacy": "jobs.import_legacy",
+    "export": "jobs.export",
 }
 
 

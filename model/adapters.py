@@ -267,11 +267,65 @@ def load_adapted_model(adapter_dir: str | Path, *, use_ema: bool = True, base_di
     dtype = load_kw.pop("dtype", None)
     model = load_model_from_dir(base, use_ema=ref["weights_file"] == "ema.safetensors", **load_kw)
     config = read_adapter_config(adapter_dir)
-    inject_lora(model, config)
     name = EMA_ADAPTER_FILE if use_ema and (adapter_dir / EMA_ADAPTER_FILE).is_file() else ADAPTER_FILE
-    load_adapter_state(model, read_weights(adapter_dir / name), where=str(adapter_dir / name))
+    state = read_weights(adapter_dir / name)
+    # components switched off for this use (VQA loads without the generation path) drop their adapters
+    present = {n for n, _ in model.named_modules()}
+    # (peft may have shortened a long target list to suffixes: match the way peft does)
+    config.target_modules = sorted(t for t in config.target_modules
+                                   if any(n == t or n.endswith("." + t) for n in present))
+    state = {k: v for k, v in state.items() if k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] in present}
+    inject_lora(model, config)
+    load_adapter_state(model, state, where=str(adapter_dir / name))
     if merge:
         merge_adapters(model)
     if dtype is not None:
         model = model.to(dtype)
     return model
+
+
+def export_merged(adapter_dir: str | Path, out_dir: str | Path, *, use_ema: bool = True,
+                  base_dir: Optional[str | Path] = None) -> dict[str, Any]:
+    """Merge the adapter (EMA by default) into the base weights and write a full UniMedVL-layout directory:
+    model.safetensors and ema.safetensors (both the merged weights), the base's VAE file, llm/vit configs,
+    tokenizer and merged_from.json. Written into a temporary sibling directory, then renamed."""
+    import os
+    import shutil
+    import tempfile
+
+    from .checkpoint import VAE_FILES, save_weights, write_inference_files
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    if not is_adapter_dir(adapter_dir):
+        raise AdapterError(f"{adapter_dir}: not an adapter checkpoint (expected {ADAPTER_FILE} and "
+                           f"{ADAPTER_CONFIG_FILE}, as a --finetuning_type lora run writes)")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise AdapterError(f"--out {out_dir} exists and is not empty; pass a new directory")
+    ref = read_base_reference(adapter_dir)
+    base = Path(base_dir) if base_dir is not None else Path(ref["path"])
+    tokenizer = None
+    if any((adapter_dir / f).exists() for f in ("tokenizer.json", "vocab.json", "medloom_tokenizer.json")):
+        from datasets_catalog.tokenizer import TextTokenizer
+
+        tokenizer = TextTokenizer.from_dir(adapter_dir)
+    model = load_adapted_model(adapter_dir, use_ema=use_ema, base_dir=base, tokenizer=tokenizer)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=str(out_dir.parent)))
+    try:
+        save_weights(model, tmp / "model.safetensors", include_vae=False)
+        shutil.copyfile(tmp / "model.safetensors", tmp / "ema.safetensors")
+        vae = next((base / n for n in VAE_FILES if (base / n).is_file()), None)
+        if vae is not None:
+            shutil.copyfile(vae, tmp / vae.name)
+        write_inference_files(tmp, model.config, tokenizer)
+        info = {"adapter": str(adapter_dir.resolve()), "adapter_weights": EMA_ADAPTER_FILE if use_ema and
+                (adapter_dir / EMA_ADAPTER_FILE).is_file() else ADAPTER_FILE, "base": ref,
+                "parameters": sum(p.numel() for p in model.parameters())}
+        write_text_atomic(tmp / "merged_from.json", json.dumps(info, indent=2, sort_keys=True))
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {**info, "out": str(out_dir)}

@@ -55,7 +55,8 @@ class LoraRun:
     def load(self, model: nn.Module, plan: ck.ResumePlan, log: Callable[[str], None]) -> AdapterEMA:
         """Base weights, freeze flags, adapters (initialised from global_seed, the same on every rank), then
         the adapter and EMA-adapter weights of the checkpoint being resumed, if any."""
-        from model.adapters import (ADAPTER_FILE, EMA_ADAPTER_FILE, AdapterError, base_reference, inject_lora,
+        from model.adapters import (ADAPTER_FILE, EMA_ADAPTER_FILE, AdapterError, adapter_modules, base_reference,
+                                    inject_lora,
                                     is_adapter_dir, load_adapter_state, lora_config, read_base_reference)
         from model.checkpoint import load_vae_weights, read_weights
         from trainer.model_setup import apply_freeze_flags
@@ -77,7 +78,7 @@ class LoraRun:
         n_train = sum(p.numel() for p in ema.params.values())
         n_all = sum(p.numel() for p in model.parameters())
         log(f"LoRA r={self.settings.rank} alpha={self.settings.lora_alpha:g} experts={self.settings.experts}: "
-            f"{len(self.peft_config.target_modules)} Linear layers, {n_train:,} trainable of {n_all:,} parameters "
+            f"{len(adapter_modules(model))} Linear layers, {n_train:,} trainable of {n_all:,} parameters "
             f"({100 * n_train / n_all:.3f}%); base {base_dir}/{weights}")
         source = plan.source
         if source is not None and is_adapter_dir(source):

@@ -110,3 +110,41 @@ def test_lora_config_errors(setup, tmp_path):
         _cfg(mix, tmp_path, "--model_path", str(base), "--finetuning_type", "lora", "--lora_experts", "vit")
     with pytest.raises(ConfigError, match="finetuning_type"):
         _cfg(mix, tmp_path, "--model_path", str(base), "--finetuning_type", "qlora4")
+
+
+def test_merged_export_forward_equals_the_adapted_model(setup, tmp_path):
+    from model.adapters import AdapterError, export_merged, load_adapted_model
+    from model.checkpoint import load_model_from_dir
+    from tests.unit.model.test_model_batches import edit_sample, make_batch, vqa_sample
+    from tests.unit.model.test_model_forward import noise_for
+
+    mix, base = setup
+    run = train_loop(_lora(mix, base, tmp_path / "r", "--total_steps", "3", "--dataloader_workers", "0",
+                           "--lr", "1e-2", "--warmup_steps", "1"), **QUIET)
+    ckpt = Path(run.checkpoints[-1])
+    info = export_merged(ckpt, tmp_path / "merged")
+    merged_dir = Path(info["out"])
+    for f in ("model.safetensors", "ema.safetensors", "ae.safetensors", "llm_config.json", "vit_config.json",
+              "merged_from.json"):
+        assert (merged_dir / f).is_file(), f
+    adapted = load_adapted_model(ckpt, merge=False).eval()   # base + EMA adapter, unmerged (peft layers)
+    merged = load_model_from_dir(merged_dir).eval()
+    assert any(".lora_A." in n for n, _ in adapted.named_parameters())
+    batch = make_batch([vqa_sample(0), edit_sample(1)])
+    outs = []
+    for m in (adapted, merged):
+        with torch.no_grad():
+            lat = m.vae_model.encode(batch.padded_images, generator=torch.Generator().manual_seed(0))
+            outs.append(m(batch, lat, noise=noise_for(batch, m.config.latent_channels, 1)))
+    torch.testing.assert_close(outs[1].ce, outs[0].ce, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[1].mse, outs[0].mse, rtol=1e-5, atol=1e-5)
+    # the merge is not a no-op: the base alone differs
+    plain = load_model_from_dir(base, use_ema=False).eval()
+    with torch.no_grad():
+        lat = plain.vae_model.encode(batch.padded_images, generator=torch.Generator().manual_seed(0))
+        base_out = plain(batch, lat, noise=noise_for(batch, plain.config.latent_channels, 1))
+    assert not torch.allclose(base_out.ce, outs[0].ce, atol=1e-6)
+    with pytest.raises(AdapterError, match="not empty"):
+        export_merged(ckpt, merged_dir)
+    with pytest.raises(AdapterError, match="not an adapter checkpoint"):
+        export_merged(base, tmp_path / "x")
