@@ -161,6 +161,8 @@ class RunArguments:
     torch_threads: Optional[int] = _f(None, "torch intra-op threads per worker (default: 1 on CPU)")
     inject_failure_at_step: Optional[int] = _f(None, "testing: rank inject_failure_rank raises once after this step")
     inject_failure_rank: int = _f(1, "testing: which rank fails")
+    check_memory: bool = _f(True, "GPU runs: refuse to start when the memory planner's estimate per GPU exceeds "
+                                  "the visible GPU's memory (docs/training.md#memory-planner)")
 
 
 GROUPS = (("model", ModelArguments), ("data", DataArguments), ("train", TrainingArguments), ("run", RunArguments))
