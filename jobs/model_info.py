@@ -94,7 +94,8 @@ def format_table(table: dict, label: str) -> str:
     for name, c in table["components"].items():
         lines.append(f"{name:<20} {c['parameters']:>16,} {c['trainable']:>16,}")
     trainable = sum(c["trainable"] for c in table["components"].values())
-    lines += ["", f"{'total':<20} {table['total']:>16,} {trainable:>16,}"]
+    total = sum(c["parameters"] for c in table["components"].values())
+    lines += ["", f"{'total':<20} {total:>16,} {trainable:>16,}"]
     return "\n".join(lines)
 
 
@@ -108,8 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, AdapterError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    table = parameter_table(config, freeze_llm=args.freeze_llm, freeze_vit=args.freeze_vit,
-                            freeze_vae=args.freeze_vae, freeze_und=args.freeze_und)
+    table = parameter_table(config, freeze_llm=args.freeze_llm or args.finetuning_type == "freeze",
+                            freeze_vit=args.freeze_vit, freeze_vae=args.freeze_vae, freeze_und=args.freeze_und)
+    if plan is not None and plan.finetuning_type == "lora":   # the base is frozen; the adapters train
+        for row in table["parameters"]:
+            row["trainable"] = False
+        for comp in table["components"].values():
+            comp["trainable"] = 0
+        table["components"]["lora adapters (peft)"] = {"parameters": plan.trainable_parameters,
+                                                       "trainable": plan.trainable_parameters}
     if args.json:
         out = {"parameters": table["parameters"], "total": table["total"]}
         if plan is not None:
