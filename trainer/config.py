@@ -365,6 +365,11 @@ def load_config(argv: list[str]) -> TrainConfig:
             cfg.set(name, coerce(name, raw, where))
             if name not in explicit:
                 explicit.append(name)
+    if "model_path" in cli and "model" not in cli and "model" in (layers[0] if config_path else {}):
+        # a checkpoint on the command line replaces the config's architecture preset (and its from_scratch)
+        cfg.model.model = None
+        if "from_scratch" not in cli:
+            cfg.train.from_scratch = False
     cfg.explicit = explicit
     return cfg
 

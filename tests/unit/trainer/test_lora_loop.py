@@ -148,3 +148,12 @@ def test_merged_export_forward_equals_the_adapted_model(setup, tmp_path):
         export_merged(ckpt, merged_dir)
     with pytest.raises(AdapterError, match="not an adapter checkpoint"):
         export_merged(base, tmp_path / "x")
+
+
+def test_model_path_flag_replaces_the_configs_preset(setup, tmp_path):
+    mix, base = setup
+    preset_mix = mix.with_name("mix.yaml")   # the trainer tests' mixture, whose train: section says model: tiny
+    cfg = _cfg(preset_mix, tmp_path, "--model_path", str(base), "--finetuning_type", "lora")
+    assert cfg.model.model is None and cfg.model.model_path == str(base) and not cfg.train.from_scratch
+    with pytest.raises(ConfigError, match="not both"):
+        _cfg(preset_mix, tmp_path, "--model_path", str(base), "--model", "tiny")
