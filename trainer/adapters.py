@@ -48,9 +48,10 @@ class LoraRun:
         self.peft_config = None
         self.base_ref: Optional[dict] = None
 
-    def base_source(self) -> tuple[Path, str]:
+    def base_source(self) -> tuple[Optional[Path], str]:
         t = self.cfg.train
-        return Path(self.cfg.model.model_path), (ck.EMA_FILE if t.finetune_from_ema else ck.MODEL_FILE)
+        path = Path(self.cfg.model.model_path) if self.cfg.model.model_path else None
+        return path, (ck.EMA_FILE if t.finetune_from_ema else ck.MODEL_FILE)
 
     def load(self, model: nn.Module, plan: ck.ResumePlan, log: Callable[[str], None]) -> AdapterEMA:
         """Base weights, freeze flags, adapters (initialised from global_seed, the same on every rank), then
@@ -62,11 +63,13 @@ class LoraRun:
         from trainer.model_setup import apply_freeze_flags
 
         base_dir, weights = self.base_source()
-        ck.load_weights_checked(model, base_dir, weights, strict=False, log=log)
+        if self.cfg.model.model_path:
+            ck.load_weights_checked(model, base_dir, weights, strict=False, log=log)
+            self.base_ref = base_reference(base_dir, weights)
+        # else: the model builder supplied the base (benchmarks/gpu_check.py); no checkpoint can name it
         if self.cfg.model.vae_path and getattr(model, "vae_model", None) is not None:
             load_vae_weights(model.vae_model, self.cfg.model.vae_path, strict=True)
         apply_freeze_flags(model, self.cfg)
-        self.base_ref = base_reference(base_dir, weights)
         try:
             self.peft_config = lora_config(model, self.settings)
         except AdapterError as exc:
@@ -83,6 +86,9 @@ class LoraRun:
         source = plan.source
         if source is not None and is_adapter_dir(source):
             ref = read_base_reference(source)
+            if self.base_ref is None:
+                raise ck.ResumeError(f"{source} is an adapter checkpoint of {ref['path']}: pass that base as "
+                                     f"--model_path")
             if ref["sha256"] != self.base_ref["sha256"]:
                 raise ck.ResumeError(f"{source}: trained on base {ref['path']}/{ref['weights_file']} (sha256 "
                                      f"{ref['sha256'][:12]}…) but --model_path gives {base_dir}/{weights} (sha256 "
@@ -123,7 +129,9 @@ class LoraRun:
     def write(self, folder: Path, model_state: dict, ema_state: dict) -> list[str]:
         from model.adapters import to_peft_keys, write_adapter_files
 
-        assert self.peft_config is not None and self.base_ref is not None
+        if self.peft_config is None or self.base_ref is None:
+            raise RuntimeError("a LoRA run without --model_path (a built-in base) cannot write an adapter "
+                               "checkpoint: its base is not a checkpoint directory")
         return write_adapter_files(folder, self.peft_config, to_peft_keys(model_state), to_peft_keys(ema_state),
                                    self.base_ref)
 
