@@ -142,7 +142,7 @@ def memory_plan_for(cfg: TrainConfig):
     t = cfg.train
     mc = build_model_config(cfg, TextTokenizer.load(tokenizer_spec(cfg)).vocab_size)
     return plan_memory(mc, finetuning_type=t.finetuning_type, lora=lora_settings(cfg),
-                       num_gpus=cfg.run.num_workers if cfg.run.use_gpu else 1,
+                       num_gpus=cfg.run.num_workers,
                        expected_num_tokens=cfg.data.expected_num_tokens, freeze_vit=t.freeze_vit,
                        freeze_vae=t.freeze_vae)
 
@@ -150,7 +150,8 @@ def memory_plan_for(cfg: TrainConfig):
 def memory_line(cfg: TrainConfig, plan) -> str:
     ckpt = cfg.train.activation_checkpointing and cfg.run.use_gpu
     peak = plan.peak_ckpt_gib if ckpt else plan.peak_gib
-    return (f"memory estimate per GPU: {peak:.1f} GiB ({plan.finetuning_type}, {plan.num_gpus} GPU(s), "
+    where = "per GPU" if cfg.run.use_gpu else "per GPU if this run used GPUs (--use_gpu True)"
+    return (f"memory estimate {where}: {peak:.1f} GiB ({plan.finetuning_type}, {plan.num_gpus} GPU(s), "
             f"{plan.expected_num_tokens:,} tokens, activation checkpointing {'on' if ckpt else 'off'}); "
             f"trainable {plan.trainable_parameters:,} of {plan.total_parameters:,} parameters")
 
