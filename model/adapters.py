@@ -35,7 +35,8 @@ class AdapterError(ValueError):
 
 @dataclass
 class LoraSettings:
-    """LLaMA-Factory's names (lora_rank, lora_alpha, lora_dropout, lora_target) plus the MoT choices."""
+    """The LoRA flags (lora_rank, lora_alpha, lora_dropout, lora_target) plus the MoT choices
+    (docs/training.md#parameter-efficient-fine-tuning-lora)."""
     rank: int = 8
     alpha: Optional[float] = None      # default 2 x rank
     dropout: float = 0.0
