@@ -157,3 +157,17 @@ def test_model_path_flag_replaces_the_configs_preset(setup, tmp_path):
     assert cfg.model.model is None and cfg.model.model_path == str(base) and not cfg.train.from_scratch
     with pytest.raises(ConfigError, match="not both"):
         _cfg(preset_mix, tmp_path, "--model_path", str(base), "--model", "tiny")
+
+
+def test_finetuning_type_freeze_freezes_the_language_model(setup, tmp_path):
+    from model.config import ModelConfig
+    from model.unified import UnifiedModel
+    from trainer.model_setup import apply_freeze_flags
+
+    mix, base = setup
+    cfg = _cfg(mix, tmp_path, "--model_path", str(base), "--finetuning_type", "freeze")
+    m = UnifiedModel(ModelConfig.tiny())
+    apply_freeze_flags(m, cfg)
+    assert not any(p.requires_grad for p in m.language_model.parameters())
+    assert all(p.requires_grad for p in m.connector.parameters())
+    assert any(p.requires_grad for p in m.vit_model.parameters())
