@@ -10,7 +10,8 @@ Rows (benchmarks/README.md says what each means and the targets):
   b  training steps of a 7B-width MoT slice (3,584 hidden, 28 heads, 4 KV heads, 18,944 intermediate, a few
      layers; ViT and VAE paths active) with FSDP2 + bf16 + activation checkpointing, at 8,192 and 32,768
      tokens per pack: step time, tokens/s, MFU (upstream's FLOP formula, the device's bf16 peak), peak memory
-  c  the same with LoRA: not yet available (LoRA not implemented)
+  c  the same with LoRA (rank 16 on every decoder Linear of both experts, peft, the trainer's LoRA path) at
+     the largest pack: step time, tokens/s, peak memory next to row b's
   d  data-wait share of the row-b steps, fed by the real mixture stream in loader processes
   e  KV-cache greedy decoding tokens/s; one 512 px image sample with CFG, in seconds
   f  exact resume: stop after k steps, resume from the checkpoint, the next loss bit for bit
@@ -40,6 +41,7 @@ MFU_TARGET = 0.40          # 7B-width model at 32,768 tokens per pack
 DATA_WAIT_TARGET = 0.02
 ROW_ORDER = ("a", "b", "c", "d", "e", "f")
 # rough seconds a row needs on an H100 (compilation included); a row is skipped when less budget is left
+LORA_RANK = 16
 GPU_ROW_SECONDS = {"a": 40, "b": 60, "e": 30, "f": 60}
 
 
@@ -416,18 +418,21 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"[gpu_check] {backend} failed in training; the remaining rows use sdpa", flush=True)
 
     # (c) LoRA
-    row = R.Row("c", "train with LoRA (as row b)")
+    row = R.Row("c", f"train with LoRA r{LORA_RANK} (as row b, largest pack)")
 
     def do_c(row):
-        from trainer.config import ModelArguments, TrainingArguments
+        n = max(sizes.packs)
+        res = R.training_row(ctx, n, sizes.steps[n], sizes.log_every[n], lora_rank=LORA_RANK)
+        row.details = dict(res)
+        full = trained.get(n)
+        vs = (f" (full fine-tuning: {full['step_time_s']:.3f} s/step, {full['peak_mem_mib'] / 1024:.1f} GiB)"
+              if full else "")
+        row.result = (f"{n} tok/pack, rank {LORA_RANK}: {res['step_time_s']:.3f} s/step, "
+                      f"{res['tokens_per_sec']:.0f} tok/s, peak mem {res['peak_mem_mib'] / 1024:.1f} GiB{vs}")
+        row.status = "ok"
+        return res
 
-        names = [f for cls in (ModelArguments, TrainingArguments) for f in cls.__dataclass_fields__ if "lora" in f]
-        if names:
-            raise R.RowSkipped(f"LoRA arguments exist ({', '.join(names)}) but this check does not drive them "
-                               f"yet: add the row to benchmarks/gpu_check.py")
-        raise R.RowSkipped("not yet available (LoRA not implemented)")
-
-    run_row(row, "c", do_c)
+    run_row(row, "c", do_c, GPU_ROW_SECONDS["b"])
 
     row = R.Row("d", "data-wait share of row-b steps (mixture stream, loader processes)")
 

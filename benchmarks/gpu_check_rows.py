@@ -237,13 +237,18 @@ def attention_row(ctx, n_tokens: int) -> dict:
 
 
 # -- (b)/(d) training throughput ---------------------------------------------------------------------
-def training_row(ctx, n_tokens: int, steps: int, log_every: int) -> dict:
+def training_row(ctx, n_tokens: int, steps: int, log_every: int, lora_rank: Optional[int] = None) -> dict:
     """Steps of the 7B-width MoT model at ~n_tokens per pack; throughput, MFU, data wait from the
-    trainer's own metrics windows, excluding the first window (compilation, loader start-up)."""
+    trainer's own metrics windows, excluding the first window (compilation, loader start-up). With
+    lora_rank: the trainer's LoRA path (peft adapters on every decoder Linear of both experts) on the
+    builder's randomly initialised base (no --model_path, so no checkpoint is written)."""
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
     graphs0 = compiled_graphs()
-    cfg = ctx.train_config(n_tokens, ctx.work / f"train{n_tokens}", steps=steps, log_every=log_every)
+    tag = f"lora{n_tokens}" if lora_rank else f"train{n_tokens}"
+    cfg = ctx.train_config(n_tokens, ctx.work / tag, steps=steps, log_every=log_every)
+    if lora_rank:
+        cfg.train.finetuning_type, cfg.train.lora_rank = "lora", lora_rank
     result, recs, wall = run_trainer(ctx, cfg, ctx.mc, gpu_like=True, skip_save=True)
     if not recs:
         raise RuntimeError("the trainer wrote no metrics record")

@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "import-legacy": "jobs.import_legacy",
     "serve": "jobs.serve",
     "evaluate": "jobs.evaluate",
+    "export": "jobs.export",
 }
 
 

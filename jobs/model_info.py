@@ -2,6 +2,8 @@
 """Parameter counts of a model layout, per component and trainable under the freeze flags.
 
     python jobs/model_info.py [--model tiny|unimedvl-7b | --model_path DIR] [--freeze_vae True] [--json]
+    python jobs/model_info.py --model unimedvl-7b --finetuning_type lora --lora_rank 16 --num_gpus 1 \
+        --expected_num_tokens 32768          # + the memory planner (docs/training.md#memory-planner)
 
 Built on the meta device: the 7B layout prints in seconds and allocates nothing. `--json` prints
 {"parameters": [{"name", "shape", "trainable"}, ...], "total": N} with the state-dict names a checkpoint
@@ -42,8 +44,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           ("visual_gen", True), ("visual_und", True)):
         p.add_argument(f"--{flag}", type=_bool, nargs="?", const=True, default=default, metavar="BOOL",
                        help=f"True/False (default {default})")
+    plan = p.add_argument_group("memory planner (printed when --finetuning_type, --num_gpus or "
+                                "--expected_num_tokens is given; docs/training.md#memory-planner)")
+    plan.add_argument("--finetuning_type", choices=["full", "freeze", "lora"], default=None,
+                      help="full | freeze (language model frozen) | lora")
+    plan.add_argument("--lora_rank", type=int, default=8, help="LoRA rank (default 8)")
+    plan.add_argument("--lora_target", default="all", help="all or a comma list of module names (default all)")
+    plan.add_argument("--lora_experts", choices=["und", "gen", "both"], default="both",
+                      help="which MoT twins get adapters (default both)")
+    plan.add_argument("--lora_vit", type=_bool, default=False, metavar="BOOL", help="adapters on the ViT too")
+    plan.add_argument("--lora_connectors", type=_bool, default=False, metavar="BOOL",
+                      help="adapters on connector, vae2llm, llm2vae too")
+    plan.add_argument("--num_gpus", type=int, default=None, help="GPUs the run shards over (default 1)")
+    plan.add_argument("--expected_num_tokens", type=int, default=None, help="tokens per packed batch "
+                                                                          "(default 32768)")
+    plan.add_argument("--ce_fraction", type=float, default=0.25,
+                      help="share of the pack's tokens that are CE targets, for the logits (default 0.25)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p.parse_args(argv)
+
+
+def memory_plan(args: argparse.Namespace, config: ModelConfig):
+    """The planner's figures for these flags, or None when no planner flag was given."""
+    if args.finetuning_type is None and args.num_gpus is None and args.expected_num_tokens is None:
+        return None
+    from model.adapters import LoraSettings
+    from model.memory import plan_memory
+
+    lora = LoraSettings(rank=args.lora_rank, target=args.lora_target, experts=args.lora_experts,
+                        vit=args.lora_vit, connectors=args.lora_connectors)
+    return plan_memory(config, finetuning_type=args.finetuning_type or "full", lora=lora,
+                       num_gpus=1 if args.num_gpus is None else args.num_gpus,
+                       expected_num_tokens=32768 if args.expected_num_tokens is None else args.expected_num_tokens,
+                       ce_fraction=args.ce_fraction, freeze_vit=args.freeze_vit, freeze_vae=args.freeze_vae)
 
 
 def build_config(args: argparse.Namespace) -> ModelConfig:
@@ -61,24 +94,43 @@ def format_table(table: dict, label: str) -> str:
     for name, c in table["components"].items():
         lines.append(f"{name:<20} {c['parameters']:>16,} {c['trainable']:>16,}")
     trainable = sum(c["trainable"] for c in table["components"].values())
-    lines += ["", f"{'total':<20} {table['total']:>16,} {trainable:>16,}"]
+    total = sum(c["parameters"] for c in table["components"].values())
+    lines += ["", f"{'total':<20} {total:>16,} {trainable:>16,}"]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from model.adapters import AdapterError
+
     try:
         config = build_config(args)
-    except (ConfigError, ValueError) as exc:
+        plan = memory_plan(args, config)
+    except (ConfigError, ValueError, AdapterError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    table = parameter_table(config, freeze_llm=args.freeze_llm, freeze_vit=args.freeze_vit,
-                            freeze_vae=args.freeze_vae, freeze_und=args.freeze_und)
+    table = parameter_table(config, freeze_llm=args.freeze_llm or args.finetuning_type == "freeze",
+                            freeze_vit=args.freeze_vit, freeze_vae=args.freeze_vae, freeze_und=args.freeze_und)
+    if plan is not None and plan.finetuning_type == "lora":   # the base is frozen; the adapters train
+        for row in table["parameters"]:
+            row["trainable"] = False
+        for comp in table["components"].values():
+            comp["trainable"] = 0
+        table["components"]["lora adapters (peft)"] = {"parameters": plan.trainable_parameters,
+                                                       "trainable": plan.trainable_parameters}
     if args.json:
-        print(json.dumps({"parameters": table["parameters"], "total": table["total"]}))
+        out = {"parameters": table["parameters"], "total": table["total"]}
+        if plan is not None:
+            out["memory"] = plan.to_dict()
+        print(json.dumps(out))
     else:
         label = args.model_path or args.model or "tiny"
         print(format_table(table, label))
+        if plan is not None:
+            from model.memory import format_plan
+
+            print()
+            print(format_plan(plan))
     return 0
 
 

@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     note = _topology_note(plan, cfg)
     if note:
         print(f"[train] note: {note}")
+    refusal = _memory_check(cfg)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
     from trainer.checkpoint.remote import remote_checkpoint_root
 
     remote = remote_checkpoint_root(cfg.run.storage_path, cfg.run_name)
@@ -76,6 +80,24 @@ def _topology_note(plan, cfg) -> str:
     old = saved_topology(plan.source)
     new = (cfg.run.num_workers, max(1, cfg.data.dataloader_workers))
     return topology_note(old, new) if old is not None and old != new else ""
+
+
+def _memory_check(cfg) -> str | None:
+    """Print the memory planner's estimate for this run; on a GPU run with a visible GPU, the refusal text
+    when the estimate does not fit it (None otherwise)."""
+    from trainer.model_setup import memory_line, memory_plan_for, memory_refusal
+
+    plan = memory_plan_for(cfg)
+    print(f"[train] {memory_line(cfg, plan)}")
+    if not (cfg.run.use_gpu and cfg.run.check_memory):
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        print("[train] note: no GPU visible to this process: the estimate is not checked against GPU memory")
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return memory_refusal(cfg, plan, props.total_memory / 1024 ** 3, props.name)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,15 @@ class TrainingArguments:
     freeze_vae: bool = _f(True, "freeze the VAE (encode without grad)")
     freeze_und: bool = _f(False, "detach und-token activations (no requires_grad change)")
     copy_init_moe: bool = _f(True, "copy und weights into *_moe_gen twins at init")
+    finetuning_type: str = _f("full", "full | freeze (language model frozen, as --freeze_llm) | lora (adapters "
+                                      "through peft on a frozen base; needs --model_path, docs/training.md)")
+    lora_rank: int = _f(8, "LoRA rank r")
+    lora_alpha: Optional[float] = _f(None, "LoRA alpha (default 2 x lora_rank)")
+    lora_dropout: float = _f(0.0, "LoRA dropout")
+    lora_target: str = _f("all", "all (every Linear of the decoder layers) or a comma list: q_proj,v_proj,...")
+    lora_experts: str = _f("both", "und | gen | both: which twin of each MoT layer gets adapters")
+    lora_vit: bool = _f(False, "LoRA adapters on the ViT encoder layers too (else the ViT stays frozen)")
+    lora_connectors: bool = _f(False, "LoRA adapters on connector, vae2llm, llm2vae (else they stay frozen)")
     use_flex: bool = _f(False, "flex attention packing (pad to max_num_tokens)")
     deterministic: bool = _f(False, "deterministic torch algorithms (exact-resume drills)")
     wandb_project: Optional[str] = _f(None, "accepted for upstream scripts; W&B is not used (TensorBoard is)")
@@ -152,6 +161,8 @@ class RunArguments:
     torch_threads: Optional[int] = _f(None, "torch intra-op threads per worker (default: 1 on CPU)")
     inject_failure_at_step: Optional[int] = _f(None, "testing: rank inject_failure_rank raises once after this step")
     inject_failure_rank: int = _f(1, "testing: which rank fails")
+    check_memory: bool = _f(True, "GPU runs: refuse to start when the memory planner's estimate per GPU exceeds "
+                                  "the visible GPU's memory (docs/training.md#memory-planner)")
 
 
 GROUPS = (("model", ModelArguments), ("data", DataArguments), ("train", TrainingArguments), ("run", RunArguments))
@@ -354,6 +365,11 @@ def load_config(argv: list[str]) -> TrainConfig:
             cfg.set(name, coerce(name, raw, where))
             if name not in explicit:
                 explicit.append(name)
+    if "model_path" in cli and "model" not in cli and "model" in (layers[0] if config_path else {}):
+        # a checkpoint on the command line replaces the config's architecture preset (and its from_scratch)
+        cfg.model.model = None
+        if "from_scratch" not in cli:
+            cfg.train.from_scratch = False
     cfg.explicit = explicit
     return cfg
 
@@ -429,6 +445,10 @@ def validate(cfg: TrainConfig, generation_groups: Optional[list[str]] = None,
     if m.llm_path or m.vit_path:
         raise ConfigError("llm_path / vit_path (loading raw Qwen2 / SigLIP weights) are not supported: convert them "
                           "into a checkpoint directory and pass --model_path")
+    if t.finetuning_type not in ("full", "freeze", "lora"):
+        raise ConfigError(f"finetuning_type must be full, freeze or lora, got {t.finetuning_type!r}")
+    if t.finetuning_type == "lora":
+        _validate_lora(cfg)
     if not t.visual_und and not t.visual_gen:
         raise ConfigError("visual_und and visual_gen are both False: nothing to train on images; enable one")
     if t.finetune_from_hf and not m.model_path:
@@ -495,3 +515,28 @@ def local_runs_root(storage_path: str) -> Path:
 def training_args_json(cfg: TrainConfig) -> str:
     """What a checkpoint's training_args.json holds: the flat upstream names (freeze_vae included)."""
     return json.dumps(cfg.flat(), indent=2, sort_keys=True, default=str)
+
+
+def _validate_lora(cfg: TrainConfig) -> None:
+    """LoRA needs a base checkpoint to adapt; its settings are checked by model.adapters."""
+    t = cfg.train
+    if not cfg.model.model_path:
+        raise ConfigError("finetuning_type lora adapts a base checkpoint: pass --model_path BASE_DIR "
+                          "(the adapter checkpoint records it and its sha256)")
+    if t.resume_from:
+        raise ConfigError("finetuning_type lora: resume_from is not supported; a LoRA run resumes from its own "
+                          "checkpoint_dir (--auto_resume True)")
+    from model.adapters import AdapterError
+
+    try:
+        lora_settings(cfg).check()
+    except AdapterError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def lora_settings(cfg: TrainConfig):
+    from model.adapters import LoraSettings
+
+    t = cfg.train
+    return LoraSettings(rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout, target=t.lora_target,
+                        experts=t.lora_experts, vit=t.lora_vit, connectors=t.lora_connectors)

@@ -85,6 +85,11 @@ class Trainer:
         self.rank, self.world = rank_and_world()
         self.is_main = self.rank == 0
         self.own_group = False    # a one-rank process group this trainer created (and destroys)
+        self.lora = None          # trainer.adapters.LoraRun under --finetuning_type lora
+        if self.cfg.train.finetuning_type == "lora":
+            from trainer.adapters import LoraRun
+
+            self.lora = LoraRun(self.cfg)
 
     def log(self, msg: str) -> None:
         if self.is_main:
@@ -151,6 +156,10 @@ class Trainer:
         from trainer.model_setup import apply_freeze_flags
 
         plan = self.plan
+        if self.lora is not None:   # base from model_path, adapters from the checkpoint being resumed
+            self.ema = self.lora.load(self.model, plan, self.log)
+            self.model.train()
+            return
         if plan.source is not None:
             ck.load_weights_checked(self.model, plan.source, plan.weights_file, strict=plan.load_train_state,
                                     log=self.log)
@@ -178,7 +187,10 @@ class Trainer:
                                          llm_lr=t.llm_lr, vit_lr=t.vit_lr, vae_lr=t.vae_lr)
         self.scheduler = WarmupScheduler(self.optimizer, kind=t.lr_scheduler, warmup_steps=t.warmup_steps,
                                          total_steps=t.total_steps, lr=t.lr, min_lr=t.min_lr)
-        self.state = ck.TrainingState(self.par, self.ema, self.optimizer, self.scheduler, self.mc, self.tokenizer)
+        if self.lora is not None:
+            self.ema = self.lora.place_ema(self.model, self.ema)
+        self.state = ck.TrainingState(self.par, self.ema, self.optimizer, self.scheduler, self.mc, self.tokenizer,
+                                      adapter=self.lora)
 
     def _wrap_fsdp(self) -> Parallel:
         # no model.to(device) here: fully_shard moves one unit at a time to the mesh's device and keeps only
@@ -192,7 +204,8 @@ class Trainer:
                         activation_checkpointing=t.activation_checkpointing and self.use_cuda,
                         reshard_after_forward=t.sharding_strategy != "NO_SHARD", device_type=self.device.type,
                         param_dtype=torch.bfloat16 if self.use_cuda else None)
-        wrap_ema_fsdp(self.ema, par.mesh, cpu_offload=t.cpu_offload)   # shards on the same device as the model's
+        if self.lora is None:   # a LoRA run's EMA holds adapter tensors only, sharded in place_ema
+            wrap_ema_fsdp(self.ema, par.mesh, cpu_offload=t.cpu_offload)   # shards on the same device as the model's
         return par
 
     def _wrap_ddp(self) -> Parallel:

@@ -77,7 +77,7 @@ def apply_freeze_flags(model: nn.Module, cfg: TrainConfig) -> None:
     t = cfg.train
     from model.freeze import apply_freeze
 
-    apply_freeze(model, freeze_llm=t.freeze_llm, freeze_vit=t.freeze_vit, freeze_vae=t.freeze_vae,
+    apply_freeze(model, freeze_llm=t.freeze_llm or t.finetuning_type == "freeze", freeze_vit=t.freeze_vit, freeze_vae=t.freeze_vae,
                  freeze_und=t.freeze_und)
 
 
@@ -129,3 +129,52 @@ def split_vae(state: dict[str, torch.Tensor], freeze_vae: bool) -> tuple[dict, O
     main = {k: v for k, v in state.items() if not k.startswith("vae_model.")}
     vae = {k[len("vae_model."):]: v for k, v in state.items() if k.startswith("vae_model.")}
     return main, (vae or None)
+
+
+# ---- memory estimate -----------------------------------------------------------------------------------
+def memory_plan_for(cfg: TrainConfig):
+    """The memory planner's estimate (model/memory.py) for this run: its layout, finetuning type, LoRA
+    settings, workers (GPUs) and expected_num_tokens, built on the meta device."""
+    from datasets_catalog.tokenizer import TextTokenizer
+    from model.memory import plan_memory
+    from trainer.config import lora_settings
+
+    t = cfg.train
+    mc = build_model_config(cfg, TextTokenizer.load(tokenizer_spec(cfg)).vocab_size)
+    return plan_memory(mc, finetuning_type=t.finetuning_type, lora=lora_settings(cfg),
+                       num_gpus=cfg.run.num_workers,
+                       expected_num_tokens=cfg.data.expected_num_tokens, freeze_vit=t.freeze_vit,
+                       freeze_vae=t.freeze_vae)
+
+
+def memory_line(cfg: TrainConfig, plan) -> str:
+    ckpt = cfg.train.activation_checkpointing and cfg.run.use_gpu
+    peak = plan.peak_ckpt_gib if ckpt else plan.peak_gib
+    where = "per GPU" if cfg.run.use_gpu else "per GPU if this run used GPUs (--use_gpu True)"
+    return (f"memory estimate {where}: {peak:.1f} GiB ({plan.finetuning_type}, {plan.num_gpus} GPU(s), "
+            f"{plan.expected_num_tokens:,} tokens, activation checkpointing {'on' if ckpt else 'off'}); "
+            f"trainable {plan.trainable_parameters:,} of {plan.total_parameters:,} parameters")
+
+
+def memory_refusal(cfg: TrainConfig, plan, gpu_gib: float, gpu_name: str) -> Optional[str]:
+    """None when the estimate fits gpu_gib per GPU, else the error text with flag sets that would fit."""
+    from model.memory import fitting_suggestions
+    from trainer.config import lora_settings
+
+    t = cfg.train
+    peak = plan.peak_ckpt_gib if t.activation_checkpointing else plan.peak_gib
+    if peak <= gpu_gib or t.cpu_offload:
+        return None
+    mc = build_model_config(cfg, _vocab(cfg))
+    fits = fitting_suggestions(mc, gpu_gib, finetuning_type=t.finetuning_type, lora=lora_settings(cfg),
+                               num_gpus=plan.num_gpus, expected_num_tokens=plan.expected_num_tokens,
+                               freeze_vit=t.freeze_vit, freeze_vae=t.freeze_vae)
+    hint = ("; flags that would fit: " + "; ".join(fits)) if fits else "; no tried combination fits: more GPUs"
+    return (f"the estimated peak memory per GPU ({peak:.1f} GiB) exceeds the {gpu_gib:.1f} GiB of this GPU "
+            f"({gpu_name}){hint}; or pass --check_memory False to start anyway (docs/training.md#memory-planner)")
+
+
+def _vocab(cfg: TrainConfig) -> int:
+    from datasets_catalog.tokenizer import TextTokenizer
+
+    return TextTokenizer.load(tokenizer_spec(cfg)).vocab_size

@@ -91,7 +91,15 @@ def load_for_inference(model_path: str | Path, visual_gen: bool, device=None, dt
     """Model in eval mode on `device` in `dtype` (VAE included, as upstream casts it), plus its tokenizer.
 
     VQA loads with visual_gen=False (no VAE, docs/upstream-compat.md#checkpoint-loading); generation needs the VAE."""
-    path = check_checkpoint_dir(model_path, need_vae=visual_gen)
+    from model.adapters import AdapterError, is_adapter_dir, load_adapted_model, read_base_reference
+
+    adapter = Path(model_path) if is_adapter_dir(model_path) else None
+    if adapter is not None:   # a LoRA checkpoint: its base (checked by sha256) with the adapter merged in
+        try:
+            check_checkpoint_dir(read_base_reference(adapter)["path"], need_vae=visual_gen)
+        except AdapterError as exc:
+            raise InferenceError(str(exc)) from None
+    path = adapter if adapter is not None else check_checkpoint_dir(model_path, need_vae=visual_gen)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     try:
@@ -100,8 +108,14 @@ def load_for_inference(model_path: str | Path, visual_gen: bool, device=None, dt
         raise InferenceError(f"{path}: cannot load the tokenizer: {exc}") from None
     try:
         # built and cast on the CPU, then moved: the GPU only ever holds the bf16 copy of a 7B model
-        model = load_model_from_dir(path, use_ema=use_ema, device="cpu", dtype=dt, visual_gen=visual_gen,
-                                    tokenizer=tokenizer)
+        if adapter is not None:
+            model = load_adapted_model(adapter, use_ema=use_ema, device="cpu", dtype=dt, visual_gen=visual_gen,
+                                       tokenizer=tokenizer)
+        else:
+            model = load_model_from_dir(path, use_ema=use_ema, device="cpu", dtype=dt, visual_gen=visual_gen,
+                                        tokenizer=tokenizer)
+    except AdapterError as exc:
+        raise InferenceError(str(exc)) from None
     except (CheckpointError, ConfigError) as exc:
         raise InferenceError(f"{exc}; {MUST_CONTAIN}") from None
     model = model.to(dev).eval()

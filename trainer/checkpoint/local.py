@@ -34,6 +34,7 @@ SCHEDULER_FILE = "scheduler.pt"
 TRAIN_STATE_FILE = "train_state.json"
 TRAINING_ARGS_FILE = "training_args.json"
 TMP_PREFIX = ".tmp-"
+ADAPTER_FILE = "adapter_model.safetensors"   # a LoRA checkpoint's weights (model/adapters.py)
 
 
 class ResumeError(RuntimeError):
@@ -76,7 +77,8 @@ def is_complete(path: str | Path) -> bool:
     if not marker:
         return False
     path = Path(path)
-    return all((path / name).is_file() for name in marker.get("files", [])) and (path / MODEL_FILE).is_file()
+    return all((path / name).is_file() for name in marker.get("files", [])) and (
+        (path / MODEL_FILE).is_file() or (path / ADAPTER_FILE).is_file())
 
 
 def newest_complete(checkpoint_dir: str | Path) -> Optional[Path]:
@@ -310,9 +312,14 @@ class TrainingState:
     scheduler: Any
     model_config: Any               # written as the inference files (llm/vit configs)
     tokenizer: Any
+    adapter: Any = None             # trainer.adapters.LoraRun: the checkpoint holds adapters, not full weights
 
     def full_states(self) -> tuple[Optional[dict], Optional[dict]]:
         """Full model and EMA state dicts (collectives under FSDP: every rank calls; rank 0 gets them)."""
+        if self.adapter is not None:
+            from trainer.parallel import rank_and_world
+
+            return self.adapter.full_states(self.par.model, self.ema, rank_and_world()[0])
         return full_state_dict(self.par.model, self.par.kind), full_state_dict(self.ema, self.par.kind)
 
 
@@ -336,7 +343,8 @@ def _load_optimizer(source: Path, state: TrainingState, fetch: Optional[Callable
     if fetch is not None and not f.is_file():   # this rank's shard only, fetched by this rank
         fetch(f.name)
     if f.is_file():
-        saved = torch.load(f, map_location="cpu", weights_only=False)
+        # tensors and plain values only: weights_only never unpickles arbitrary objects
+        saved = torch.load(f, map_location="cpu", weights_only=True)
     else:   # saved with another FSDP shard count: rebuild this rank's shard from all old ones
         from trainer.checkpoint.reshard import load_resharded_optimizer
 
@@ -348,7 +356,7 @@ def _load_optimizer(source: Path, state: TrainingState, fetch: Optional[Callable
     load_optimizer_state(state.optimizer, saved)
     sched_file = source / SCHEDULER_FILE
     if sched_file.is_file():
-        state.scheduler.load_state_dict(torch.load(sched_file, map_location="cpu", weights_only=False))
+        state.scheduler.load_state_dict(torch.load(sched_file, map_location="cpu", weights_only=True))
 
 
 def save_checkpoint(cfg: TrainConfig, state: TrainingState, step: int, stream_state: Optional[dict], rank: int,
@@ -401,8 +409,24 @@ def per_rank_files(par: Parallel, world: int) -> list[str]:
 
 def write_shared_files(folder: Path, cfg: TrainConfig, state: TrainingState, model_state, ema_state, step: int,
                        world: int) -> list[str]:
-    """Rank 0: full weights, EMA, scheduler, train state, inference files. Returns the marker-listed names."""
-    from model.checkpoint import VAE_FILES, save_weights, write_inference_files
+    """Rank 0: full weights and EMA (or a LoRA run's adapter files), scheduler, train state, inference files.
+    Returns the marker-listed names."""
+    from model.checkpoint import write_inference_files
+
+    files = []
+    if state.adapter is not None:   # LoRA: adapters in PEFT's format and the base reference, no full weights
+        files += state.adapter.write(folder, model_state, ema_state)
+    else:
+        files += _write_full_weights(folder, cfg, model_state, ema_state)
+    save_state_file(state.scheduler.state_dict(), folder / SCHEDULER_FILE)
+    write_json(folder / TRAIN_STATE_FILE, {"step": step, "world_size": world, "train_steps": step})
+    write_inference_files(folder, state.model_config, state.tokenizer, training_args=cfg.flat())
+    files += [SCHEDULER_FILE, TRAIN_STATE_FILE, TRAINING_ARGS_FILE]
+    return files
+
+
+def _write_full_weights(folder: Path, cfg: TrainConfig, model_state, ema_state) -> list[str]:
+    from model.checkpoint import VAE_FILES, save_weights
     from trainer.model_setup import split_vae
 
     files = []
@@ -413,8 +437,4 @@ def write_shared_files(folder: Path, cfg: TrainConfig, state: TrainingState, mod
     if vae_state is not None:  # frozen VAE: ae.safetensors (FLUX names), as checkpoints are loaded
         save_weights(vae_state, folder / VAE_FILES[0])
         files.append(VAE_FILES[0])
-    save_state_file(state.scheduler.state_dict(), folder / SCHEDULER_FILE)
-    write_json(folder / TRAIN_STATE_FILE, {"step": step, "world_size": world, "train_steps": step})
-    write_inference_files(folder, state.model_config, state.tokenizer, training_args=cfg.flat())
-    files += [MODEL_FILE, EMA_FILE, SCHEDULER_FILE, TRAIN_STATE_FILE, TRAINING_ARGS_FILE]
-    return files
+    return files + [MODEL_FILE, EMA_FILE]

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from pipelines.storage import uris as storage
 from pipelines.storage.uris import RemotePath
 from trainer.checkpoint import local as ck
-from trainer.checkpoint.local import MARKER, MODEL_FILE, step_dir_name
+from trainer.checkpoint.local import ADAPTER_FILE, MARKER, MODEL_FILE, step_dir_name
 from trainer.parallel import barrier, broadcast_object
 
 if TYPE_CHECKING:
@@ -62,7 +62,8 @@ def remote_is_complete(step_dir: RemotePath) -> bool:
     if not marker:
         return False
     present = {rel for rel, _ in storage.files_under(step_dir)}
-    return all(name in present for name in marker.get("files", [])) and MODEL_FILE in present
+    return all(name in present for name in marker.get("files", [])) and (MODEL_FILE in present
+                                                                         or ADAPTER_FILE in present)
 
 
 def remote_steps(root: RemotePath) -> list[tuple[int, RemotePath]]:
