@@ -124,3 +124,96 @@ def test_two_micro_batches_give_the_gradient_of_one_combined_batch(reweighting):
         ce_b, mse_b = ce_of(bagel, sc), mse_of(bagel, sm).mean(dim=-1)
         ((ce_b.mean() + 0.5 * mse_b.mean()) / 2).backward()
     assert not torch.allclose(bagel.grad, ref.grad, rtol=1e-3)
+
+
+# -- edges: one token, zero denominators, nothing to learn, ranks ---------------------------------------------
+def test_denominator_edges():
+    from trainer.loss import global_denominators, local_ce_denominator
+    assert local_ce_denominator(_mb(1, 0), reweighting=False) == 1.0              # a single CE token counts
+    assert local_ce_denominator(_mb(1, 0, [0.5]), reweighting=True) == 0.5
+    no_index = SimpleNamespace(ce_loss_indexes=None, num_ce_tokens=3, num_mse_tokens=0, ce_loss_weights=None)
+    assert local_ce_denominator(no_index, reweighting=False) == 0.0               # no loss indexes: no CE
+    with pytest.raises(ValueError, match=r"^ce_loss_reweighting is on but the batch has no ce_loss_weights$"):
+        local_ce_denominator(_mb(2, 0), reweighting=True)
+    # counts beyond float32's 2^24 stay exact (the all-reduce runs in float64)
+    assert global_denominators([_mb(0, 16_777_217)], reweighting=False).mse == 16_777_217.0
+
+
+def test_single_tokens_and_small_denominators_are_not_skipped():
+    kw = dict(ce_weight=1.0, mse_weight=1.0, visual_gen=True, world=1)
+    one_ce = compute_loss(torch.tensor([3.0]), None, _mb(1, 0, [0.75]), Denominators(ce=0.75, mse=0.0),
+                          reweighting=True, **kw)
+    assert one_ce.loss.item() == pytest.approx(3.0 * 0.75 / 0.75) and one_ce.ce_sum == pytest.approx(2.25)
+    one_mse = compute_loss(None, torch.tensor([[4.0]]), _mb(0, 1), Denominators(ce=0.0, mse=1.0),
+                           reweighting=False, **kw)
+    assert one_mse.loss.item() == pytest.approx(4.0) and one_mse.mse_sum == pytest.approx(4.0)
+
+
+def test_loss_is_float32_whatever_the_weights_dtype():
+    b = SimpleNamespace(ce_loss_indexes=torch.arange(2), num_ce_tokens=2, num_mse_tokens=0,
+                        ce_loss_weights=torch.tensor([1.0, 0.5], dtype=torch.float64))
+    parts = compute_loss(torch.tensor([1.0, 2.0]), None, b, Denominators(ce=1.5, mse=0.0), ce_weight=1.0,
+                         mse_weight=1.0, reweighting=True, visual_gen=False, world=1)
+    assert parts.loss.dtype == torch.float32 and parts.loss.item() == pytest.approx(2.0 / 1.5)
+
+
+def test_zero_denominators_never_divide():
+    # all CE weights zero (Σ w = 0) and an MSE denominator of 0: both terms count as 0, not NaN
+    ce = torch.tensor([1.0, 2.0], requires_grad=True)
+    parts = compute_loss(ce, torch.ones(2, 3), _mb(2, 2, [0.0, 0.0]), Denominators(ce=0.0, mse=0.0),
+                         ce_weight=1.0, mse_weight=1.0, reweighting=True, visual_gen=True, world=1)
+    assert parts.loss.item() == 0.0 and parts.ce_sum == 0.0 and parts.mse_sum == pytest.approx(2.0)
+
+
+def test_nothing_to_learn_still_joins_the_graph():
+    # CE present but no CE anywhere in the window (denominator 0): a zero loss wired to ce, so backward reaches it
+    ce = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    parts = compute_loss(ce, None, _mb(3, 0), Denominators(ce=0.0, mse=0.0), ce_weight=1.0, mse_weight=1.0,
+                         reweighting=False, visual_gen=False, world=1)
+    assert parts.loss.item() == 0.0 and (parts.ce_sum, parts.mse_sum) == (0.0, 0.0)
+    parts.loss.backward()
+    assert ce.grad is not None and torch.equal(ce.grad, torch.zeros(3))
+    # neither CE nor MSE: a zero scalar that backward accepts
+    empty = compute_loss(None, None, _mb(0, 0), Denominators(ce=0.0, mse=0.0), ce_weight=1.0, mse_weight=1.0,
+                         reweighting=False, visual_gen=True, world=1)
+    assert empty.loss.shape == () and empty.loss.item() == 0.0 and empty.loss.requires_grad
+    assert (empty.ce_sum, empty.mse_sum) == (0.0, 0.0)
+    empty.loss.backward()
+
+
+def test_mse_only_micro_batch_when_other_ranks_have_ce():
+    # this rank has no CE tokens (ce None) while the window's CE denominator is 5 (other ranks)
+    parts = compute_loss(None, torch.full((2, 4), 3.0), _mb(0, 2), Denominators(ce=5.0, mse=4.0), ce_weight=1.0,
+                         mse_weight=1.0, reweighting=False, visual_gen=True, world=1)
+    assert parts.loss.item() == pytest.approx(2 * 3.0 / 4.0) and parts.ce_sum == 0.0
+
+
+def test_world_defaults_to_the_process_group(monkeypatch):
+    import trainer.loss as loss_mod
+
+    ce = torch.tensor([2.0, 4.0])
+    kw = dict(ce_weight=1.0, mse_weight=1.0, reweighting=False, visual_gen=False)
+    alone = compute_loss(ce, None, _mb(2, 0), Denominators(ce=2.0, mse=0.0), **kw)     # no process group: W = 1
+    assert alone.loss.item() == pytest.approx(3.0)
+    monkeypatch.setattr(loss_mod.dist, "is_available", lambda: True)
+    monkeypatch.setattr(loss_mod.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(loss_mod.dist, "get_world_size", lambda: 3)
+    assert loss_mod.world_size() == 3
+    assert compute_loss(ce, None, _mb(2, 0), Denominators(ce=2.0, mse=0.0), **kw).loss.item() == pytest.approx(9.0)
+
+
+def test_denominators_are_summed_over_ranks(monkeypatch):
+    """With 2 ranks the window's counts go through one SUM all-reduce (here a stand-in for the other rank that
+    contributes the same counts), so every rank divides by the global total."""
+    import trainer.loss as loss_mod
+
+    calls = []
+
+    def fake_all_reduce(t, op=None):
+        calls.append(op)
+        t.mul_(2)
+
+    monkeypatch.setattr(loss_mod, "world_size", lambda: 2)
+    monkeypatch.setattr(loss_mod.dist, "all_reduce", fake_all_reduce)
+    den = loss_mod.global_denominators([_mb(3, 5, [1.0, 1.0, 0.5])], reweighting=True)
+    assert den == Denominators(ce=5.0, mse=10.0) and calls == [loss_mod.dist.ReduceOp.SUM]
