@@ -118,3 +118,39 @@ def test_resize_invariants(w, h, img_num, which):
     assert new_w % which.image_stride == 0 and new_h % which.image_stride == 0
     assert new_w >= which.image_stride and new_h >= which.image_stride
     assert max(new_w, new_h) <= which.max_image_size + which.image_stride  # step 3 snaps to the nearest stride
+
+
+def test_img_num_defaults_to_one_and_splits_the_budget():
+    # 1024x1024 VAE: 1,048,576 px fits the 1,806,336 budget of one image; with img_num=2 the budget is 903,168:
+    # ratio 0.861328125 -> 1024 * r = 882.0 -> 882 / 16 = 55.1 -> 55 -> 880
+    assert resize_target(1024, 1024, DEFAULT_VAE_ARGS) == (1024, 1024)
+    assert resize_target(1024, 1024, DEFAULT_VAE_ARGS, 2) == (880, 880)
+    assert DEFAULT_VAE_ARGS.target_size(1024, 1024) == (1024, 1024)
+    assert DEFAULT_VAE_ARGS.target_size(1024, 1024, 2) == (880, 880)
+    assert DEFAULT_VAE_ARGS.target_size(27, 700) == (32, 1024)
+    assert DEFAULT_VAE_ARGS.target_size(700, 27) == (1024, 32)
+
+
+@pytest.mark.parametrize("w, h", [(0, 10), (10, 0), (-3, 5), (5, -3), (0, 0)])
+def test_non_positive_sizes_are_refused(w, h):
+    with pytest.raises(ValueError, match=rf"^image size must be positive, got {w}x{h}$"):
+        resize_target(w, h, DEFAULT_VAE_ARGS)
+
+
+@pytest.mark.parametrize("field, value", [("image_stride", 16.0), ("image_stride", True), ("max_pixels", 0),
+                                          ("min_image_size", -1), ("max_image_size", "1024")])
+def test_transform_args_must_be_positive_integers(field, value):
+    args = {"max_image_size": 1024, "min_image_size": 512, "image_stride": 16, field: value}
+    with pytest.raises(ValueError, match=rf"^{field} must be a positive integer, got {value!r}$"):
+        ImageTransformArgs(**args)
+
+
+def test_transform_args_limits_and_plain_values():
+    tiny = ImageTransformArgs(max_image_size=1, min_image_size=1, image_stride=1, max_pixels=1)   # 1 is positive
+    assert resize_target(5, 3, tiny) == (1, 1)
+    assert DEFAULT_VIT_ARGS.to_dict() == {"max_image_size": 980, "min_image_size": 378, "image_stride": 14,
+                                          "max_pixels": 2_007_040}
+    assert DEFAULT_VAE_ARGS.max_pixels == 1_806_336                              # upstream's 14 * 14 * 9 * 1024
+    assert ImageTransformArgs.from_mapping(None, DEFAULT_VIT_ARGS) is DEFAULT_VIT_ARGS
+    with pytest.raises(ValueError, match=r"^transform args must be a mapping, got list$"):
+        ImageTransformArgs.from_mapping([1024], DEFAULT_VAE_ARGS)
