@@ -84,3 +84,24 @@ def test_plain_split_takes_whole_chunks_and_covers_uneven_counts():
             got = sorted(consumed([], slots, chunk, [chunk * (-(-10 // (slots * chunk)))] * slots))
             assert got[:10] == list(range(10))
     assert [stream_position(1, 3, 4, j) for j in range(6)] == [4, 5, 6, 7, 16, 17]
+
+
+def test_pass_boundaries_and_void_positions():
+    # 10 rows in blocks of 4, 4, 2 with chunks of 4 positions: span = 12 (10 rounded up to 4), so positions
+    # 10 and 11 of every pass are void and pass 1 starts at global position 12
+    order = PassOrder(np.array([4, 4, 2]), (0, 0), shuffle=False, chunk=4)
+    assert (order.total, order.span) == (10, 12)
+    assert [order.split(u) for u in (0, 9, 10, 11, 12, 21, 22, 23, 24)] == \
+        [(0, 0), (0, 9), None, None, (1, 0), (1, 9), None, None, (2, 0)]
+    # unshuffled, position p is row p: block 0 holds rows 0-3, block 1 rows 4-7, block 2 rows 8-9
+    assert [order.locate(0, p) for p in (0, 3, 4, 7, 8, 9)] == [(0, 0), (0, 3), (1, 0), (1, 3), (2, 0), (2, 1)]
+    # a span that is already a multiple of the chunk has no void position
+    exact = PassOrder(np.array([4, 4]), (0, 0), shuffle=False, chunk=4)
+    assert exact.span == 8 and [exact.split(u) for u in (7, 8)] == [(0, 7), (1, 0)]
+
+
+def test_chunk_size_is_window_blocks_median_blocks():
+    assert chunk_size(np.array([4, 4, 2]), 3) == 12          # 3 x median 4
+    assert chunk_size(np.array([1, 9, 9, 9]), 2) == 18       # median 9 (numpy median of 1, 9, 9, 9)
+    assert chunk_size(np.array([], dtype=np.int64), 5) == 1  # no blocks: 1
+    assert chunk_size(np.array([3]), 0) == 1                 # never below 1
