@@ -217,3 +217,12 @@ def test_denominators_are_summed_over_ranks(monkeypatch):
     monkeypatch.setattr(loss_mod.dist, "all_reduce", fake_all_reduce)
     den = loss_mod.global_denominators([_mb(3, 5, [1.0, 1.0, 0.5])], reweighting=True)
     assert den == Denominators(ce=5.0, mse=10.0) and calls == [loss_mod.dist.ReduceOp.SUM]
+
+
+def test_an_empty_mse_without_ce_still_joins_the_graph():
+    mse = torch.zeros(0, 4, requires_grad=True)
+    parts = compute_loss(None, mse, _mb(0, 0), Denominators(ce=0.0, mse=0.0), ce_weight=1.0, mse_weight=1.0,
+                         reweighting=False, visual_gen=True, world=1)
+    assert parts.loss.item() == 0.0
+    parts.loss.backward()
+    assert mse.grad is not None and mse.grad.shape == (0, 4)
