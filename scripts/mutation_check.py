@@ -136,19 +136,23 @@ def collect(work: Path, module: str, equivalents: dict[str, str]) -> ModuleResul
             res.equivalent += 1
         else:
             setattr(res, column, getattr(res, column) + 1)
+        if column == "not_checked":   # an interrupted run: counted, listed in the table only
+            continue
         diff = mutmut(ws, "show", name).stdout.strip()
         res.survivors.append({"name": name, "status": column, "diff": diff, "equivalent": reason})
-    counted = res.total - res.equivalent
+    counted = res.total - res.equivalent - res.not_checked   # an interrupted run scores what it checked
     res.score = (res.killed + res.timeout) / counted if counted else 1.0
     return res
 
 
 def markdown(results: list[ModuleResult], target: float) -> str:
-    lines = ["| module | mutants | killed | timed out | survived | not covered | equivalent | score | run time |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| module | mutants | killed | timed out | survived | not covered | equivalent | not run | score | "
+             "run time |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
+        partial = " (interrupted run)" if r.not_checked else ""
         lines.append(f"| `{r.module}` | {r.total} | {r.killed} | {r.timeout} | {r.survived + r.suspicious} | "
-                     f"{r.no_tests} | {r.equivalent} | {100 * r.score:.1f} % | {r.seconds:.0f} s |")
+                     f"{r.no_tests} | {r.equivalent} | {r.not_checked} | {100 * r.score:.1f} %{partial} | "
+                     f"{r.seconds:.0f} s |")
     lines.append("")
     for r in results:
         if not r.survivors:
