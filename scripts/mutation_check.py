@@ -99,11 +99,11 @@ def mutmut(ws: Path, *args: str, capture: bool = True) -> subprocess.CompletedPr
     return subprocess.run([str(exe), *args], cwd=ws, env=env, capture_output=capture, text=True)
 
 
-def run_module(work: Path, module: str, max_children: int, log) -> float:
+def run_module(work: Path, module: str, max_children: int, log, only: list[str] | None = None) -> float:
     ws = make_workspace(work, module)
     log(f"[mutation] {module}: mutmut run in {ws} (tests: {' '.join(MODULES[module])})")
     started = time.perf_counter()
-    proc = mutmut(ws, "run", "--max-children", str(max_children))
+    proc = mutmut(ws, "run", "--max-children", str(max_children), *(only or []))
     seconds = time.perf_counter() - started
     (ws / "mutmut_run.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
@@ -182,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-children", type=int, default=1, help="parallel mutant runs (default 1)")
     p.add_argument("--target", type=float, default=0.9, help="score every module must reach (default 0.9)")
     p.add_argument("--report-only", action="store_true", help="do not run mutmut; report the last runs in --work")
+    p.add_argument("--only", nargs="+", metavar="NAME",
+                   help="run only these mutants (mutmut names or globs), e.g. the survivors of a previous run; "
+                        "the others are reported as not run")
     args = p.parse_args(argv)
     try:
         import mutmut as _  # noqa: F401
@@ -194,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         args.work.mkdir(parents=True, exist_ok=True)
         for module in modules:
-            run_module(args.work, module, args.max_children, log)
+            run_module(args.work, module, args.max_children, log, args.only)
     results = [collect(args.work, m, equivalents) for m in modules]
     missing = [r.module for r in results if r.total == 0]
     if missing:
