@@ -194,3 +194,17 @@ def test_packed_length_counts_vit_and_vae_tokens_of_their_own_kind():
     images = {IN0: ImageTokens(vae_tokens=10, vit_tokens=7), OUT0: ImageTokens(vae_tokens=4, vit_tokens=99)}
     # 10 (VAE) + 7 (ViT) + 5 (text) + 4 (VAE) + 2 markers x 4 elements
     assert packed_length(plan, [5], images) == 10 + 7 + 5 + 4 + 8
+
+
+def test_in_order_tags_take_the_images_one_after_another():
+    turns = [("human", "<image> a"), ("gpt", "x"), ("human", "<image> b"), ("gpt", "y"), ("human", "<image> c"),
+             ("gpt", "z")]
+    assert [x for t, x in _shape("vlm_sft", turns, 3) if t == "vit_image"] == \
+        [IN0, IN1, ImageSlot("input", 2)]
+
+
+def test_unknown_plan_names_the_known_ones():
+    kind = replace(resolve_task_kind("sft"), plan="nope")
+    with pytest.raises(ValueError, match=r"names plan 'nope', which is not one of sft_turns, sft_recon, "
+                                         r"text_only, t2i, edit, counterfactual$"):
+        build_plan(kind, [Message("gpt", "x")], 0, 0)
