@@ -6,12 +6,14 @@
 #   - wheels in the git-ignored .whl/ folder, if any, are installed offline (--no-index --no-deps) into a
 #     temporary target folder first (benchmarks/gpu_check_wheels.txt lists what belongs there: nothing today);
 #   - nothing reaches the network.
-# Without a CUDA device it prints a line starting with "SKIP:" and exits 0.
+# Without a CUDA device it prints a line starting with "SKIP:" and exits 0; with --require-gpu (or
+# GPU_CHECK_REQUIRE=1) that skip exits 3 instead, so a job that must run the check cannot pass by skipping.
 # Finishes in under 8 minutes on one H100 (hard stop at 470 s); the JSON report goes to $OUT/gpu_check.json
 # when OUT is set.
 #
 #   bash benchmarks/gpu_check.sh                  # on the GPU machine
 #   bash benchmarks/gpu_check.sh --cpu_dry_run    # every row at tiny sizes on CPU (what CI runs)
+#   bash benchmarks/gpu_check.sh --require-gpu    # as the first, but no GPU is a failure (exit 3), not a skip
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -19,7 +21,16 @@ PY=${PYTHON:-python3}
 command -v "$PY" >/dev/null 2>&1 || PY=python
 
 dry=0
-for a in "$@"; do [ "$a" = "--cpu_dry_run" ] && dry=1; done
+require=0
+case "${GPU_CHECK_REQUIRE:-0}" in 1|true|yes) require=1 ;; esac
+args=()
+for a in "$@"; do
+  case "$a" in
+    --cpu_dry_run) dry=1; args+=("$a") ;;
+    --require-gpu) require=1 ;;
+    *) args+=("$a") ;;
+  esac
+done
 
 if compgen -G ".whl/*.whl" >/dev/null; then
   site="${TMPDIR:-/tmp}/medloom_gpu_check_site"
@@ -39,11 +50,12 @@ if [ $dry -eq 0 ]; then
   if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     echo "SKIP: no CUDA device (or no CUDA-enabled torch) on this machine; the GPU check needs one GPU." \
          "On CPU: bash benchmarks/gpu_check.sh --cpu_dry_run"
+    [ $require -eq 1 ] && { echo "FAIL: --require-gpu (or GPU_CHECK_REQUIRE=1) is set and the check was skipped"; exit 3; }
     exit 0
   fi
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi
-timeout --kill-after=10 470 "$PY" benchmarks/gpu_check.py "$@"
+timeout --kill-after=10 470 "$PY" benchmarks/gpu_check.py ${args[@]+"${args[@]}"}
 rc=$?
 if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
   echo "FAIL: gpu_check.py ran past 470 s; finished rows are in ${OUT:-<work folder>}/gpu_check.json"

@@ -37,6 +37,11 @@ RECORDS = (("ct_mr_vqa", "sft", 0), ("he_to_ihc_edit", "edit", 0))
 # 400 steps at a constant 4e-3 with the flow loss weighted x5 (the text memorises in ~100 steps, the latent is
 # the slow part): about 30 s of CPU time. The sampled latent then lands ~0.28 (relative L2) from the target.
 STEPS, LR, MSE_WEIGHT = 400, 4e-3, 5.0
+# Training goes on, CHUNK steps at a time up to MAX_STEPS, until every token of both memorised answers (and
+# the end token) is ahead of the runner-up by MARGIN logits when the answer is fed back token by token: greedy
+# decoding then returns the answer whatever small numeric differences another torch build makes. After a fixed
+# 400 steps one install's greedy answer lost a token by ~11 logits.
+MARGIN, CHUNK, MAX_STEPS = 5.0, 200, 2000
 
 
 def shipped_record(name: str, index: int) -> dict:
@@ -124,9 +129,45 @@ def _builder(cfg):
     return built.model, built.config, built.tokenizer
 
 
+def _forced_margin(model, tokenizer, ctx, text: str) -> float:
+    """Feed bos, then `text` and eos token by token from `ctx`; the smallest lead of the fed token's logit over
+    the best other token (negative: greedy decoding would leave the text there)."""
+    from model.inference.kv_cache import step_token
+
+    token, lead = tokenizer.special.bos, float("inf")
+    for target in [*tokenizer.encode(text), tokenizer.special.eos]:
+        logits, ctx = step_token(model, ctx, token)
+        others = logits.clone()
+        others[target] = float("-inf")
+        lead = min(lead, float(logits[target] - others.max()))
+        token = target
+    return lead
+
+
+@torch.no_grad()
+def answer_margins(ckpt: str | Path) -> dict[str, float]:
+    """The smallest logit lead of each memorised answer, on the contexts jobs/vqa.py and jobs/generate.py
+    (--understanding turn) build for the memorised prompts (tests/integration/model/test_inference_e2e.py)."""
+    from model.inference.api import ImageGenerator, VQAInferencer, open_image
+    from model.inference.interleave import Session
+
+    vqa_rec, edit_rec = shipped_record("ct_mr_vqa", 0), shipped_record("he_to_ihc_edit", 0)
+    vqa = VQAInferencer(ckpt, vit_transform=VIT_ARGS)
+    vqa_session = Session(vqa.model, vqa.tokenizer, vit_args=VIT_ARGS, understanding_output=True, seed=42)
+    vqa_session.add_vit_image(open_image(EXAMPLES / "images" / vqa_rec["input_img"][0]["path"]))
+    vqa_session.add_text(vqa_rec["message"][0]["value"].split("<image>")[1].strip())
+    gen = ImageGenerator(ckpt, vae_transform=VAE_ARGS, vit_transform=VIT_ARGS)
+    s = Session(gen.model, gen.tokenizer, VAE_ARGS, VIT_ARGS, understanding_output=False, seed=42)
+    s.add_image(open_image(EXAMPLES / "images" / edit_rec["input_img"][0]["path"]))
+    s.add_text(edit_rec["message"][0]["value"].strip(), "the instruction")
+    return {"vqa": _forced_margin(vqa.model, vqa.tokenizer, vqa_session.cond, vqa_rec["message"][1]["value"]),
+            "edit": _forced_margin(gen.model, gen.tokenizer, s.cond, edit_rec["message"][1]["value"])}
+
+
 def train_tiny_demo(root: str | Path, steps: int = STEPS, seed: int = 0, lr: float = LR, mse_weight: float = MSE_WEIGHT,
-                    log=print) -> Path:
-    """Catalog -> ingest -> train; returns the final checkpoint directory (root/run/tiny_demo/checkpoints/NNNNNNN)."""
+                    log=print, margin: float = MARGIN, max_steps: int = MAX_STEPS) -> Path:
+    """Catalog -> ingest -> train `steps`, then on in CHUNK-step resumes until `answer_margins` reaches `margin`
+    (RuntimeError past `max_steps`); returns the final checkpoint directory (root/run/tiny_demo/checkpoints/NNNNNNN)."""
     from datasets_catalog.catalog import load_catalog
     from pipelines.ingest.driver import run_ingest
     from trainer.config import load_config, validate
@@ -140,12 +181,22 @@ def train_tiny_demo(root: str | Path, steps: int = STEPS, seed: int = 0, lr: flo
     if not report.ok or any(d.rows_written < 1 for d in report.datasets):
         raise RuntimeError(f"ingest failed: {[(d.name, d.status, d.message) for d in report.datasets]}")
     mix = write_mixture(root, catalog, steps, seed, lr, mse_weight)
-    cfg = load_config(["--config", str(mix), "--storage_path", str(root / "run"), "--dataloader_workers", "0"])
-    validate(cfg, generation_groups(cfg.mixture_path))
-    result = train_loop(cfg, model_builder=_builder, print_fn=log)
-    last = result.history[-1] if result.history else {}
-    log(f"[tiny_demo] {result.final_step} steps, last ce {last.get('ce')}, mse {last.get('mse')}")
-    return Path(result.checkpoints[-1])
+    total = steps
+    while True:
+        cfg = load_config(["--config", str(mix), "--storage_path", str(root / "run"), "--dataloader_workers", "0",
+                           "--total_steps", str(total), "--save_every", str(CHUNK if total > steps else steps)])
+        validate(cfg, generation_groups(cfg.mixture_path))
+        result = train_loop(cfg, model_builder=_builder, print_fn=log)   # auto-resumes from the last chunk
+        last = result.history[-1] if result.history else {}
+        ckpt = Path(result.checkpoints[-1])
+        margins = answer_margins(ckpt)
+        log(f"[tiny_demo] {result.final_step} steps, last ce {last.get('ce')}, mse {last.get('mse')}, answer "
+            f"logit margins {', '.join(f'{k} {v:.2f}' for k, v in margins.items())} (target {margin})")
+        if min(margins.values()) >= margin:
+            return ckpt
+        if total + CHUNK > max_steps:
+            raise RuntimeError(f"the tiny demo did not reach a logit margin of {margin} in {total} steps: {margins}")
+        total += CHUNK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,8 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=LR)
     p.add_argument("--mse_weight", type=float, default=MSE_WEIGHT)
+    p.add_argument("--margin", type=float, default=MARGIN,
+                   help=f"train on (in {CHUNK}-step chunks) until every memorised answer token leads by this many "
+                        f"logits (default {MARGIN})")
     args = p.parse_args(argv)
-    print(train_tiny_demo(args.root, args.steps, args.seed, args.lr, args.mse_weight))
+    print(train_tiny_demo(args.root, args.steps, args.seed, args.lr, args.mse_weight, margin=args.margin))
     return 0
 
 

@@ -120,6 +120,13 @@ def test_shell_script_skips_cleanly_without_a_gpu():
                           env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert any(line.startswith("SKIP:") for line in proc.stdout.splitlines()), proc.stdout
+    # opt-in: a skip is a distinct failure (exit 3), by flag or by environment
+    for argv, env in ((["--require-gpu"], {}), ([], {"GPU_CHECK_REQUIRE": "1"})):
+        strict = subprocess.run(["bash", str(SCRIPT), *argv], capture_output=True, text=True, timeout=120,
+                                env={**os.environ, "PYTHON": sys.executable, **env})
+        assert strict.returncode == 3, strict.stdout + strict.stderr
+        assert any(line.startswith("SKIP:") for line in strict.stdout.splitlines())
+        assert any(line.startswith("FAIL: --require-gpu") for line in strict.stdout.splitlines())
 
 
 def test_the_blocker_refuses_what_the_lent_machine_lacks(tmp_path):

@@ -1,5 +1,6 @@
 """End to end on the CPU: a tiny model trained by the trainer's loop (in-process, world size 1) on two shipped
-records until it memorises them, then the real CLIs in subprocesses.
+records until it memorises them (every answer token ahead of the runner-up by trainer.tiny_demo.MARGIN logits),
+then the real CLIs in subprocesses.
 
 - jobs/vqa.py answers the memorised VQA prompt with the memorised answer (greedy), also in batch mode over
   JSONL records in the catalog format, where bad lines are reported per record;
@@ -27,7 +28,7 @@ from safetensors.torch import load_file
 from model.checkpoint import load_model_from_dir
 from model.inference.image_sampler import decode_latent
 from model.inference.kv_cache import encode_vae_image
-from trainer.tiny_demo import EXAMPLES, VAE_ARGS, shipped_record, train_tiny_demo
+from trainer.tiny_demo import EXAMPLES, MARGIN, VAE_ARGS, answer_margins, shipped_record, train_tiny_demo
 from pipelines.imaging.decode import load_image_rgb
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -38,7 +39,15 @@ TRANSFORMS = ["--vae_transform", "64,32,16", "--vit_transform", "56,28,14,3136"]
 
 @pytest.fixture(scope="module")
 def demo_ckpt(tmp_path_factory) -> Path:
-    return train_tiny_demo(tmp_path_factory.mktemp("tiny_demo"), log=lambda s: None)   # 400 steps
+    # 400 steps, then on in 200-step chunks until both memorised answers lead by MARGIN logits (800 for seeds 0-2)
+    return train_tiny_demo(tmp_path_factory.mktemp("tiny_demo"), log=lambda s: None)
+
+
+def test_memorised_answers_lead_by_the_margin(demo_ckpt):
+    """What makes the greedy answers below independent of the torch build: each answer token (and the end
+    token) beats the runner-up by MARGIN logits when fed back token by token."""
+    margins = answer_margins(demo_ckpt)
+    assert set(margins) == {"vqa", "edit"} and min(margins.values()) >= MARGIN, margins
 
 
 def _run(job: str, *args: str) -> subprocess.CompletedProcess:

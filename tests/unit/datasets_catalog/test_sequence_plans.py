@@ -146,3 +146,65 @@ def test_a_kind_naming_an_unknown_plan_is_refused():
     kind = replace(resolve_task_kind("sft"), plan="nope")
     with pytest.raises(ValueError, match="names plan 'nope'"):
         build_plan(kind, [Message("human", "q")], 0, 0)
+
+
+def _shape(kind, messages, n_input, n_output=0):
+    """(type, text or slot) of each plan element: the order and content, without loss / CFG flags."""
+    return [(t, x) for t, _, _, x in plan_of(kind, messages, n_input, n_output)]
+
+
+def test_text_after_an_extra_tag_is_kept():
+    # upstream `(idx != last) and (idx < num_images)`: a second tag with one image shows nothing, but the
+    # text after it stays
+    assert _shape("sft", [("human", "<image> a <image> b"), ("gpt", "x")], 1) == \
+        [("vit_image", IN0), ("text", "a"), ("text", "b"), ("text", "x")]
+
+
+def test_in_order_tags_never_reference_a_missing_image():
+    # vlm_sft consumes images across turns: the second turn's tag has no image left, its text stays
+    assert _shape("vlm_sft", [("human", "<image> first"), ("gpt", "x"), ("human", "<image> second"),
+                              ("gpt", "y")], 1) == \
+        [("vit_image", IN0), ("text", "first"), ("text", "x"), ("text", "second"), ("text", "y")]
+
+
+def test_empty_texts_are_skipped_not_the_rest():
+    # t2i: an empty prompt is skipped (zero tokens upstream), the caption after it is kept
+    assert _shape("t2i", [("human", ""), ("human", "a prompt"), ("gpt", "a caption")], 0, 1) == \
+        [("text", "a prompt"), ("text", "a caption"), ("vae_image", OUT0)]
+    # edit: a blank instruction adds no text
+    assert [x for t, x in _shape("edit", [("human", "   "), ("gpt", "done")], 1, 1) if t == "text"] == ["done"]
+
+
+def test_counterfactual_without_instruction_or_with_blank_explanation():
+    only_gpt = _shape("counterfactual", [("gpt", "why")], 1, 1)
+    assert [x for t, x in only_gpt if t == "text"] == ["why"]
+    blank = _shape("counterfactual", [("human", "<image> make it worse"), ("gpt", "   ")], 1, 1)
+    assert [x for t, x in blank if t == "text"] == ["make it worse"]
+    assert blank[-1] == ("vae_image", OUT0)
+
+
+def test_packed_length_counts_vit_and_vae_tokens_of_their_own_kind():
+    from datasets_catalog.plan import ImageTokens, SamplePlan, packed_length
+
+    plan = SamplePlan()
+    plan.vae(IN0, loss=0, cfg=0)
+    plan.vit(IN0, loss=0, cfg=0)
+    plan.text("q", loss=0, cfg=0)
+    plan.vae(OUT0, loss=1, cfg=0)
+    images = {IN0: ImageTokens(vae_tokens=10, vit_tokens=7), OUT0: ImageTokens(vae_tokens=4, vit_tokens=99)}
+    # 10 (VAE) + 7 (ViT) + 5 (text) + 4 (VAE) + 2 markers x 4 elements
+    assert packed_length(plan, [5], images) == 10 + 7 + 5 + 4 + 8
+
+
+def test_in_order_tags_take_the_images_one_after_another():
+    turns = [("human", "<image> a"), ("gpt", "x"), ("human", "<image> b"), ("gpt", "y"), ("human", "<image> c"),
+             ("gpt", "z")]
+    assert [x for t, x in _shape("vlm_sft", turns, 3) if t == "vit_image"] == \
+        [IN0, IN1, ImageSlot("input", 2)]
+
+
+def test_unknown_plan_names_the_known_ones():
+    kind = replace(resolve_task_kind("sft"), plan="nope")
+    with pytest.raises(ValueError, match=r"names plan 'nope', which is not one of sft_turns, sft_recon, "
+                                         r"text_only, t2i, edit, counterfactual$"):
+        build_plan(kind, [Message("gpt", "x")], 0, 0)

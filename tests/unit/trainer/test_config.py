@@ -81,7 +81,29 @@ def _ok_cfg(**kw) -> TrainConfig:
 
 
 def test_validate_accepts_a_sane_config():
-    validate(_ok_cfg(), ["t2i"])
+    cfg = _ok_cfg()
+    before = cfg.to_dict()
+    assert validate(cfg, ["t2i"]) is None
+    assert cfg.to_dict() == before      # validate changes nothing
+
+
+@pytest.mark.parametrize("name, ok, refused, message", [
+    # each limit at its boundary (accepted) and one step past it (refused, the value named in the message)
+    ("warmup_steps", 100, 101, r"warmup_steps \(101\) is longer than training \(total_steps 100\)"),
+    ("warmup_steps", 0, -1, r"warmup_steps \(-1\)"),
+    ("gradient_accumulation_steps", 1, 0, "gradient_accumulation_steps must be >= 1, got 0"),
+    ("save_every", 1, 0, "save_every must be >= 1, got 0"),
+    ("ema", 1.0, 1.0001, r"ema \(decay\) must be in \[0, 1\], got 1.0001"),
+    ("ema", 0.0, -0.1, r"ema \(decay\) must be in \[0, 1\], got -0.1"),
+    ("stop_at_step", 100, 101, r"stop_at_step must be in \[1, total_steps=100\], got 101"),
+    ("stop_at_step", 1, 0, r"stop_at_step must be in \[1, total_steps=100\], got 0"),
+    ("dataloader_workers", 0, -1, "dataloader_workers must be >= 0, got -1"),
+])
+def test_validate_boundaries(name, ok, refused, message):
+    cfg = _ok_cfg(**{name: ok})
+    assert cfg.get(name) == ok and validate(cfg, ["t2i"]) is None
+    with pytest.raises(ConfigError, match=message):
+        validate(_ok_cfg(**{name: refused}), ["t2i"])
 
 
 @pytest.mark.parametrize("overrides, groups, message", [
@@ -103,9 +125,14 @@ def test_fsdp_over_ranks_needs_mandatory_groups():
     cfg = _ok_cfg(num_workers=2, parallelism="fsdp")
     with pytest.raises(ConfigError, match="mark such a group `is_mandatory: true`"):
         validate(cfg, ["t2i"], {"vit": False, "gen": True})
-    validate(cfg, ["t2i"], {"vit": True, "gen": True})
-    validate(_ok_cfg(num_workers=2), ["t2i"], {"vit": False, "gen": False})      # DDP on CPU: no constraint
+    assert validate(cfg, ["t2i"], {"vit": True, "gen": True}) is None
+    ddp = _ok_cfg(num_workers=2)
+    assert ddp.run.parallelism != "fsdp"
+    assert validate(ddp, ["t2i"], {"vit": False, "gen": False}) is None      # DDP on CPU: no constraint
 
 
 def test_visual_gen_off_needs_no_generation_dataset():
-    validate(_ok_cfg(visual_gen=False), [])
+    cfg = _ok_cfg(visual_gen=False)
+    assert cfg.train.visual_gen is False and validate(cfg, []) is None
+    with pytest.raises(ConfigError, match="visual_gen is True but the mixture has no generation dataset"):
+        validate(_ok_cfg(visual_gen=True), [])

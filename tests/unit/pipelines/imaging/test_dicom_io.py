@@ -122,6 +122,22 @@ def test_monochrome1_equals_inverted_monochrome2():
     assert mono1.sha256 == mono2.sha256  # same stored pixels: same content hash
 
 
+@pytest.mark.parametrize("keep_16bit, air, tissue", [
+    # DICOM PS3.3 C.11.2.1.2 LINEAR, c = 1600, w = 3200, by hand: y = ((x - 1599.5) / 3199 + 0.5) * max.
+    # air x = 3000: 0.937793 * max; tissue x = 200: 0.062520 * max; MONOCHROME1 shows max - y.
+    # 8-bit: 255 - 239.14 = 15.86 -> 16 and 255 - 15.94 = 239.06 -> 239.
+    (False, 16, 239),
+    # 16-bit: 65535 - 61458.3 = 4076.7 -> 4077 and 65535 - 4097.2 = 61437.8 -> 61438.
+    (True, 4077, 61438),
+])
+def test_monochrome1_inverts_within_the_output_range(keep_16bit, air, tissue):
+    options = MedicalOptions.from_mapping({"keep_16bit": keep_16bit})
+    [img] = decode_medical(_monochrome1_phantom(), None, options)
+    px = _pixels(img.png).astype(int)
+    assert img.meta["window"]["inverted"] is True
+    assert np.unique(px[:, :32]).tolist() == [air] and np.unique(px[:, 32:]).tolist() == [tissue]
+
+
 def test_keep_16bit_outputs_16bit_png():
     [img] = decode_medical(_bytes("MR_small.dcm"), None, MedicalOptions.from_mapping({"keep_16bit": True}))
     assert img.mode == "I;16"

@@ -172,3 +172,64 @@ def test_header_mode_check_agrees_with_pil(mode, fmt):
         assert verdict is None  # unknown from the header: the caller asks PIL
     else:
         assert verdict == (_open(data).mode in ("L", "RGB")), _open(data).mode
+
+
+# -- data-derived windows and rounding, by hand ---------------------------------------------------------------
+def test_minmax_window_by_hand():
+    from pipelines.imaging.pixel_modes import minmax_window
+
+    assert minmax_window(np.array([10, 30, 20], dtype=np.int16)) == (20.0, 20.0)
+    assert minmax_window(np.array([5.0, np.nan, np.inf, 7.0])) == (6.0, 2.0)          # non-finite ignored
+    assert minmax_window(np.array([4.0])) == (4.0, 1.0)                                # flat: width 1
+    assert minmax_window(np.array([3.0, 3.5])) == (3.25, 1.0)                          # width below 1 -> 1
+    assert minmax_window(np.array([2.0, 3.0])) == (2.5, 1.0)
+    assert minmax_window(np.array([1.0, 2.5])) == (1.75, 1.5)                          # 1.5 kept, not 2
+    assert minmax_window(np.array([np.nan])) == (0.0, 1.0)                             # nothing finite
+    assert minmax_window(np.array([], dtype=np.float64)) == (0.0, 1.0)
+    # int32 extremes: the difference is taken in float64, never overflowing the integer type
+    big = np.array([-2_000_000_000, 2_000_000_000], dtype=np.int32)
+    assert minmax_window(big) == (0.0, 4_000_000_000.0)
+
+
+def test_window_linear_exact_by_hand():
+    from pipelines.imaging.pixel_modes import window_linear_exact
+
+    # LINEAR_EXACT, c = 100, w = 200: y = ((x - 100) / 200 + 0.5) * 255; 0 at x <= 0, 255 above 200
+    got = window_linear_exact(np.array([-10.0, 0.0, 50.0, 100.0, 200.0, 250.0]), 100.0, 200.0, 255)
+    assert got.tolist() == pytest.approx([0.0, 0.0, 63.75, 127.5, 255.0, 255.0])
+    with pytest.raises(ValueError, match="LINEAR_EXACT window width must be > 0"):
+        window_linear_exact(np.array([1.0]), 0.0, 0.0, 255)
+
+
+def test_to_display_rounds_and_clips_to_the_output_range():
+    from pipelines.imaging.pixel_modes import to_display
+
+    values = np.array([-3.0, np.nan, 0.5, 1.5, 254.6, 255.4, 300.0, 65535.4, 70000.0])
+    eight = to_display(values, keep_16bit=False)
+    assert eight.dtype == np.uint8
+    assert eight.tolist() == [0, 0, 0, 2, 255, 255, 255, 255, 255]          # rint: 0.5 -> 0, 1.5 -> 2
+    sixteen = to_display(values, keep_16bit=True)
+    assert sixteen.dtype == np.uint16
+    assert sixteen.tolist() == [0, 0, 0, 2, 255, 255, 300, 65535, 65535]
+
+
+@pytest.mark.parametrize("mode, info, expected", [
+    ("LA", {}, "LA->RGB (alpha composited over white at decode time, as upstream pil_img2rgb)"),
+    ("La", {}, "La->RGB (alpha composited over white at decode time, as upstream pil_img2rgb)"),
+    ("RGBA", {}, "RGBA->RGB (alpha composited over white at decode time, as upstream pil_img2rgb)"),
+    ("RGBa", {}, "RGBa->RGB (alpha composited over white at decode time, as upstream pil_img2rgb)"),
+    ("PA", {}, "PA->RGB (alpha composited over white at decode time, as upstream pil_img2rgb)"),
+    ("P", {"transparency": 0},
+     "P with transparency->RGB (alpha composited over white at decode time, as upstream pil_img2rgb)"),
+    ("L", {"transparency": 0},
+     "L with transparency->RGB (alpha composited over white at decode time, as upstream pil_img2rgb)"),
+    ("RGB", {"transparency": (0, 0, 0)},
+     "RGB with transparency->RGB (alpha composited over white at decode time, as upstream pil_img2rgb)"),
+    ("P", {}, "P->RGB (palette expanded at decode time)"),
+    ("CMYK", {}, "CMYK->RGB (PIL's naive formula, no ICC profile, at decode time)"),
+    ("YCbCr", {}, "YCbCr->RGB (at decode time)"),
+])
+def test_decode_time_conversions_are_described_exactly(mode, info, expected):
+    from pipelines.imaging.pixel_modes import decode_time_conversion
+
+    assert decode_time_conversion(mode, info) == ("RGB", expected)

@@ -21,7 +21,6 @@ from datasets_catalog.catalog import load_catalog
 from datasets_catalog.plan import ImageSlot, ImageTokens, Message, build_plan, packed_length
 from datasets_catalog.task_kinds import resolve_task_kind
 from datasets_catalog.tokenizer import TextTokenizer
-from datasets_catalog.transforms import DEFAULT_VAE_ARGS, DEFAULT_VIT_ARGS, resize_target
 from pipelines.ingest import chunk as ingest_chunk
 from pipelines.ingest.build import STATUS_BUILT, STATUS_FAILED, STATUS_UP_TO_DATE
 from pipelines.ingest.driver import format_summary, run_ingest
@@ -149,8 +148,10 @@ def test_every_bad_input_lands_in_rejects_and_the_rest_ingests(broken):
     assert image["path"] == "sub/good.jpg" and image["bytes"] == raw
     assert image["sha256"] == hashlib.sha256(raw).hexdigest()
     assert (image["width"], image["height"], image["format"]) == (300, 200, "JPEG")
-    assert (image["vae_width"], image["vae_height"]) == resize_target(300, 200, DEFAULT_VAE_ARGS)
-    assert (image["vit_width"], image["vit_height"]) == resize_target(300, 200, DEFAULT_VIT_ARGS)
+    # by hand (tests/unit/datasets_catalog/test_transforms.py shows the steps): VAE s = 512/200 = 2.56 -> 768x512;
+    # ViT s = 378/200 = 1.89 -> 567.0 / 14 = 40.5 -> banker's 40 -> 560 x 378
+    assert (image["vae_width"], image["vae_height"], image["vae_tokens"]) == (768, 512, 48 * 32)
+    assert (image["vit_width"], image["vit_height"], image["vit_tokens"]) == (560, 378, 40 * 27)
     paths = [frame.set_index("line_number").loc[line]["input_images"][0]["path"] for line in good[2:5]]
     assert paths == ["link_in.png", "good.png", "good.png"]   # symlink inside, "/good.png", absolute inside
     assert manifest["shards"] and all((folder / s["file"]).exists() for s in manifest["shards"])
@@ -174,6 +175,15 @@ def test_num_tokens_is_the_packed_length(broken):
         # content + 2 markers per element: vit(w/14*h/14) + question + answer
         image = row["input_images"][0]
         assert row["num_tokens"] == image["vit_tokens"] + sum(texts) + 2 * len(plan.items)
+    # The same numbers written out by hand. The builtin tokenizer gives one token per UTF-8 byte:
+    # "What is shown?" 14, "A test image." 13, "last good line" 14. good.png is 64x48: ViT s = 378/48 = 7.875
+    # -> 504 x 378 -> 36 * 27 = 972 patches; sub/good.jpg 300x200 -> 560 x 378 -> 40 * 27 = 1080.
+    # An sft sample is [ViT image, question, answer]: 3 elements, 2 markers each (docs/upstream-compat.md#pack-membership).
+    by_line = frame.set_index("line_number")
+    assert (by_line.loc[1, "num_tokens"], by_line.loc[1, "text_tokens"]) == (972 + 14 + 13 + 6, 27)
+    assert (by_line.loc[3, "num_tokens"], by_line.loc[3, "text_tokens"]) == (1080 + 14 + 13 + 6, 27)
+    last = max(by_line.index)
+    assert (by_line.loc[last, "num_tokens"], by_line.loc[last, "text_tokens"]) == (972 + 14 + 14 + 6, 28)
 
 
 def test_reference_images_store_paths_only(broken):
@@ -331,3 +341,44 @@ def test_cli_reports_up_to_date_without_starting_ray(small):
     table = subprocess.run([sys.executable, str(root / "jobs" / "ingest.py"), str(small)],
                            capture_output=True, text=True, timeout=120)
     assert table.returncode == 0 and "TOTAL" in table.stdout and "up to date" in table.stdout
+
+
+def test_kinds_with_a_length_limit_are_the_ones_covered_below():
+    # upstream skips counterfactual samples over 18,000 content tokens (docs/upstream-compat.md#sequence-plans);
+    # a new limit on another kind needs its own case in test_too_long_is_rejected_and_counted
+    from datasets_catalog.task_kinds import TASK_KINDS
+    assert {k.name: k.max_content_tokens for k in TASK_KINDS if k.max_content_tokens} == {"counterfactual": 18000}
+
+
+def test_too_long_is_rejected_and_counted(tmp_path):
+    """The one length limit (counterfactual, 18,000 content tokens) at its boundary, through the local ingest:
+    the reject row, `rejects_by_reason` and the row counts of the manifest."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.png").write_bytes(png(16, 16))
+    (data / "b.png").write_bytes(png(16, 16, (9, 9, 9)))
+    # 16x16 by hand: VAE s = 512/16 = 32 -> 512x512 -> 32 * 32 = 1024 latents; ViT s = 378/16 -> 378x378 ->
+    # 27 * 27 = 729 patches. Counterfactual plan: source VAE 1024 + source ViT 729 + instruction + target VAE
+    # 1024 + explanation "A test image." (13 bytes) = 2790 + instruction bytes: 15,210 bytes -> exactly 18,000.
+    def record(n):
+        return json.dumps({"input_img": [{"path": "a.png"}], "output_img": [{"path": "b.png"}],
+                           "message": [{"from": "human", "value": "<image>\n" + "a" * n},
+                                       {"from": "gpt", "value": "A test image."}]})
+    (tmp_path / "cf.jsonl").write_text("\n".join([record(15210), record(15211), record(20000), record(10)]) + "\n")
+    (tmp_path / "catalog.yaml").write_text("output_dir: out\nmax_reject_fraction: 1.0\ndatasets:\n"
+                                           "  - name: cf\n    task: counterfactual\n    jsonl_path: cf.jsonl\n"
+                                           "    data_dir: data\n")
+    catalog = load_catalog(tmp_path / "catalog.yaml")
+    report = run_ingest(catalog, executor="local", progress=False, log=lambda m: None)
+    folder = catalog.output_dir / "cf"
+    manifest = json.loads((folder / "_manifest.json").read_text())
+    rejects = pq.read_table(folder / "_rejects.parquet").to_pylist()
+    assert [(r["line_number"], r["reason"]) for r in rejects] == [(2, "too_long"), (3, "too_long")]
+    assert "18001 tokens, over the 18000" in rejects[0]["detail"]
+    assert manifest["rejects_by_reason"] == {"too_long": 2}
+    assert (manifest["rows_read"], manifest["rows_written"], manifest["rows_rejected"]) == (4, 2, 2)
+    assert report.datasets[0].rejects_by_reason == {"too_long": 2}
+    frame = pd.read_parquet(folder).set_index("line_number")
+    # 5 elements, 2 markers each: 18,000 + 10 and 2790 + 10 + 10
+    assert sorted(frame.index) == [1, 4]
+    assert (frame.loc[1, "num_tokens"], frame.loc[4, "num_tokens"]) == (18010, 2810)

@@ -121,3 +121,64 @@ def test_first_floor_n_over_s_draws_of_every_stream_in_a_pass_are_disjoint_and_c
             assert pk <= k, "a stream left pass k before drawing floor(N/S) rows of it"
         rows_seen += mine
     assert len(rows_seen) == per * slots == len(set(rows_seen))
+
+
+def test_pass_boundaries_have_no_void_positions():
+    # 10 rows in blocks of 4, 4, 2: a pass is exactly its 10 rows (the split across streams is by rows), so
+    # global position 10 is the first row of pass 1 whatever the chunk size
+    order = PassOrder(np.array([4, 4, 2]), (0, 0), shuffle=False, chunk=4)
+    assert (order.total, order.span) == (10, 10)
+    assert [order.split(u) for u in (0, 9, 10, 19, 20, 29, 30)] == \
+        [(0, 0), (0, 9), (1, 0), (1, 9), (2, 0), (2, 9), (3, 0)]
+    # unshuffled, position p is row p: block 0 holds rows 0-3, block 1 rows 4-7, block 2 rows 8-9
+    assert [order.locate(0, p) for p in (0, 3, 4, 7, 8, 9)] == [(0, 0), (0, 3), (1, 0), (1, 3), (2, 0), (2, 1)]
+
+
+def test_chunk_size_is_window_blocks_median_blocks():
+    assert chunk_size(np.array([4, 4, 2]), 3) == 12          # 3 x median 4
+    assert chunk_size(np.array([1, 9, 9, 9]), 2) == 18       # median 9 (numpy median of 1, 9, 9, 9)
+    assert chunk_size(np.array([], dtype=np.int64), 5) == 1  # no blocks: 1
+    assert chunk_size(np.array([3]), 0) == 1                 # never below 1
+
+
+def _reference_rows(lens: list[int], key: tuple, chunk: int, k: int) -> list[int]:
+    """The documented order of pass k written out directly: blocks permuted by the ("blocks", *key, k) stream,
+    their rows concatenated, then positions permuted inside each window of `chunk` by ("rows", *key, k, w)."""
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    blocks = rng.permutation(len(lens), "blocks", *key, k)
+    rows = [int(starts[b]) + i for b in blocks for i in range(lens[b])]
+    out = []
+    for w, start in enumerate(range(0, len(rows), chunk)):
+        size = min(chunk, len(rows) - start)
+        perm = rng.permutation(size, "rows", *key, k, w)
+        out.extend(rows[start + int(q)] for q in perm)
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(1, 6), min_size=1, max_size=8), st.integers(1, 7), st.integers(0, 3))
+def test_pass_order_is_the_documented_composition(lens, chunk, k):
+    key = (7, 0, "g", 1)
+    order = PassOrder(np.array(lens), key, True, chunk)
+    assert order_rows(order, k) == _reference_rows(lens, key, chunk, k)
+
+
+def test_caches_keep_the_most_recent_passes_and_windows():
+    # memory stays O(blocks) per cached pass: at most 3 passes and 8 windows, the most recently used
+    order = PassOrder(np.full(12, 2), (1, 0, "g", 0), True, 2)
+    for k in range(5):
+        order.locate(k, 0)
+    assert list(order._passes) == [2, 3, 4]
+    for p in range(0, 24, 2):          # 12 windows of pass 4
+        order.locate(4, p)
+    assert list(order._windows) == [(4, w) for w in range(4, 12)]
+    order.locate(2, 0)                 # a hit moves pass 2 to the end
+    order.locate(5, 0)
+    assert list(order._passes) == [4, 2, 5]
+
+
+def test_chunk_of_one_and_integer_block_lengths():
+    one = PassOrder([3, 2], (0, 0), shuffle=False, chunk=1)
+    assert (one.chunk, one.span, one.total) == (1, 5, 5) and one.split(5) == (1, 0)
+    assert PassOrder([3, 2], (0, 0), shuffle=False, chunk=0).chunk == 1
+    assert one.block_starts.tolist() == [0, 3]

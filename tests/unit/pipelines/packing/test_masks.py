@@ -79,3 +79,23 @@ def test_bad_inputs_are_refused():
         prepare_attention_mask_per_sample([2, 1], ["full"])
     with pytest.raises(ValueError, match="sum"):
         allowed_pairs([4], [2], ["full"])
+
+
+def test_refusals_name_the_value():
+    with pytest.raises(ValueError, match=r"^split length must be >= 0, got -1$"):
+        prepare_attention_mask_per_sample([2, -1], ["full", "causal"])
+    with pytest.raises(ValueError, match=r"^2 split_lens but 1 attn_modes$"):
+        prepare_attention_mask_per_sample([2, 1], ["full"])
+    with pytest.raises(ValueError, match=r"^split_lens sum to 2 but sample_lens sum to 4$"):
+        allowed_pairs([4], [2], ["full"])
+
+
+def test_dense_mask_is_float32_whatever_the_default_dtype():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        mask = prepare_attention_mask_per_sample([2, 1], ["full", "causal"])
+    finally:
+        torch.set_default_dtype(previous)
+    assert mask.dtype == torch.float32
+    assert (mask == 0).tolist() == [[True, True, False], [True, True, False], [True, True, True]]

@@ -65,3 +65,18 @@ def test_interpolate_ids():
     # never leaves the table, whatever the grid size
     big = get_flattened_position_ids_interpolate(200, 130, 1, 8)
     assert big.max() < 64 and big.min() == 0
+
+
+def test_sizes_not_divisible_by_the_patch_use_whole_patches_only():
+    # 30 x 44 px with 14-px patches: 30 // 14 = 2 rows, 44 // 14 = 3 columns (the remainders are cropped)
+    assert get_flattened_position_ids_extrapolate(30, 44, 14, 4).tolist() == [0, 1, 2, 4, 5, 6]
+    # interpolate: rows at 0, 1/2 -> buckets 0, 2; columns at 0, 1/3, 2/3 -> buckets 0, 1, 2 (table side 4)
+    assert get_flattened_position_ids_interpolate(30, 44, 14, 4).tolist() == [0, 1, 2, 8, 9, 10]
+
+
+def test_the_switch_picks_extrapolate_by_default():
+    from pipelines.packing.position_ids import get_flattened_position_ids
+
+    assert get_flattened_position_ids(28, 42, 14, 4).tolist() == [0, 1, 2, 4, 5, 6]
+    assert get_flattened_position_ids(28, 42, 14, 4, interpolate=False).tolist() == [0, 1, 2, 4, 5, 6]
+    assert get_flattened_position_ids(28, 42, 14, 4, interpolate=True).tolist() == [0, 1, 2, 8, 9, 10]
