@@ -144,11 +144,18 @@ def test_no_folder_holds_more_than_fifteen_modules():
     assert crowded == {}
 
 
+def repository_files(suffixes: set[str]):
+    """The project's own files: hidden folders (.git, .venv, caches) and virtual environments are not ours."""
+    for path in ROOT.rglob("*"):
+        parts = path.relative_to(ROOT).parts
+        if path.suffix in suffixes and path.is_file() and not any(
+                p.startswith(".") or p in {"venv", "build", "node_modules"} for p in parts[:-1]):
+            yield path
+
+
 def test_code_cites_only_what_is_in_the_repository():
     offending = []
-    for path in ROOT.rglob("*"):
-        if path.suffix not in CODE_SUFFIXES or ".git" in path.parts or "venv" in path.parts:
-            continue
+    for path in repository_files(CODE_SUFFIXES):
         for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
             if OUTSIDE_CITATION.search(line) and path != Path(__file__).resolve():
                 offending.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
@@ -161,7 +168,6 @@ def test_cited_sections_of_the_upstream_notes_exist():
     anchors |= {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-")
                 for h in re.findall(r"^#+ (.+)$", doc, flags=re.M)}
     cited = set()
-    for path in ROOT.rglob("*"):
-        if path.suffix in CODE_SUFFIXES | {".md"} and ".git" not in path.parts:
-            cited |= set(re.findall(r"upstream-compat\.md#([\w-]+)", path.read_text(errors="replace")))
+    for path in repository_files(CODE_SUFFIXES | {".md"}):
+        cited |= set(re.findall(r"upstream-compat\.md#([\w-]+)", path.read_text(errors="replace")))
     assert cited and cited <= anchors, sorted(cited - anchors)

@@ -82,8 +82,8 @@ def _rank_main(rank: int, world: int, port: int, mix: str, storage_path: str, lo
     seen: dict = {"stream_state": "not loaded", "fetched": []}
     real_load, real_fetch = ck.load_stream_state, sc.fetch_file
 
-    def load_stream_state(path, r, w):
-        seen["stream_state"] = real_load(path, r, w)
+    def load_stream_state(path, r, w, slots=None):
+        seen["stream_state"] = real_load(path, r, w, slots)
         return seen["stream_state"]
 
     def fetch_file(root, step, name, local):
