@@ -14,6 +14,7 @@ import ast
 import difflib
 import importlib
 import importlib.util
+import os
 import sys
 
 from jobs import running_as
@@ -68,7 +69,14 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _dispatch(sys.argv[1:] if argv is None else list(argv))
+    except BrokenPipeError:   # `medloom ... | head`: the reader left; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv:
         print(help_text(), file=sys.stderr)
         return 2
