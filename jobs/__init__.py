@@ -7,6 +7,7 @@ with `prog("jobs/<name>.py")`, so its usage line reads `medloom <command>` when 
 """
 from __future__ import annotations
 
+import argparse
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -27,3 +28,13 @@ def running_as(command: str) -> Iterator[None]:
         yield
     finally:
         _command = previous
+
+
+def true_or_false(text: str) -> bool:
+    """argparse type of the upstream-style `--flag True|False` options (1/0 and yes/no too)."""
+    value = text.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")

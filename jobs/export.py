@@ -14,16 +14,7 @@ import argparse
 import json
 import sys
 
-from jobs import prog
-
-
-def _bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("true", "1", "yes"):
-        return True
-    if value in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+from jobs import prog, true_or_false
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model_path", required=True, help="the adapter checkpoint (adapter_model.safetensors, "
                                                        "adapter_config.json, base_model.json)")
     p.add_argument("--out", required=True, help="new directory for the merged checkpoint")
-    p.add_argument("--use_ema", type=_bool, nargs="?", const=True, default=True, metavar="BOOL",
+    p.add_argument("--use_ema", type=true_or_false, nargs="?", const=True, default=True, metavar="BOOL",
                    help="merge the EMA adapter (default True) or the raw adapter (False)")
     p.add_argument("--base_path", default=None, help="the base checkpoint, if it moved since training "
                                                      "(default: the path in base_model.json; sha256 checked)")

@@ -15,18 +15,9 @@ import argparse
 import json
 import sys
 
-from jobs import prog
+from jobs import prog, true_or_false
 from model.config import ConfigError, ModelConfig
 from model.info import parameter_table
-
-
-def _bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("true", "1", "yes"):
-        return True
-    if value in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab_size", type=int, default=None, help="tiny only: vocabulary size (default 261)")
     for flag, default in (("freeze_llm", False), ("freeze_vit", False), ("freeze_vae", True), ("freeze_und", False),
                           ("visual_gen", True), ("visual_und", True)):
-        p.add_argument(f"--{flag}", type=_bool, nargs="?", const=True, default=default, metavar="BOOL",
+        p.add_argument(f"--{flag}", type=true_or_false, nargs="?", const=True, default=default, metavar="BOOL",
                        help=f"True/False (default {default})")
     plan = p.add_argument_group("memory planner (printed when --finetuning_type, --num_gpus or "
                                 "--expected_num_tokens is given; docs/training.md#memory-planner)")
@@ -52,8 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     plan.add_argument("--lora_target", default="all", help="all or a comma list of module names (default all)")
     plan.add_argument("--lora_experts", choices=["und", "gen", "both"], default="both",
                       help="which MoT twins get adapters (default both)")
-    plan.add_argument("--lora_vit", type=_bool, default=False, metavar="BOOL", help="adapters on the ViT too")
-    plan.add_argument("--lora_connectors", type=_bool, default=False, metavar="BOOL",
+    plan.add_argument("--lora_vit", type=true_or_false, default=False, metavar="BOOL", help="adapters on the ViT too")
+    plan.add_argument("--lora_connectors", type=true_or_false, default=False, metavar="BOOL",
                       help="adapters on connector, vae2llm, llm2vae too")
     plan.add_argument("--num_gpus", type=int, default=None, help="GPUs the run shards over (default 1)")
     plan.add_argument("--expected_num_tokens", type=int, default=None, help="tokens per packed batch "
