@@ -88,17 +88,23 @@ def add_api_routes(app: FastAPI, engine: Engine, worker: Worker, model_name: str
             return await _image(job)
         if job.stream:
             return await _stream(job)
-        try:
-            result = await asyncio.wrap_future(worker.submit(lambda: engine.chat(job)))
-        except Busy as exc:
-            return error_response(503, str(exc), "server_busy")
-        except Exception as exc:
-            return _user_error(exc) or error_response(500, f"internal error: {type(exc).__name__}: {exc}",
-                                                      "server_error")
+        result, failure = await _queued(lambda: engine.chat(job))
+        if failure is not None:
+            return failure
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                              "finish_reason": result.finish_reason}]}
+
+    async def _queued(work):
+        """Run `work` on the model's worker: (result, None), or (None, the 503 / 4xx / 500 response)."""
+        try:
+            return await asyncio.wrap_future(worker.submit(work)), None
+        except Busy as exc:
+            return None, error_response(503, str(exc), "server_busy")
+        except Exception as exc:
+            return None, _user_error(exc) or error_response(500, f"internal error: {type(exc).__name__}: {exc}",
+                                                            "server_error")
 
     async def _image(job: ChatJob):
         opts = job.image_generation
@@ -106,14 +112,9 @@ def add_api_routes(app: FastAPI, engine: Engine, worker: Worker, model_name: str
         options.update(cfg_interval=tuple(opts.cfg_interval), use_thinking=opts.think, image_shape=job.image_size)
         instruction = job.messages[-1].value
         image = job.images[0] if job.images else None
-        try:
-            result = await asyncio.wrap_future(
-                worker.submit(lambda: engine.generate(image, instruction, job.seed, options)))
-        except Busy as exc:
-            return error_response(503, str(exc), "server_busy")
-        except Exception as exc:
-            return _user_error(exc) or error_response(500, f"internal error: {type(exc).__name__}: {exc}",
-                                                      "server_error")
+        result, failure = await _queued(lambda: engine.generate(image, instruction, job.seed, options))
+        if failure is not None:
+            return failure
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": model_name,
                 "choices": [{"index": 0, "finish_reason": "stop",
