@@ -38,3 +38,14 @@ def true_or_false(text: str) -> bool:
     if value in ("false", "0", "no"):
         return False
     raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def add_model_group(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The "model" option group every inference job shares (device, dtype, which weights); callers add their
+    transform flags to the group it returns."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--device", help="cuda, cuda:1, cpu (default: CUDA when present)")
+    group.add_argument("--dtype", help="bf16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
+    group.add_argument("--use_model_weights", action="store_true",
+                       help="model.safetensors instead of ema.safetensors")
+    return group

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from jobs import prog
+from jobs import add_model_group, prog
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,10 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="edit records: as jobs/generate.py (default append, UniMedVL's example)")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--fid_weights", type=Path, help="local Inception weights file for FID (not computed in this version: a note says so)")
-    m = p.add_argument_group("model")
-    m.add_argument("--device", help="cuda, cuda:1, cpu (default: CUDA when present)")
-    m.add_argument("--dtype", help="bf16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
-    m.add_argument("--use_model_weights", action="store_true", help="model.safetensors instead of ema.safetensors")
+    add_model_group(p)
     p.add_argument("--json", action="store_true", help="print metrics.json (or the comparison) as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     return p.parse_args(argv)

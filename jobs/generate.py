@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from jobs import prog
+from jobs import add_model_group, prog
 from model.inference.image_sampler import RENORM_TYPES
 from model.inference.interleave import UMV_GEN_VAE_ARGS, UMV_GEN_VIT_ARGS
 from model.inference.jobs_io import exit_status, format_transform, parse_transform, wants_batch, save_latent, save_png
@@ -67,10 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--text_sample", action="store_true", help="sample the understanding/think text (default greedy)")
     g.add_argument("--text_temperature", type=float, default=0.3, help="default 0.3")
     g.add_argument("--max_think_tokens", type=int, default=800, help="default 800")
-    m = p.add_argument_group("model")
-    m.add_argument("--device", help="cuda, cuda:1, cpu (default: CUDA when present)")
-    m.add_argument("--dtype", help="bf16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
-    m.add_argument("--use_model_weights", action="store_true", help="model.safetensors instead of ema.safetensors")
+    m = add_model_group(p)
     m.add_argument("--vae_transform", default=format_transform(UMV_GEN_VAE_ARGS),
                    help="VAE resize MAX,MIN,STRIDE[,MAX_PIXELS] (default UniMedVL inference %(default)s)")
     m.add_argument("--vit_transform", default=format_transform(UMV_GEN_VIT_ARGS),

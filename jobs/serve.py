@@ -15,7 +15,7 @@ import argparse
 import socket
 import sys
 
-from jobs import prog
+from jobs import add_model_group, prog
 from model.inference.interleave import UMV_GEN_VAE_ARGS, UMV_GEN_VIT_ARGS, VQA_VIT_ARGS
 from model.inference.jobs_io import exit_status, format_transform, parse_transform
 from model.inference.loading import InferenceError
@@ -44,10 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                             "(default %(default)s)")
     s.add_argument("--max_tokens_limit", type=int, default=2048,
                    help="largest max_tokens a request may ask for (default %(default)s)")
-    m = p.add_argument_group("model")
-    m.add_argument("--device", help="cuda, cuda:1, cpu (default: CUDA when present)")
-    m.add_argument("--dtype", help="bf16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
-    m.add_argument("--use_model_weights", action="store_true", help="model.safetensors instead of ema.safetensors")
+    m = add_model_group(p)
     m.add_argument("--vit_transform", default=format_transform(VQA_VIT_ARGS),
                    help="chat: ViT resize MAX,MIN,STRIDE[,MAX_PIXELS] as jobs/vqa.py (default %(default)s)")
     m.add_argument("--gen_vae_transform", default=format_transform(UMV_GEN_VAE_ARGS),

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from jobs import prog
+from jobs import add_model_group, prog
 from model.inference.interleave import VQA_VIT_ARGS
 from model.inference.jobs_io import exit_status, format_transform, parse_transform, wants_batch
 from model.inference.loading import InferenceError
@@ -45,10 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling (do_sample=False)")
     g.add_argument("--seed", type=int, default=42, help="seed of the sampling draws (default 42)")
     g.add_argument("--think", action="store_true", help="reason in <think> ... </think> before answering")
-    m = p.add_argument_group("model")
-    m.add_argument("--device", help="cuda, cuda:1, cpu (default: CUDA when present)")
-    m.add_argument("--dtype", help="bf16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
-    m.add_argument("--use_model_weights", action="store_true", help="model.safetensors instead of ema.safetensors")
+    m = add_model_group(p)
     m.add_argument("--vit_transform", default=format_transform(VQA_VIT_ARGS),
                    help="ViT resize MAX,MIN,STRIDE[,MAX_PIXELS] the checkpoint was trained with (default: vlm_sft "
                         "%(default)s)")
