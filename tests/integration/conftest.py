@@ -1,5 +1,7 @@
 """Fixtures shared by the integration tests, besides the session Ray of tests/conftest.py: the localhost S3
-server (moto in server mode, a separate process), used by tests/integration/s3/ and test_multinode.py."""
+server (moto in server mode, a separate process), used by tests/integration/s3/ and test_multinode.py, and the
+tiny memorised demo checkpoint (trainer/tiny_demo.py), trained once per session for the inference and
+serving tests (they only read it)."""
 from __future__ import annotations
 
 import os
@@ -7,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +51,12 @@ def s3_server():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_ckpt(tmp_path_factory) -> Path:
+    """400 steps, then on in 200-step chunks until both memorised answers lead by trainer.tiny_demo.MARGIN
+    logits (600-800 steps for seeds 0-2): a few minutes of CPU, so once per session."""
+    from trainer.tiny_demo import train_tiny_demo
+
+    return train_tiny_demo(tmp_path_factory.mktemp("tiny_demo"), log=lambda s: None)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.ray_nodes import free_port
-from trainer.tiny_demo import EXAMPLES, shipped_record, train_tiny_demo
+from trainer.tiny_demo import EXAMPLES, shipped_record
 
 openai = pytest.importorskip("openai", reason="pip install -e '.[test]' (the serve extra)")
 ROOT = Path(__file__).resolve().parents[3]
@@ -32,8 +32,8 @@ START_S = 180
 
 
 @pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    return train_tiny_demo(tmp_path_factory.mktemp("tiny_demo_serve"), log=lambda s: None)
+def tiny_ckpt(tiny_demo_ckpt) -> Path:
+    return tiny_demo_ckpt      # tests/integration/conftest.py: trained once per session
 
 
 class Server:

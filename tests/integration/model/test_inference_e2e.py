@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from model.checkpoint import load_model_from_dir
 from model.inference.image_sampler import decode_latent
 from model.inference.kv_cache import encode_vae_image
-from trainer.tiny_demo import EXAMPLES, MARGIN, VAE_ARGS, answer_margins, shipped_record, train_tiny_demo
+from trainer.tiny_demo import EXAMPLES, MARGIN, VAE_ARGS, answer_margins, shipped_record
 from pipelines.imaging.decode import load_image_rgb
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -38,9 +38,8 @@ TRANSFORMS = ["--vae_transform", "64,32,16", "--vit_transform", "56,28,14,3136"]
 
 
 @pytest.fixture(scope="module")
-def demo_ckpt(tmp_path_factory) -> Path:
-    # 400 steps, then on in 200-step chunks until both memorised answers lead by MARGIN logits (800 for seeds 0-2)
-    return train_tiny_demo(tmp_path_factory.mktemp("tiny_demo"), log=lambda s: None)
+def demo_ckpt(tiny_demo_ckpt) -> Path:
+    return tiny_demo_ckpt      # tests/integration/conftest.py: trained once per session
 
 
 def test_memorised_answers_lead_by_the_margin(demo_ckpt):
