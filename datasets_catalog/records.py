@@ -356,8 +356,28 @@ def apply_mapping(obj: dict[str, Any], mapping: RecordMapping, kind: TaskKind) -
 def parse_record(obj: dict[str, Any], kind: TaskKind, mapping: RecordMapping | None = None) -> ParsedRecord:
     """Validate one decoded JSONL object against its task kind and build its sequence plan. With a column
     mapping the record is first turned into the kind's native fields (`apply_mapping`)."""
-    if mapping is not None:
-        obj = apply_mapping(obj, mapping, kind)
+    if mapping is None:
+        return _parse_native(obj, kind)
+    try:
+        return _parse_native(apply_mapping(obj, mapping, kind), kind)
+    except RecordError as exc:
+        raise RecordError(exc.reason, _in_mapped_names(exc.detail, mapping, kind)) from None
+
+
+def _in_mapped_names(detail: str, mapping: RecordMapping, kind: TaskKind) -> str:
+    """A native record's error detail with the image fields named as the mapped file names them."""
+    _, inputs, outputs = _native_keys(kind)
+    for native, column, key in ((inputs, mapping.images, "images"), (outputs, mapping.output_images, "output_images")):
+        if native is None or (f"'{native}'" not in detail and f"{native}[" not in detail):
+            continue
+        if column is None:
+            detail += f" (set columns.{key} to the field holding them)"
+        else:
+            detail = detail.replace(f"'{native}'", f"'{column}'").replace(f"{native}[", f"{column}[")
+    return detail
+
+
+def _parse_native(obj: dict[str, Any], kind: TaskKind) -> ParsedRecord:
     extra: dict[str, Any] = {}
     if kind.record_style == "vlm_sft":
         known = VLM_FIELDS

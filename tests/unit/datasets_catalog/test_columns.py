@@ -175,3 +175,15 @@ def test_any_record_is_parsed_or_rejected_never_crashes(record, kind):
     mapping = parse_record_mapping({"messages": "messages"}, OPENAI_TAGS, kind)
     result = _parse(record, kind, mapping)
     assert isinstance(result, str) or result.messages is not None
+
+
+def test_reject_details_name_the_mapped_fields():
+    with pytest.raises(RecordError) as info:
+        parse_record({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+                      "images": [{"path": 3}]}, SFT, OPENAI)
+    assert info.value.reason == "field_type" and info.value.detail.startswith("images[0].path must be a string")
+    t2i = resolve_task_kind("t2i")
+    with pytest.raises(RecordError) as info:
+        parse_record({"conversations": [{"from": "human", "value": "A CT."}], "images": []}, t2i,
+                     parse_record_mapping(None, None, t2i))
+    assert info.value.reason == "image_count" and "set columns.output_images" in info.value.detail
