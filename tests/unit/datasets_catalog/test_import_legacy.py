@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings, strategies as st
 
 from datasets_catalog.catalog import load_catalog
-from datasets_catalog.legacy import LegacyError, convert
+from datasets_catalog.legacy import LegacyError, convert, infer_split
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -213,3 +214,16 @@ def test_the_readme_example_prints_what_the_readme_shows(tmp_path):
     assert {n: s.split for n, s in cat.datasets.items()} == {
         "ct_mr_vqa_train": "train", "radiology_text_qa_val": "val", "fundus_t2i": None, "he_to_ihc_edit_test": "test"}
     assert cat.tokenizer == "builtin"
+
+
+@settings(max_examples=300, deadline=None)
+@given(base=st.text(alphabet="abcXYZ019_-.", min_size=1, max_size=12),
+       suffix=st.sampled_from(["_train", "_TRAIN", "_val", "_Val", "_valid", "_validation", "_test", "_Test", "",
+                               "train", "-val", "_testing", "_trains"]))
+def test_split_inference_reads_only_the_three_suffixes(base, suffix):
+    expected = {"_train": "train", "_val": "val", "_valid": "val", "_validation": "val", "_test": "test"}
+    got = infer_split(base + suffix)
+    if suffix.lower() in expected:
+        assert got == (expected[suffix.lower()], suffix)
+    elif got is not None:   # only when the generated base itself ends with one of the suffixes
+        assert (base + suffix).lower().endswith(("_train", "_val", "_valid", "_validation", "_test"))
