@@ -23,6 +23,8 @@ Layout (see docs/ingest.md)::
         vit_image_transform_args: {max_image_size: 980, min_image_size: 378, image_stride: 14,
                                    max_pixels: 2007040}
         options: {...}               # free-form per-dataset options for extensions (-> extra_options)
+        columns: {messages: conversations, images: images}   # optional: ShareGPT / OpenAI-style JSONL
+        tags: {role_tag: from, content_tag: value, user_tag: human, assistant_tag: gpt}   # (datasets_catalog.columns)
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from typing import Any, Callable
 
 import yaml
 
+from .columns import MappingError, parse_record_mapping
 from .hf_mapping import HFSourceError, parse_hf_mapping
 from .task_kinds import TaskKind, UnknownTaskKind, resolve_task_kind
 from .tokenizer import BUILTIN_SPECS
@@ -50,7 +53,7 @@ TOP_LEVEL_KEYS = ("output_dir", "tokenizer", "max_reject_fraction", "max_image_p
                   "store_pixels", "datasets", "description")
 DATASET_KEYS = ("name", "task", "jsonl_path", "data_dir", "modality", "split", "license", "description",
                 "image_transform_args", "vit_image_transform_args", "max_reject_fraction", "max_image_pixels",
-                "max_image_bytes", "rows_per_shard", "store_pixels", "options", "source", "hf")
+                "max_image_bytes", "rows_per_shard", "store_pixels", "options", "source", "hf", "columns", "tags")
 # Per-dataset keys reserved for extensions (docs/medical_imaging.md: DICOM/NIfTI display rules). They are accepted at the
 # dataset level and copied into `DatasetSpec.extra_options`; `register_extra_option` adds more.
 EXTRA_OPTION_KEYS: set[str] = {
@@ -298,6 +301,9 @@ def _parse_dataset(path: Path, base: Path, index: int, entry: Any, top: dict) ->
         _validate_extra(ctx, extra)
     if hf is not None:
         extra["hf_source"] = hf_options
+    mapping = _record_mapping(ctx, entry, kind, hf is not None)
+    if mapping is not None:
+        extra["record_mapping"] = mapping   # read by the ingest's chunk workers; part of the fingerprint
 
     return DatasetSpec(
         name=name, task=kind, jsonl_path=jsonl_path.resolve(),
@@ -313,6 +319,20 @@ def _parse_dataset(path: Path, base: Path, index: int, entry: Any, top: dict) ->
         store_pixels=_flag(ctx, entry, "store_pixels", top["store_pixels"]),
         extra_options=dict(extra), line=getattr(entry, "line", None),
     )
+
+
+def _record_mapping(ctx: _Ctx, entry: dict, kind: TaskKind, is_hf: bool) -> dict | None:
+    """`columns:` / `tags:` (datasets_catalog.columns), checked, as a plain dict; None when neither is given."""
+    if "columns" not in entry and "tags" not in entry:
+        return None
+    if is_hf:
+        raise ctx.error("columns" if "columns" in entry else "tags",
+                        "a 'source: hf' dataset maps its columns under hf: (question, answer, conversations, "
+                        "input_images); columns:/tags: are for JSONL files")
+    try:
+        return parse_record_mapping(entry.get("columns"), entry.get("tags"), kind).to_dict()
+    except MappingError as exc:
+        raise ctx.error(exc.field, str(exc)) from None
 
 
 def _hf_source(ctx: _Ctx, path: Path, base: Path, entry: dict, kind: TaskKind, name: str

@@ -30,7 +30,30 @@ class _Unresolvable(Exception):
 @dataclass
 class LegacyResult:
     catalog: dict[str, Any]
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)   # what was skipped or must be done by hand, and how
+    notes: list[str] = field(default_factory=list)      # what was inferred (splits)
+
+
+# BAGEL's Parquet-based dataset classes (and their usual registry keys): MedLoom reads such files through a
+# Hugging Face source (`source: hf`, pipelines/ingest/hf_source.py), with the columns mapped by hand.
+PARQUET_CLASSES = {
+    "T2IIterableDataset": ("t2i", "question: CAPTION_COLUMN, output_images: [IMAGE_COLUMN]"),
+    "UnifiedEditIterableDataset": ("edit", "question: INSTRUCTION_COLUMN, input_images: [SOURCE_IMAGE_COLUMN], "
+                                           "output_images: [TARGET_IMAGE_COLUMN]"),
+}
+PARQUET_KEYS = {"t2i_pretrain": "T2IIterableDataset", "unified_edit": "UnifiedEditIterableDataset"}
+# name suffix -> catalog split (the leakage check compares train against val / test)
+SPLIT_SUFFIXES = (("_train", "train"), ("_validation", "val"), ("_valid", "val"), ("_val", "val"),
+                  ("_test", "test"))
+
+
+def infer_split(name: str) -> tuple[str, str] | None:
+    """(split, suffix) from a `_train` / `_val` / `_test` name suffix (any case), else None."""
+    lowered = name.lower()
+    for suffix, split in SPLIT_SUFFIXES:
+        if lowered.endswith(suffix) and len(lowered) > len(suffix):
+            return split, name[-len(suffix):]
+    return None
 
 
 def _value(node: ast.AST, env: dict[str, Any]) -> Any:
@@ -153,10 +176,36 @@ def _safe_name(name: str) -> str:
     return cleaned if NAME_PATTERN.match(cleaned) else f"d_{cleaned}"
 
 
+def _parquet_hint(key: str, name: str, cls: str, fields: dict, base: Path | None) -> str:
+    task, columns = PARQUET_CLASSES[cls]
+    folder = fields.get("data_dir")
+    if folder is not None and base is not None and not Path(str(folder)).is_absolute():
+        folder = (base / str(folder)).resolve()
+    return (f"skipped {key}/{name} ({cls}): it reads Parquet files{f' from {folder}' if folder else ''}; bring "
+            f"it through the Hugging Face source with your column names: - {{name: {_safe_name(name)}, task: "
+            f"{task}, source: hf, hf: {{path: {folder or 'DATA_DIR'}, {columns}}}}} "
+            f"(docs/ingest.md#migrating-from-upstream-dataset_info)")
+
+
+def _kind_of(key: str, registry: dict[str, str], task_map: dict[str, str]):
+    """(task kind or None, the class name to report)."""
+    for candidate in (task_map.get(key), registry.get(key), key):
+        if candidate:
+            try:
+                return resolve_task_kind(candidate), registry.get(key) or key
+            except UnknownTaskKind:
+                continue
+    return None, registry.get(key) or PARQUET_KEYS.get(key)
+
+
 def convert(source: str, config_text: str | None = None, base: Path | None = None,
-            task_map: dict[str, str] | None = None, filename: str = "<dataset_info.py>") -> LegacyResult:
-    """Build catalog data (a dict ready for YAML) from dataset_info.py text and an optional training YAML."""
+            task_map: dict[str, str] | None = None, filename: str = "<dataset_info.py>",
+            tokenizer: str | None = None) -> LegacyResult:
+    """Build catalog data (a dict ready for YAML) from dataset_info.py text and an optional training YAML.
+    Every DATASET_INFO entry either becomes a catalog dataset or is named in a warning that says how to bring
+    it; splits are inferred from `_train` / `_val` / `_test` name suffixes; `tokenizer` sets the catalog's."""
     registry, info, warnings = read_dataset_info(source, filename)
+    notes: list[str] = []
     try:
         config = yaml.safe_load(config_text) if config_text else None
     except yaml.YAMLError as exc:
@@ -170,27 +219,30 @@ def convert(source: str, config_text: str | None = None, base: Path | None = Non
     task_map = task_map or {}
     datasets: list[dict[str, Any]] = []
     used: set[str] = set()
+    no_split: list[str] = []
     for key, entries in info.items():
         if selection and key not in selection:
             continue
         chosen = selection.get(key, {})
-        kind = None
-        for candidate in (task_map.get(key), registry.get(key), key):
-            if candidate:
-                try:
-                    kind = resolve_task_kind(candidate)
-                    break
-                except UnknownTaskKind:
-                    continue
-        if kind is None:
-            warnings.append(f"{key}: class {registry.get(key, '?')} is not a task kind MedLoom ingests; skipped "
-                            f"(map it with --task-map {key}=KIND if it reads UMV JSONL)")
-            continue
+        kind, cls = _kind_of(key, registry, task_map)
         for name, fields in entries.items():
             if chosen.get("names") is not None and name not in chosen["names"]:
                 continue
+            if kind is None:
+                if cls in PARQUET_CLASSES:
+                    warnings.append(_parquet_hint(key, name, cls, fields, base))
+                else:
+                    what = (f"class {cls} is not a task kind MedLoom ingests" if cls else
+                            f"registry key {key!r} has no class in DATASET_REGISTRY and is not a task kind")
+                    warnings.append(f"skipped {key}/{name}: {what}; if it reads UniMedVL JSONL records, run again "
+                                    f"with --task-map {key}=KIND (sft, text_only, t2i, edit, counterfactual, "
+                                    f"vlm_sft, ...)")
+                continue
             if "jsonl_path" not in fields:
-                warnings.append(f"{key}/{name}: no jsonl_path (parquet datasets are not ingested); skipped")
+                hint = (f"; if its data_dir holds Parquet files, bring it through the Hugging Face source "
+                        f"(source: hf, hf.path: the folder; docs/ingest.md#migrating-from-upstream-dataset_info)"
+                        if "data_dir" in fields else "")
+                warnings.append(f"skipped {key}/{name} ({cls}): no jsonl_path{hint}")
                 continue
             safe = _safe_name(name)
             if safe in used:
@@ -205,6 +257,12 @@ def convert(source: str, config_text: str | None = None, base: Path | None = Non
                 if not path.is_absolute() and base is not None:
                     path = (base / path).resolve()
                 entry[path_key] = str(path)
+            split = infer_split(name)
+            if split is not None:
+                entry["split"] = split[0]
+                notes.append(f"{safe}: split: {split[0]} (inferred from the '{split[1]}' suffix of {key}/{name})")
+            else:
+                no_split.append(safe)
             group = chosen.get("group", {})
             for transform in ("image_transform_args", "vit_image_transform_args"):
                 if isinstance(group.get(transform), dict):
@@ -213,6 +271,9 @@ def convert(source: str, config_text: str | None = None, base: Path | None = Non
             if extras:
                 entry["description"] = f"imported from {key}/{name} (upstream fields not used: {', '.join(extras)})"
             datasets.append(entry)
+    if no_split:
+        notes.append(f"no split inferred for {', '.join(no_split)} (no _train/_val/_test suffix): set split: by "
+                     f"hand so the leakage check can compare them")
     if selection:
         for key, chosen in selection.items():
             missing = (chosen["names"] or set()) - set(info.get(key, {}))
@@ -220,11 +281,13 @@ def convert(source: str, config_text: str | None = None, base: Path | None = Non
                 warnings.append(f"{key}/{name}: named in the training YAML but not in DATASET_INFO; skipped")
     if not datasets:
         raise LegacyError("no JSONL dataset could be converted: " + "; ".join(warnings or ["DATASET_INFO is empty"]))
-    return LegacyResult({"datasets": datasets}, warnings)
+    catalog: dict[str, Any] = {"tokenizer": tokenizer} if tokenizer else {}
+    catalog["datasets"] = datasets
+    return LegacyResult(catalog, warnings, notes)
 
 
 def to_yaml(result: LegacyResult, source: str) -> str:
     header = (f"# Imported from {source} by jobs/import_legacy.py. Check the paths, then run:\n"
               f"#   python jobs/ingest.py <this file>\n")
-    notes = "".join(f"# note: {w}\n" for w in result.warnings)
+    notes = "".join(f"# note: {w}\n" for w in [*result.notes, *result.warnings])
     return header + notes + yaml.safe_dump(result.catalog, sort_keys=False, allow_unicode=True, width=110)

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .columns import RecordMapping
 from .plan import IMAGE_TAG, Message, SamplePlan, build_plan
 from .task_kinds import TaskKind
 
@@ -283,8 +284,100 @@ def _check_tags(kind: TaskKind, messages: list[Message], n_input: int) -> None:
         raise ValueError(f"task kind {kind.name!r} has unknown image_tags rule {rule!r}")
 
 
-def parse_record(obj: dict[str, Any], kind: TaskKind) -> ParsedRecord:
-    """Validate one decoded JSONL object against its task kind and build its sequence plan."""
+def _native_keys(kind: TaskKind) -> tuple[str, str | None, str | None]:
+    """(messages, input images, output images) fields of the kind's native record."""
+    if kind.record_style == "vlm_sft":
+        return "conversations", "image", None
+    return ("message", "input_img", "output_img") if kind.needs_images else ("message", None, None)
+
+
+def apply_mapping(obj: dict[str, Any], mapping: RecordMapping, kind: TaskKind) -> dict[str, Any]:
+    """A mapped record (datasets_catalog.columns) as the kind's native record, so `parse_record` validates it
+    like any other. Roles become human/gpt; system messages and unmapped fields are kept for `extra`. Checks
+    run in the native order (images, then messages), so a record gets the reason its native twin would."""
+    m = mapping
+    native_messages, native_inputs, native_outputs = _native_keys(kind)
+    native: dict[str, Any] = {}
+    used = {m.messages}
+    for source, target in ((m.images, native_inputs), (m.output_images, native_outputs)):
+        if source is not None and target is not None and source in obj:
+            native[target] = obj[source]
+            used.add(source)
+    if kind.record_style == "vlm_sft" and native_inputs not in native:
+        raise RecordError("field_missing", f"no '{m.images}' field (columns.images); give the image path "
+                                           f"(or a list)")
+    for target, role in ((native_inputs, "input"), (native_outputs, "output")):
+        if target in native:
+            parse_images(native, target, role, {})   # its errors first, as parse_record raises them
+    if m.messages not in obj:
+        raise RecordError("field_missing", f"no '{m.messages}' field (columns.messages); give the conversation "
+                                           f"as a list of {{\"{m.role_tag}\": \"{m.user_tag}\"|\"{m.assistant_tag}\", "
+                                           f"\"{m.content_tag}\": ...}}")
+    value = obj[m.messages]
+    if not isinstance(value, list):
+        raise RecordError("field_type", f"'{m.messages}' must be a list of messages, got {type(value).__name__}")
+    messages, system = [], []
+    for i, message in enumerate(value):
+        where = f"{m.messages}[{i}]"
+        if not isinstance(message, dict):
+            raise RecordError("field_type", f"{where} must be an object with '{m.role_tag}' and "
+                                            f"'{m.content_tag}', got {type(message).__name__}")
+        for key in (m.role_tag, m.content_tag):
+            if key not in message:
+                raise RecordError("field_missing", f"{where} has no '{key}' (the catalog's tags: say messages "
+                                                   f"hold '{m.role_tag}' and '{m.content_tag}'; set tags: to "
+                                                   f"match the file)")
+        role, text = message[m.role_tag], message[m.content_tag]
+        if not isinstance(role, str):
+            raise RecordError("field_type", f"{where}.{m.role_tag} must be a string, got {type(role).__name__}")
+        if role not in (m.user_tag, m.assistant_tag, m.system_tag):
+            raise RecordError("message_role", f"{where}.{m.role_tag} is {role!r}; the catalog's tags read "
+                                              f"{m.user_tag!r} as prompts, {m.assistant_tag!r} as answers and "
+                                              f"{m.system_tag!r} as a system prompt (kept in extra)")
+        if not isinstance(text, str):
+            raise RecordError("field_type", f"{where}.{m.content_tag} must be a string, got {type(text).__name__} "
+                                            f"(put the text in one string and the images in the "
+                                            f"'{m.images or m.messages}' field)")
+        rest = {k: v for k, v in message.items() if k not in (m.role_tag, m.content_tag)}
+        if role == m.system_tag:
+            system.append({m.role_tag: role, m.content_tag: text, **rest})
+        else:
+            messages.append({"from": "human" if role == m.user_tag else "gpt", "value": text, **rest})
+    native[native_messages] = messages
+    if system:
+        native["_system_messages"] = system
+    reserved = {native_messages, native_inputs, native_outputs, *native}
+    for key, item in obj.items():
+        if key not in used:   # kept for extra; a name the native record reads is renamed, never read
+            native[f"_source_{key}" if key in reserved else key] = item
+    return native
+
+
+def parse_record(obj: dict[str, Any], kind: TaskKind, mapping: RecordMapping | None = None) -> ParsedRecord:
+    """Validate one decoded JSONL object against its task kind and build its sequence plan. With a column
+    mapping the record is first turned into the kind's native fields (`apply_mapping`)."""
+    if mapping is None:
+        return _parse_native(obj, kind)
+    try:
+        return _parse_native(apply_mapping(obj, mapping, kind), kind)
+    except RecordError as exc:
+        raise RecordError(exc.reason, _in_mapped_names(exc.detail, mapping, kind)) from None
+
+
+def _in_mapped_names(detail: str, mapping: RecordMapping, kind: TaskKind) -> str:
+    """A native record's error detail with the image fields named as the mapped file names them."""
+    _, inputs, outputs = _native_keys(kind)
+    for native, column, key in ((inputs, mapping.images, "images"), (outputs, mapping.output_images, "output_images")):
+        if native is None or (f"'{native}'" not in detail and f"{native}[" not in detail):
+            continue
+        if column is None:
+            detail += f" (set columns.{key} to the field holding them)"
+        else:
+            detail = detail.replace(f"'{native}'", f"'{column}'").replace(f"{native}[", f"{column}[")
+    return detail
+
+
+def _parse_native(obj: dict[str, Any], kind: TaskKind) -> ParsedRecord:
     extra: dict[str, Any] = {}
     if kind.record_style == "vlm_sft":
         known = VLM_FIELDS

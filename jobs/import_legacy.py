@@ -4,7 +4,8 @@
     python jobs/import_legacy.py path/to/dataset_info.py [path/to/config.yaml] [--out catalog/mine.yaml]
 
 The Python file is parsed with `ast`, never executed. With the training YAML, only the datasets it names are
-imported, with the transform args of their group.
+imported, with the transform args of their group. Splits are inferred from `_train` / `_val` / `_test` name
+suffixes; every entry that is not imported is named with the way to bring it (docs/ingest.md).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from datasets_catalog.catalog import CatalogError, parse_catalog
 from datasets_catalog.legacy import LegacyError, convert, to_yaml
+from datasets_catalog.tokenizer import BUILTIN_SPECS
 from jobs import prog
 from pipelines.storage.uris import write_text_atomic
 
@@ -27,7 +29,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="folder that relative paths in DATASET_INFO are relative to (default: current folder)")
     parser.add_argument("--task-map", metavar="KEY=KIND", action="append", default=[],
                         help="task kind for a registry key whose class is not known, e.g. my_sft=sft")
+    parser.add_argument("--tokenizer", metavar="builtin|DIR",
+                        help="the catalog's tokenizer: 'builtin' or a folder with Qwen2 tokenizer files (e.g. the "
+                             "released checkpoint's folder); relative to the current folder")
     return parser.parse_args(argv)
+
+
+def _tokenizer(value: str | None) -> str | None:
+    """'builtin' as is, a folder as an absolute path (the catalog may be written elsewhere)."""
+    if value is None or value in BUILTIN_SPECS:
+        return value
+    folder = Path(value).expanduser().resolve()
+    if not folder.is_dir():
+        raise LegacyError(f"--tokenizer {value}: folder not found ({folder}); give 'builtin' or a folder with "
+                          f"Qwen2 tokenizer files")
+    return str(folder)
 
 
 def _read_text(path: str) -> str:
@@ -49,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             key, kind = item.split("=", 1)
             task_map[key.strip()] = kind.strip()
         result = convert(source, config, base=Path(args.base).resolve(), task_map=task_map,
-                         filename=args.dataset_info)
+                         filename=args.dataset_info, tokenizer=_tokenizer(args.tokenizer))
         text = to_yaml(result, args.dataset_info)
         out = Path(args.out) if args.out else None
         try:   # paths are checked so the user hears about missing files now, not at ingest time
@@ -60,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    for warning in result.warnings:
-        print(f"note: {warning}", file=sys.stderr)
+    for note in [*result.notes, *result.warnings]:
+        print(f"note: {note}", file=sys.stderr)
     if out:
         write_text_atomic(out, text)
         print(f"wrote {out} ({len(result.catalog['datasets'])} datasets)", file=sys.stderr)

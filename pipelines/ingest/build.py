@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
+
 from datasets_catalog.catalog import Catalog, DatasetSpec
 from datasets_catalog.hf_mapping import HFSourceError
 from datasets_catalog.tokenizer import TextTokenizer
@@ -20,6 +22,27 @@ from pipelines.storage import uris as storage
 from pipelines.storage.shard_schema import SCHEMA_VERSION
 
 STATUS_BUILT, STATUS_UP_TO_DATE, STATUS_FAILED = "built", "up to date", "failed"
+
+# Hugging Face `datasets` reads a local folder's `configs:` from this file (as from a README.md card's front
+# matter). A README.md would be read as Parquet by `pandas.read_parquet(folder)` / pyarrow, which skip only
+# names starting with "." or "_" (docs/ingest.md#hugging-face-datasets).
+HF_CARD = ".huggingface.yaml"
+
+
+def hf_card_text(name: str) -> str:
+    """The folder's `datasets` metadata: `part-*.parquet` is the data (one `train` split), nothing else is."""
+    card = {"pretty_name": name,
+            "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "part-*.parquet"}]}]}
+    return ("# Written by the MedLoom ingest with the shards, so that datasets.load_dataset(<this folder>) reads\n"
+            "# part-*.parquet only (_manifest.json and _rejects.parquet are not data). See docs/ingest.md.\n"
+            + yaml.safe_dump(card, sort_keys=False))
+
+
+def ensure_hf_card(folder) -> None:
+    """Add the card to a complete dataset published before cards existed (one atomic write, no rebuild)."""
+    card = folder / HF_CARD
+    if not card.exists():
+        storage.write_text_atomic(card, hf_card_text(folder.name))
 
 
 class IngestError(RuntimeError):
@@ -169,11 +192,12 @@ def _metadata(spec: DatasetSpec, catalog_path: Path) -> dict[str, Any]:
     return {"catalog": str(Path(catalog_path).resolve()),
             "data_dir": str(spec.data_dir) if spec.data_dir else None,
             "split": spec.split, "modality": spec.modality, "license": spec.license,
-            "description": spec.description}
+            "description": spec.description, "hf_card": HF_CARD}
 
 
 def _refresh(destination, manifest: dict, updates: dict) -> dict:
     """Rewrite an up-to-date dataset's manifest when only metadata (or the JSONL's mtime) changed."""
+    ensure_hf_card(destination)
     if all(manifest.get(k) == v for k, v in updates.items()):
         return manifest
     manifest = {**manifest, **updates}
@@ -292,6 +316,7 @@ def finish_dataset(plan: DatasetPlan, catalog: Catalog, out, seconds: float, say
     (a rename on disk, a marker-last copy on object storage)."""
     spec = plan.spec
     shards, n_rejects, publish = assemble(plan)
+    storage.write_text_atomic(plan.staging / HF_CARD, hf_card_text(spec.name))   # published with the shards
     manifest = _manifest(plan, catalog, shards, n_rejects, seconds)
     assert manifest["rows_read"] == manifest["rows_written"] + manifest["rows_rejected"]
     why = reject_limit_exceeded(manifest, spec)

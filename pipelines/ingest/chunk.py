@@ -23,6 +23,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from datasets_catalog.columns import RecordMapping
 from datasets_catalog.plan import ImageSlot, ImageTokens, packed_length
 from datasets_catalog.records import ImageRef, ParsedRecord, RecordError, check_length, decode_line, \
     parse_record, vit_img_num
@@ -158,6 +159,8 @@ class ChunkProcessor:
                          tuple(sorted(task.vit_image_transform_args.items())), task.max_image_pixels,
                          task.max_image_bytes, task.reference_images, task.verify_images, task.store_pixels,
                          json.dumps(task.extra_options, sort_keys=True, default=str))
+        mapping = task.extra_options.get("record_mapping")   # catalog columns:/tags: (datasets_catalog.columns)
+        self.mapping = RecordMapping.from_dict(mapping) if mapping else None
         self.result = ChunkResult(task.dataset, task.chunk_index)
         self.rejects: list[dict[str, Any]] = []
 
@@ -219,7 +222,7 @@ class ChunkProcessor:
 
     def probe_record(self, line_number: int, raw: bytes) -> list[_Probed]:
         """Validate and probe one line; one entry per output row (several when frames are expanded)."""
-        record = parse_record(decode_line(raw), self.kind)
+        record = parse_record(decode_line(raw), self.kind, self.mapping)
         refs = record.images
         if not refs:
             return [_Probed(line_number, raw, record, [], [], None)]

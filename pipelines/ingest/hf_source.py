@@ -245,9 +245,11 @@ class _ImageWriter:
             return None
         if isinstance(cell, str):
             cell = {"bytes": None, "path": cell}
+        elif isinstance(cell, (bytes, bytearray)):   # a plain binary column, as BAGEL's Parquet datasets have
+            cell = {"bytes": bytes(cell), "path": None}
         if not isinstance(cell, dict):
             raise HFSourceError("hf", f"an image cell holds {type(cell).__name__}; image columns must be HF Image "
-                                      f"features (bytes/path) or path strings")
+                                      f"features (bytes/path), encoded image bytes or path strings")
         data, name = cell.get("bytes"), cell.get("path")
         if data is None and name:
             src = Path(name) if os.path.isabs(name) else self.source_root / name

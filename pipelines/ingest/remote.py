@@ -24,7 +24,7 @@ from datasets_catalog.catalog import Catalog
 from pipelines.imaging.medical_hooks import register_medical_imaging
 from pipelines.ingest import state as st
 from pipelines.ingest.build import (
-    IngestError, IngestReport, finish_or_fail, load_tokenizer, plan_all, prepare_sources,
+    HF_CARD, IngestError, IngestReport, finish_or_fail, load_tokenizer, plan_all, prepare_sources,
 )
 from pipelines.ingest.chunk import ChunkResult, ChunkTask, process_chunk
 from pipelines.ingest.execute import execute_chunks
@@ -47,9 +47,10 @@ def process_chunk_remote(task: ChunkTask) -> ChunkResult:
 
 
 def _publish(staging: RemotePath, destination: RemotePath, renames: dict[str, str], manifest: dict) -> None:
-    """Marker-last publish of exactly the parts, the merged rejects and the manifest."""
+    """Marker-last publish of exactly the parts, the merged rejects, the `datasets` card and the manifest."""
     storage.publish_files(
-        {**{part: staging / chunk for part, chunk in renames.items()}, st.REJECTS: staging / st.REJECTS},
+        {**{part: staging / chunk for part, chunk in renames.items()}, st.REJECTS: staging / st.REJECTS,
+         HF_CARD: staging / HF_CARD},
         destination, st.MANIFEST, st.manifest_text(manifest).encode("utf-8"))
     staging.rmtree()
 

@@ -29,8 +29,8 @@ def test_ingest_to_s3_matches_local_and_is_idempotent(bucket, small_catalog, ing
     assert report.ok and [d.status for d in report.datasets] == ["built", "built"]
     assert report.output_dir == out.display()
     names = [n for n, _ in storage.files_under(out)]
-    assert names == ["txt/_manifest.json", "txt/_rejects.parquet", "txt/part-00000.parquet",
-                     "txt/part-00001.parquet", "vqa/_manifest.json", "vqa/_rejects.parquet", "vqa/part-00000.parquet",
+    assert names == ["txt/.huggingface.yaml", "txt/_manifest.json", "txt/_rejects.parquet", "txt/part-00000.parquet",
+                     "txt/part-00001.parquet", "vqa/.huggingface.yaml", "vqa/_manifest.json", "vqa/_rejects.parquet", "vqa/part-00000.parquet",
                      "vqa/part-00001.parquet", "vqa/part-00002.parquet"]          # no staging left behind
     for name in ("vqa", "txt"):
         remote, manifest = _read_remote(out / name)

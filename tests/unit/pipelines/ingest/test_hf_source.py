@@ -243,3 +243,21 @@ def test_mapped_rows_are_valid_records_of_their_task(tmp_path_factory, task, que
     if cfg.answer:
         assert parsed.messages[1].value == answer
     assert record.get("note") == 7                                   # unmapped columns travel as extras
+
+
+def test_bagel_style_parquet_with_a_binary_image_column(tmp_path):
+    """BAGEL's t2i Parquet files hold encoded image bytes in a plain binary column (what
+    jobs/import_legacy.py tells users to bring through `source: hf`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "t2i").mkdir()
+    pq.write_table(pa.table({"image": pa.array([CT, MR], pa.binary()),
+                             "caption": ["An axial CT slice.", "A brain MR."]}), tmp_path / "t2i" / "part0.parquet")
+    cfg = parse_hf_mapping({"path": str(tmp_path / "t2i"), "question": "caption", "output_images": ["image"]},
+                           tmp_path, tmp_path / "cache", "t2i", True)
+    done = materialize(cfg, "umv", "t2i")
+    records = [json.loads(line) for line in done.jsonl_path.read_text().splitlines()]
+    assert [r["message"][0]["value"] for r in records] == ["An axial CT slice.", "A brain MR."]
+    written = [(done.data_dir / r["output_img"][0]["path"]).read_bytes() for r in records]
+    assert written == [CT, MR]

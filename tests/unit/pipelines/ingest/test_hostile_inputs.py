@@ -149,10 +149,10 @@ def test_a_record_that_raises_unexpectedly_is_an_internal_error_reject(tmp_path,
 
     real = chunk.parse_record
 
-    def flaky(obj, kind):
+    def flaky(obj, kind, mapping=None):
         if obj["message"][1]["value"] == "boom":
             raise ZeroDivisionError("division by zero")
-        return real(obj, kind)
+        return real(obj, kind, mapping)
 
     monkeypatch.setattr(chunk, "parse_record", flaky)
     report = run_ingest(load_catalog(tmp_path / "catalog.yaml"), executor="local", progress=False, log=lambda m: None)
@@ -195,8 +195,8 @@ def test_a_chunk_that_fails_twice_becomes_worker_failed_rejects(tmp_path):
     a = {d.name: d for d in report.datasets}["a"]
     assert (a.rows_read, a.rows_written, a.rows_rejected) == (5, 3, 2)
     assert a.rejects_by_reason == {"worker_failed": 2}
-    assert sorted(os.listdir(tmp_path / "out" / "a")) == ["_manifest.json", "_rejects.parquet", "part-00000.parquet",
-                                                          "part-00001.parquet"]
+    assert sorted(os.listdir(tmp_path / "out" / "a")) == [".huggingface.yaml", "_manifest.json", "_rejects.parquet",
+                                                          "part-00000.parquet", "part-00001.parquet"]
     assert pd.read_parquet(tmp_path / "out" / "a")["line_number"].tolist() == [1, 2, 5]
     assert {d.name: d.status for d in report.datasets}["b"] == STATUS_BUILT
 
