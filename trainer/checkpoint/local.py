@@ -5,7 +5,9 @@ state through them.
 scheduler.pt, stream_state.{rank:05d}-of-{W:05d}.json (the exact data-stream state of each rank, replacing
 upstream's data_status.pt), train_state.json, training_args.json, the inference files (llm/vit configs,
 tokenizer) and finally `COMPLETE.json`. Everything is written into `.tmp-{step:07d}/` first, the marker
-last, then the directory is renamed: a crash mid-save never leaves a directory that looks complete.
+last, then the directory is renamed: a crash mid-save never leaves a directory that looks complete. The
+`.pt` files hold tensors and plain values only and are read back with `torch.load(weights_only=True)`: a
+checkpoint is data, never code (trainer/checkpoint/state_files.py).
 
 With `--storage_path s3://...` object storage is the checkpoint store and no disk is shared: each rank stages
 and uploads its own files (trainer/checkpoint/remote.py), and the local folder on rank 0's node is a copy
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
+from trainer.checkpoint.state_files import ResumeError, check_plain, load_state_file
 from trainer.parallel import Parallel, barrier, full_state_dict, load_optimizer_state, optimizer_state_for_save
 
 if TYPE_CHECKING:
@@ -35,10 +38,6 @@ TRAIN_STATE_FILE = "train_state.json"
 TRAINING_ARGS_FILE = "training_args.json"
 TMP_PREFIX = ".tmp-"
 ADAPTER_FILE = "adapter_model.safetensors"   # a LoRA checkpoint's weights (model/adapters.py)
-
-
-class ResumeError(RuntimeError):
-    """A checkpoint cannot be resumed from; the message says why and what to do."""
 
 
 def step_dir_name(step: int) -> str:
@@ -165,6 +164,9 @@ def finalize(checkpoint_dir: str | Path, step: int, files: list[str], extra: Opt
 
 
 def save_state_file(obj: Any, path: Path) -> None:
+    """An optimizer / scheduler state as a .pt file that `torch.load(weights_only=True)` restores (checked
+    before writing: trainer/checkpoint/state_files.py), written elsewhere then renamed."""
+    check_plain(obj, path.name)
     part = path.with_name(path.name + ".part")
     torch.save(obj, part)
     os.replace(part, path)
@@ -237,15 +239,29 @@ def plan_resume(*, checkpoint_dir: Path, auto_resume: bool, resume_from: Optiona
     return ResumePlan(None, reason="random init (--from_scratch)")
 
 
+def check_state_files(plan: ResumePlan) -> None:
+    """Before any worker starts: every optimizer / scheduler file a full resume would read loads as data
+    (memory-mapped, so a large optimizer costs little); the first that does not is a `ResumeError`."""
+    if plan.source is None or not (plan.load_train_state and plan.load_optimizer):
+        return
+    names = sorted(p for p in plan.source.glob("optimizer.*-of-*.pt") if p.is_file())
+    names += [plan.source / SCHEDULER_FILE] if (plan.source / SCHEDULER_FILE).is_file() else []
+    for path in names:
+        load_state_file(path, mmap=True)
+
+
 def plan_resume_for(cfg: TrainConfig, *, auto_resume: Optional[bool] = None,
                     ray_checkpoint: Optional[Path] = None) -> ResumePlan:
-    """`plan_resume` with the settings of a `trainer.config.TrainConfig` (`auto_resume` overrides its own)."""
+    """`plan_resume` with the settings of a `trainer.config.TrainConfig` (`auto_resume` overrides its own),
+    its optimizer and scheduler files checked to load as data (`check_state_files`)."""
     t = cfg.train
-    return plan_resume(checkpoint_dir=cfg.checkpoint_dir,
+    plan = plan_resume(checkpoint_dir=cfg.checkpoint_dir,
                        auto_resume=t.auto_resume if auto_resume is None else auto_resume,
                        resume_from=t.resume_from, model_path=cfg.model.model_path,
                        finetune_from_ema=t.finetune_from_ema, resume_model_only=t.resume_model_only,
                        resume_model_optimizer=t.resume_model_optimizer, ray_checkpoint=ray_checkpoint)
+    check_state_files(plan)   # jobs/train.py calls this on the driver: a bad file is refused before Ray starts
+    return plan
 
 
 def plan_fetched(source: Path, reason: str, *, restart: bool, resume_model_only: bool,
@@ -343,8 +359,7 @@ def _load_optimizer(source: Path, state: TrainingState, fetch: Optional[Callable
     if fetch is not None and not f.is_file():   # this rank's shard only, fetched by this rank
         fetch(f.name)
     if f.is_file():
-        # tensors and plain values only: weights_only never unpickles arbitrary objects
-        saved = torch.load(f, map_location="cpu", weights_only=True)
+        saved = load_state_file(f)
     else:   # saved with another FSDP shard count: rebuild this rank's shard from all old ones
         from trainer.checkpoint.reshard import load_resharded_optimizer
 
@@ -356,7 +371,7 @@ def _load_optimizer(source: Path, state: TrainingState, fetch: Optional[Callable
     load_optimizer_state(state.optimizer, saved)
     sched_file = source / SCHEDULER_FILE
     if sched_file.is_file():
-        state.scheduler.load_state_dict(torch.load(sched_file, map_location="cpu", weights_only=True))
+        state.scheduler.load_state_dict(load_state_file(sched_file))
 
 
 def save_checkpoint(cfg: TrainConfig, state: TrainingState, step: int, stream_state: Optional[dict], rank: int,
