@@ -252,6 +252,10 @@ class Trainer:
         mixture = load_mixture(str(cfg.mixture_path))
         self.mixture_groups = self.groups or mixture.group_names
         self.mixture_cfg = mixture
+        if self.is_main:   # what inference defaults to: the transforms trained at (model/inference/defaults.py)
+            from trainer.checkpoint.inference_record import inference_record
+
+            self.state.inference = inference_record(mixture)
         return StreamFactory(mixture=mixture, packing=packing_config(cfg, self.mc),
                              tokenizer_spec=tokenizer_spec(cfg), rank=self.rank, world_size=self.world,
                              seed=cfg.data.data_seed, loader=copy.deepcopy(self.loader_state), threads=cfg.data.dataloader_threads,

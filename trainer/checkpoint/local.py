@@ -329,6 +329,7 @@ class TrainingState:
     model_config: Any               # written as the inference files (llm/vit configs)
     tokenizer: Any
     adapter: Any = None             # trainer.adapters.LoraRun: the checkpoint holds adapters, not full weights
+    inference: Optional[dict] = None   # training_args.json's "inference" record (trainer/checkpoint/inference_record.py)
 
     def full_states(self) -> tuple[Optional[dict], Optional[dict]]:
         """Full model and EMA state dicts (collectives under FSDP: every rank calls; rank 0 gets them)."""
@@ -435,7 +436,8 @@ def write_shared_files(folder: Path, cfg: TrainConfig, state: TrainingState, mod
         files += _write_full_weights(folder, cfg, model_state, ema_state)
     save_state_file(state.scheduler.state_dict(), folder / SCHEDULER_FILE)
     write_json(folder / TRAIN_STATE_FILE, {"step": step, "world_size": world, "train_steps": step})
-    write_inference_files(folder, state.model_config, state.tokenizer, training_args=cfg.flat())
+    args = {**cfg.flat(), **({"inference": state.inference} if state.inference else {})}
+    write_inference_files(folder, state.model_config, state.tokenizer, training_args=args)
     files += [SCHEDULER_FILE, TRAIN_STATE_FILE, TRAINING_ARGS_FILE]
     return files
 

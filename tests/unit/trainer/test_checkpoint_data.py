@@ -156,3 +156,41 @@ def test_check_plain_accepts_what_weights_only_loads(tmp_path_factory, value):
 def test_check_plain_refuses_objects():
     with pytest.raises(TypeError, match=r"state\['x'\]\[0\].*Payload"):
         check_plain({"x": [Payload(Path("/nonexistent"))]})
+
+
+def test_checkpoint_records_the_trained_transforms(trained):
+    """training_args.json's "inference" record holds the transforms the shards were ingested with (read
+    here from their _manifest.json), which inference then defaults to (model/inference/defaults.py)."""
+    import json
+
+    mixture, storage = trained
+    record = json.loads((storage / "mix/checkpoints/0000002/training_args.json").read_text())["inference"]
+    shards = mixture.parent / "shards"
+    built = {d.name: json.loads((d / "_manifest.json").read_text())["transforms"] for d in shards.iterdir()
+             if (d / "_manifest.json").is_file()}
+    assert set(record["datasets"]) == set(built) == {"vqa", "gen", "txt"}
+    for name, t in built.items():
+        assert record["datasets"][name]["image_transform_args"] == t["image_transform_args"]
+        assert record["datasets"][name]["vit_image_transform_args"] == t["vit_image_transform_args"]
+    assert record["vit_transform"] == built["vqa"]["vit_image_transform_args"]       # the sft set
+    assert record["gen_vae_transform"] == built["gen"]["image_transform_args"]       # the t2i set
+
+
+def test_a_config_override_is_what_gets_recorded(trained, tmp_path):
+    """A group's transform override in the mixture YAML (the stream recomputes sizes for it) is what the
+    model trained at, so it is what the record holds."""
+    from pipelines.mixture.config import MixtureConfig
+    from trainer.checkpoint.inference_record import inference_record
+
+    mixture, _ = trained
+    text = mixture.read_text().replace(
+        "sft: {dataset_names: [vqa], weight: 2}",
+        "sft: {dataset_names: [vqa], weight: 2, vit_image_transform_args: "
+        "{max_image_size: 112, min_image_size: 56, image_stride: 14, max_pixels: 12544}}")
+    assert text != mixture.read_text()
+    override = mixture.with_name("override.yaml")
+    override.write_text(text)
+    record = inference_record(MixtureConfig.from_yaml(str(override)))
+    assert record["vit_transform"] == {"max_image_size": 112, "min_image_size": 56, "image_stride": 14,
+                                       "max_pixels": 12544}
+    assert record["datasets"]["vqa"]["vit_image_transform_args"]["max_image_size"] == 112
