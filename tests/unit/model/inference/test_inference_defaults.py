@@ -210,3 +210,18 @@ def test_ema_fallback_is_one_note(released, tmp_path, capsys):
     assert err == [f"note: {live} has no ema.safetensors: using the live weights model.safetensors (not the EMA)"]
     VQAInferencer(released)          # EMA present: nothing said
     assert capsys.readouterr().err == ""
+
+
+def test_serve_engine_defaults_to_the_recorded_transforms(released, tmp_path):
+    """jobs/serve.py without transform flags passes None: chat and images run at the recorded transforms."""
+    from jobs.serving.engine import Engine
+
+    record = record_for([_ds("vqa", "sft", SMALL_VAE, SMALL_VIT), _ds("he", "edit", SMALL_VAE, SMALL_VIT)])
+    engine = Engine(_trainer_ckpt(released, tmp_path, record), device="cpu", dtype=None, use_ema=True,
+                    vit_transform=None, gen_vae_transform=None, gen_vit_transform=None)
+    assert engine.vqa.vit_transform == SMALL_VIT
+    assert (engine.generator.vae_transform, engine.generator.vit_transform) == (SMALL_VAE, SMALL_VIT)
+    other = ImageTransformArgs(112, 56, 14, 12544)
+    engine = Engine(released, device="cpu", dtype=None, use_ema=True, vit_transform=other,
+                    gen_vae_transform=None, gen_vit_transform=None)
+    assert engine.vqa.vit_transform == other and engine.generator.vae_transform == UPSTREAM_GEN_VAE
