@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
-from trainer.checkpoint.state_files import ResumeError, check_plain, load_state_file
+from trainer.checkpoint.state_files import ResumeError, check_plain, check_weights_file, load_state_file
 from trainer.parallel import Parallel, barrier, full_state_dict, load_optimizer_state, optimizer_state_for_save
 
 if TYPE_CHECKING:
@@ -239,10 +239,16 @@ def plan_resume(*, checkpoint_dir: Path, auto_resume: bool, resume_from: Optiona
     return ResumePlan(None, reason="random init (--from_scratch)")
 
 
-def check_state_files(plan: ResumePlan) -> None:
-    """Before any worker starts: every optimizer / scheduler file a full resume would read loads as data
-    (memory-mapped, so a large optimizer costs little); the first that does not is a `ResumeError`."""
-    if plan.source is None or not (plan.load_train_state and plan.load_optimizer):
+def check_resume_files(plan: ResumePlan) -> None:
+    """Before any worker starts: the weights files open, and every optimizer / scheduler file a full resume
+    would read loads as data (memory-mapped, so a large optimizer costs little); the first that does not is a
+    `ResumeError` naming it."""
+    if plan.source is None:
+        return
+    for name in dict.fromkeys((plan.weights_file, plan.ema_file)):
+        if (plan.source / name).is_file() and name.endswith(".safetensors"):
+            check_weights_file(plan.source / name)
+    if not (plan.load_train_state and plan.load_optimizer):
         return
     names = sorted(p for p in plan.source.glob("optimizer.*-of-*.pt") if p.is_file())
     names += [plan.source / SCHEDULER_FILE] if (plan.source / SCHEDULER_FILE).is_file() else []
@@ -253,14 +259,14 @@ def check_state_files(plan: ResumePlan) -> None:
 def plan_resume_for(cfg: TrainConfig, *, auto_resume: Optional[bool] = None,
                     ray_checkpoint: Optional[Path] = None) -> ResumePlan:
     """`plan_resume` with the settings of a `trainer.config.TrainConfig` (`auto_resume` overrides its own),
-    its optimizer and scheduler files checked to load as data (`check_state_files`)."""
+    its weights, optimizer and scheduler files checked to load as data (`check_resume_files`)."""
     t = cfg.train
     plan = plan_resume(checkpoint_dir=cfg.checkpoint_dir,
                        auto_resume=t.auto_resume if auto_resume is None else auto_resume,
                        resume_from=t.resume_from, model_path=cfg.model.model_path,
                        finetune_from_ema=t.finetune_from_ema, resume_model_only=t.resume_model_only,
                        resume_model_optimizer=t.resume_model_optimizer, ray_checkpoint=ray_checkpoint)
-    check_state_files(plan)   # jobs/train.py calls this on the driver: a bad file is refused before Ray starts
+    check_resume_files(plan)   # jobs/train.py calls this on the driver: a bad file is refused before Ray starts
     return plan
 
 
@@ -305,6 +311,7 @@ def load_weights_checked(model, source: Path, filename: str, *, strict: bool, lo
     """Load weights; never let a wrong directory silently leave the model at random init."""
     from trainer.model_setup import load_weights_into
 
+    check_weights_file(source / filename)
     missing, unexpected, loaded = load_weights_into(model, source, filename)
     if loaded == 0:
         raise ResumeError(f"{source / filename}: no tensor matches the model (unexpected keys e.g. "

@@ -1,4 +1,5 @@
-"""Reading a checkpoint's optimizer and scheduler files (`*.pt`) as data, never as code.
+"""Reading a checkpoint's optimizer and scheduler files (`*.pt`) as data, never as code; and checking that
+its safetensors weights open, so an unreadable file is one line before any worker starts.
 
 The trainer saves only tensors and plain values in them (trainer/parallel.py `optimizer_state_for_save`,
 trainer/schedule.py `WarmupScheduler.state_dict`), so `torch.load(weights_only=True)` restores them exactly;
@@ -68,3 +69,17 @@ def check_plain(obj: Any, where: str = "state") -> None:
         return
     raise TypeError(f"{where}: {type(obj).__module__}.{type(obj).__qualname__} would not load with weights_only; "
                     f"save tensors and plain values only")
+
+
+def check_weights_file(path: Path) -> None:
+    """A safetensors file whose header does not open (truncated, not safetensors) is a `ResumeError`; the
+    header check reads a few KB whatever the file's size."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            fh.keys()
+    except Exception as exc:   # safetensors raises its own error type, OSError, ...
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise ResumeError(f"{path}: refused: not a readable safetensors file ({first[:160]}); resume from "
+                          f"another checkpoint") from None

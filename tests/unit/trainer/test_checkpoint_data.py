@@ -194,3 +194,19 @@ def test_a_config_override_is_what_gets_recorded(trained, tmp_path):
     assert record["vit_transform"] == {"max_image_size": 112, "min_image_size": 56, "image_stride": 14,
                                        "max_pixels": 12544}
     assert record["datasets"]["vqa"]["vit_image_transform_args"]["max_image_size"] == 112
+
+
+def test_truncated_weights_are_one_line_before_any_worker(trained, tmp_path):
+    """A truncated model.safetensors (a copy cut short) is refused by the driver-side check, naming the file."""
+    import shutil
+
+    mixture, storage = trained
+    src = tmp_path / "run"
+    shutil.copytree(storage, src)
+    weights = src / "mix/checkpoints/0000002" / ck.MODEL_FILE
+    weights.write_bytes(weights.read_bytes()[:-100])
+    cfg = _cfg(mixture, src, "--total_steps", "3")
+    with pytest.raises(ck.ResumeError) as info:
+        ck.plan_resume_for(cfg)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"{weights}: refused: not a readable safetensors file")
