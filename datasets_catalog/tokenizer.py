@@ -66,7 +66,8 @@ class TextTokenizer:
             )
         from transformers import AutoTokenizer
 
-        backend = AutoTokenizer.from_pretrained(str(path))
+        # the directory's JSON / text files only: never its custom code (docs/checkpoints.md)
+        backend = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
         existing = set(backend.all_special_tokens) | set(backend.get_vocab())
         new = [t for t in SPECIAL_TOKENS if t not in existing]
         added = backend.add_tokens(new) if new else 0  # resize only when tokens are really added

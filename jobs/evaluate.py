@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--batch_size", type=int, default=8, help="text records decoded together through the KV cache "
                                                              "(default 8; 1 = one at a time)")
     g.add_argument("--vit_transform", help="ViT resize MAX,MIN,STRIDE[,MAX_PIXELS] (default: each dataset's own "
-                                           "from its shards' manifest; --input: the VQA default)")
+                                           "from its shards' manifest; --input: the checkpoint's recorded one)")
     g.add_argument("--vae_transform", help="VAE resize MAX,MIN,STRIDE[,MAX_PIXELS] for image records (default: the "
                                            "dataset's own)")
     g.add_argument("--num_timesteps", type=int, default=50, help="flow steps of image records (default 50)")

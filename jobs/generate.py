@@ -6,7 +6,8 @@
     python jobs/generate.py --model_path CKPT_DIR --input edits.jsonl --output generated.jsonl
 
 Editing runs an understanding pass first and appends its text to the instruction (UniMedVL default;
---understanding turn|none changes that, --think reasons in think mode instead). CUDA is used when present (bf16), else
+--understanding turn|none changes that, --think reasons in think mode instead). The VAE / ViT transforms default
+to those the checkpoint was trained at (its training_args.json). CUDA is used when present (bf16), else
 the CPU (fp32). Exit status 2 for a user mistake (one message, no traceback).
 """
 from __future__ import annotations
@@ -68,10 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--text_temperature", type=float, default=0.3, help="default 0.3")
     g.add_argument("--max_think_tokens", type=int, default=800, help="default 800")
     m = add_model_group(p)
-    m.add_argument("--vae_transform", default=format_transform(UMV_GEN_VAE_ARGS),
-                   help="VAE resize MAX,MIN,STRIDE[,MAX_PIXELS] (default UniMedVL inference %(default)s)")
-    m.add_argument("--vit_transform", default=format_transform(UMV_GEN_VIT_ARGS),
-                   help="ViT resize MAX,MIN,STRIDE[,MAX_PIXELS] (default UniMedVL inference %(default)s)")
+    m.add_argument("--vae_transform",
+                   help="VAE resize MAX,MIN,STRIDE[,MAX_PIXELS] (default: the one the checkpoint's training_args.json "
+                        f"records; a released directory: UniMedVL inference {format_transform(UMV_GEN_VAE_ARGS)})")
+    m.add_argument("--vit_transform",
+                   help="ViT resize MAX,MIN,STRIDE[,MAX_PIXELS] (default: the one the checkpoint's training_args.json "
+                        f"records; a released directory: UniMedVL inference {format_transform(UMV_GEN_VIT_ARGS)})")
     m.add_argument("--json", action="store_true", help="single mode: print a JSON summary")
     return p.parse_args(argv)
 
@@ -98,8 +101,8 @@ def _main(argv: list[str] | None) -> int:
         raise InferenceError("give --instruction (and --image to edit) for one image, or --input/--output for a batch")
     if batch_mode and not args.input.is_file():
         raise InferenceError(f"--input {args.input}: no such file")
-    vae = parse_transform(args.vae_transform, "--vae_transform")
-    vit = parse_transform(args.vit_transform, "--vit_transform")
+    vae = parse_transform(args.vae_transform, "--vae_transform") if args.vae_transform else None
+    vit = parse_transform(args.vit_transform, "--vit_transform") if args.vit_transform else None
     size = _size(args.size)
 
     from model.inference.api import ImageGenerator, open_image
@@ -134,9 +137,9 @@ def _main(argv: list[str] | None) -> int:
                           "thought": result.thought, "understanding": result.understanding,
                           "instruction": result.instruction}, ensure_ascii=False))
     else:
-        if result.thought:
+        if result.thought and result.thought.strip():            # only when there is text
             print(f"thought: {result.thought}")
-        if result.understanding:
+        if result.understanding and result.understanding.strip():
             print(f"understanding: {result.understanding}")
         print(f"wrote {args.out} ({result.width}x{result.height})")
     return 0

@@ -45,12 +45,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--max_tokens_limit", type=int, default=2048,
                    help="largest max_tokens a request may ask for (default %(default)s)")
     m = add_model_group(p)
-    m.add_argument("--vit_transform", default=format_transform(VQA_VIT_ARGS),
-                   help="chat: ViT resize MAX,MIN,STRIDE[,MAX_PIXELS] as jobs/vqa.py (default %(default)s)")
-    m.add_argument("--gen_vae_transform", default=format_transform(UMV_GEN_VAE_ARGS),
-                   help="images: VAE resize as jobs/generate.py --vae_transform (default %(default)s)")
-    m.add_argument("--gen_vit_transform", default=format_transform(UMV_GEN_VIT_ARGS),
-                   help="images: ViT resize as jobs/generate.py --vit_transform (default %(default)s)")
+    m.add_argument("--vit_transform",
+                   help="chat: ViT resize MAX,MIN,STRIDE[,MAX_PIXELS] as jobs/vqa.py (default: as the checkpoint's "
+                        f"training_args.json records; a released directory: {format_transform(VQA_VIT_ARGS)})")
+    m.add_argument("--gen_vae_transform",
+                   help="images: VAE resize as jobs/generate.py --vae_transform (default: as recorded; a released "
+                        f"directory: {format_transform(UMV_GEN_VAE_ARGS)})")
+    m.add_argument("--gen_vit_transform",
+                   help="images: ViT resize as jobs/generate.py --vit_transform (default: as recorded; a released "
+                        f"directory: {format_transform(UMV_GEN_VIT_ARGS)})")
     return p.parse_args(argv)
 
 
@@ -75,9 +78,9 @@ def _check_port(host: str, port: int) -> None:
 
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    vit = parse_transform(args.vit_transform, "--vit_transform")
-    gen_vae = parse_transform(args.gen_vae_transform, "--gen_vae_transform")
-    gen_vit = parse_transform(args.gen_vit_transform, "--gen_vit_transform")
+    vit, gen_vae, gen_vit = (parse_transform(value, flag) if value else None for value, flag in (
+        (args.vit_transform, "--vit_transform"), (args.gen_vae_transform, "--gen_vae_transform"),
+        (args.gen_vit_transform, "--gen_vit_transform")))
     if args.max_queue < 1:
         raise InferenceError(f"--max_queue must be >= 1, got {args.max_queue}")
     if args.max_tokens_limit < 1:

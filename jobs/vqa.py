@@ -5,7 +5,8 @@
     python jobs/vqa.py --model_path CKPT_DIR --input eval.jsonl --output answers.jsonl [--data_dir DIR]
 
 CKPT_DIR is any checkpoint directory the trainer writes (checkpoints/0000200/) or a released UniMedVL /
-BAGEL directory. CUDA is used when present (bf16), else the CPU (fp32). Exit status 2 for a user mistake
+BAGEL directory. The ViT transform defaults to the one the checkpoint was trained at (its
+training_args.json). CUDA is used when present (bf16), else the CPU (fp32). Exit status 2 for a user mistake
 (one message, no traceback).
 """
 from __future__ import annotations
@@ -46,9 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=42, help="seed of the sampling draws (default 42)")
     g.add_argument("--think", action="store_true", help="reason in <think> ... </think> before answering")
     m = add_model_group(p)
-    m.add_argument("--vit_transform", default=format_transform(VQA_VIT_ARGS),
-                   help="ViT resize MAX,MIN,STRIDE[,MAX_PIXELS] the checkpoint was trained with (default: vlm_sft "
-                        "%(default)s)")
+    m.add_argument("--vit_transform",
+                   help="ViT resize MAX,MIN,STRIDE[,MAX_PIXELS] (default: the one the checkpoint's "
+                        "training_args.json records; a released directory: vlm_sft "
+                        f"{format_transform(VQA_VIT_ARGS)})")
     m.add_argument("--json", action="store_true", help="single mode: print {\"answer\": ...} as JSON")
     return p.parse_args(argv)
 
@@ -67,7 +69,7 @@ def _main(argv: list[str] | None) -> int:
         raise InferenceError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if not args.greedy and args.temperature <= 0:
         raise InferenceError(f"--temperature must be > 0 when sampling, got {args.temperature} (or pass --greedy)")
-    vit = parse_transform(args.vit_transform, "--vit_transform")
+    vit = parse_transform(args.vit_transform, "--vit_transform") if args.vit_transform else None
     if batch_mode and not args.input.is_file():
         raise InferenceError(f"--input {args.input}: no such file")
 

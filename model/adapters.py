@@ -289,7 +289,8 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, *, use_ema: bool
                   base_dir: Optional[str | Path] = None) -> dict[str, Any]:
     """Merge the adapter (EMA by default) into the base weights and write a full UniMedVL-layout directory:
     model.safetensors and ema.safetensors (both the merged weights), the base's VAE file, llm/vit configs,
-    tokenizer and merged_from.json. Written into a temporary sibling directory, then renamed."""
+    tokenizer, the adapter's training_args.json (inference defaults to the transforms recorded there) and
+    merged_from.json. Written into a temporary sibling directory, then renamed."""
     import os
     import shutil
     import tempfile
@@ -319,6 +320,8 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, *, use_ema: bool
         if vae is not None:
             shutil.copyfile(vae, tmp / vae.name)
         write_inference_files(tmp, model.config, tokenizer)
+        if (adapter_dir / "training_args.json").is_file():   # the transforms it trained at (docs/checkpoints.md)
+            shutil.copyfile(adapter_dir / "training_args.json", tmp / "training_args.json")
         info = {"adapter": str(adapter_dir.resolve()), "adapter_weights": EMA_ADAPTER_FILE if use_ema and
                 (adapter_dir / EMA_ADAPTER_FILE).is_file() else ADAPTER_FILE, "base": ref,
                 "parameters": sum(p.numel() for p in model.parameters())}

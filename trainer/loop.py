@@ -252,6 +252,13 @@ class Trainer:
         mixture = load_mixture(str(cfg.mixture_path))
         self.mixture_groups = self.groups or mixture.group_names
         self.mixture_cfg = mixture
+        if self.is_main:   # what inference defaults to: the transforms trained at (model/inference/defaults.py)
+            from trainer.checkpoint.inference_record import inference_record
+
+            try:
+                self.state.inference = inference_record(mixture)
+            except Exception as exc:   # metadata only: training goes on, inference then keeps its defaults
+                self.log(f"note: checkpoints will record no inference transforms ({type(exc).__name__}: {exc})")
         return StreamFactory(mixture=mixture, packing=packing_config(cfg, self.mc),
                              tokenizer_spec=tokenizer_spec(cfg), rank=self.rank, world_size=self.world,
                              seed=cfg.data.data_seed, loader=copy.deepcopy(self.loader_state), threads=cfg.data.dataloader_threads,

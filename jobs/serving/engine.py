@@ -80,8 +80,9 @@ class Engine:
     weights serves both (loaded with the VAE when there is one)."""
 
     def __init__(self, model_path: str | Path, device: str | None, dtype: str | None, use_ema: bool,
-                 vit_transform: ImageTransformArgs, gen_vae_transform: ImageTransformArgs,
-                 gen_vit_transform: ImageTransformArgs) -> None:
+                 vit_transform: ImageTransformArgs | None, gen_vae_transform: ImageTransformArgs | None,
+                 gen_vit_transform: ImageTransformArgs | None) -> None:
+        """A None transform: the one the checkpoint was trained at (model/inference/defaults.py)."""
         from model.inference.api import ImageGenerator, VQAInferencer
         from model.inference.loading import InferenceError, check_checkpoint_dir, load_for_inference
 

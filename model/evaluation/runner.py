@@ -30,7 +30,7 @@ PREDICTIONS, METRICS, REPORT = "predictions.jsonl", "metrics.json", "report.html
 class EvalOptions:
     max_new_tokens: int = 512
     batch_size: int = 8                 # text records decoded together; 1 = one at a time
-    vit_transform: Any = None           # None: each dataset's own (shards), else the VQA default
+    vit_transform: Any = None           # None: each dataset's own (shards), else the checkpoint's default
     vae_transform: Any = None
     num_timesteps: int = 50
     cfg_text_scale: float = 4.0
@@ -130,10 +130,9 @@ class Evaluator:
     def vqa(self):
         if self._vqa is None:
             from model.inference.api import VQAInferencer
-            from model.inference.interleave import VQA_VIT_ARGS
 
             self._vqa = VQAInferencer(self.model_path, device=self.opt.device, dtype=self.opt.dtype,
-                                      use_ema=self.opt.use_ema, vit_transform=VQA_VIT_ARGS)
+                                      use_ema=self.opt.use_ema)
         return self._vqa
 
     def generator(self):
@@ -145,9 +144,8 @@ class Evaluator:
         return self._gen
 
     def _vit_for(self, item: EvalItem):
-        from model.inference.interleave import VQA_VIT_ARGS
-
-        return self.opt.vit_transform or item.vit_transform or VQA_VIT_ARGS
+        """The flag, else the dataset's own (shards), else the checkpoint's default (model/inference/defaults.py)."""
+        return self.opt.vit_transform or item.vit_transform or self.vqa().defaults.vit_transform
 
     def answer_texts(self, items: list[EvalItem]) -> list[dict[str, Any]]:
         """Greedy answers: one at a time (batch_size 1) or prepared sessions decoded together."""
@@ -173,12 +171,11 @@ class Evaluator:
         return [r for r in rows if r is not None]
 
     def generate_image(self, item: EvalItem) -> dict[str, Any]:
-        from model.inference.interleave import UMV_GEN_VAE_ARGS, UMV_GEN_VIT_ARGS
         from model.inference.jobs_io import save_png
 
         gen = self.generator()
-        gen.vae_transform = self.opt.vae_transform or item.vae_transform or UMV_GEN_VAE_ARGS
-        gen.vit_transform = self.opt.vit_transform or item.vit_transform or UMV_GEN_VIT_ARGS
+        gen.vae_transform = self.opt.vae_transform or item.vae_transform or gen.defaults.gen_vae_transform
+        gen.vit_transform = self.opt.vit_transform or item.vit_transform or gen.defaults.gen_vit_transform
         try:
             source = item.images[0].load() if item.images else None
             target = item.target.load()

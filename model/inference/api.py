@@ -19,9 +19,8 @@ from datasets_catalog.transforms import ImageTransformArgs
 from pipelines.imaging.decode import ImageDecodeError, load_image_rgb
 
 from .image_sampler import SamplerParams
-from .interleave import (GEN_THINK_SYSTEM_PROMPT, UMV_GEN_VAE_ARGS, UMV_GEN_VIT_ARGS, VLM_THINK_SYSTEM_PROMPT,
-                         VQA_VIT_ARGS, ContextTooLong, Session, TextOptions)
-from .loading import InferenceError, Loaded, load_for_inference
+from .interleave import GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT, ContextTooLong, Session, TextOptions
+from .loading import InferenceError, Loaded, load_for_inference, note
 
 ImageLike = str | Path | Image.Image
 UNDERSTANDING_MODES = ("append", "turn", "none")
@@ -50,18 +49,23 @@ def _seed_all(seed: int) -> None:
 class VQAInferencer:
     """Visual question answering / report writing: ViT-update each image, text-update the prompt, generate.
 
-    `vit_transform` defaults to the vlm_sft transform of the released models (980, 378, 14, 2,007,040); pass
-    the ViT transform your checkpoint was trained with (docs/upstream-compat.md#text-generation). `loaded` reuses
+    `vit_transform` defaults to the ViT transform the checkpoint's training_args.json records for its
+    understanding datasets (model/inference/defaults.py), and for a released directory to the vlm_sft transform
+    of the released models (980, 378, 14, 2,007,040; docs/upstream-compat.md#text-generation). `loaded` reuses
     a model already loaded (a server holding one copy for chat and image generation)."""
 
     def __init__(self, model_path: str | Path, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, use_ema: bool = True,
-                 vit_transform: ImageTransformArgs = VQA_VIT_ARGS, loaded: Loaded | None = None) -> None:
+                 vit_transform: ImageTransformArgs | None = None, loaded: Loaded | None = None) -> None:
         self._loaded = loaded or load_for_inference(model_path, visual_gen=False, device=device, dtype=dtype,
                                                     use_ema=use_ema)
         self.model, self.tokenizer = self._loaded.model, self._loaded.tokenizer
         self.device, self.dtype = self._loaded.device, self._loaded.dtype
-        self.vit_transform = vit_transform
+        self.defaults = defaults = self._loaded.defaults   # what the checkpoint was trained at
+        if vit_transform is None:
+            for text in defaults.notes_for("vit_transform"):
+                note(text)
+        self.vit_transform = vit_transform or defaults.vit_transform
 
     def infer_single(self, image_path: ImageLike | Sequence[ImageLike] | None, prompt: str,
                      temperature: float = 1.0, max_new_tokens: int = 512, do_sample: bool = True,
@@ -142,18 +146,28 @@ class ImageGenerator:
     Editing (an input image): an understanding pass (or, with use_thinking, an analysis in think mode) writes
     text that is appended to the instruction, then [image, instruction] is generated with CFG; the output
     size follows the input's aspect ratio through the VAE resize rule. Text-to-image (no input image): the
-    instruction alone, BAGEL think mode when use_thinking, at `image_shape` (default 1024 x 1024)."""
+    instruction alone, BAGEL think mode when use_thinking, at `image_shape` (default 1024 x 1024).
+
+    `vae_transform` / `vit_transform` default to the transforms the checkpoint's training_args.json records for
+    its generation datasets (model/inference/defaults.py), and for a released directory to UniMedVL's (VAE
+    1024, 32, 16; ViT 980, 387, 14)."""
 
     def __init__(self, model_path: str | Path, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, use_ema: bool = True,
-                 vae_transform: ImageTransformArgs = UMV_GEN_VAE_ARGS,
-                 vit_transform: ImageTransformArgs = UMV_GEN_VIT_ARGS, loaded: Loaded | None = None) -> None:
+                 vae_transform: ImageTransformArgs | None = None,
+                 vit_transform: ImageTransformArgs | None = None, loaded: Loaded | None = None) -> None:
         self._loaded = loaded or load_for_inference(model_path, visual_gen=True, device=device, dtype=dtype,
                                                     use_ema=use_ema)
         self._on_step: Callable[[int, int], None] | None = None
         self.model, self.tokenizer = self._loaded.model, self._loaded.tokenizer
         self.device, self.dtype = self._loaded.device, self._loaded.dtype
-        self.vae_transform, self.vit_transform = vae_transform, vit_transform
+        self.defaults = defaults = self._loaded.defaults
+        roles = (["gen_vae_transform"] if vae_transform is None else []) + \
+            (["gen_vit_transform"] if vit_transform is None else [])
+        for text in defaults.notes_for(*roles):
+            note(text)
+        self.vae_transform = vae_transform or defaults.gen_vae_transform
+        self.vit_transform = vit_transform or defaults.gen_vit_transform
 
     def _session(self, understanding_output: bool, seed: int) -> Session:
         return Session(self.model, self.tokenizer, self.vae_transform, self.vit_transform,

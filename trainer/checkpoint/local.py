@@ -5,7 +5,9 @@ state through them.
 scheduler.pt, stream_state.{rank:05d}-of-{W:05d}.json (the exact data-stream state of each rank, replacing
 upstream's data_status.pt), train_state.json, training_args.json, the inference files (llm/vit configs,
 tokenizer) and finally `COMPLETE.json`. Everything is written into `.tmp-{step:07d}/` first, the marker
-last, then the directory is renamed: a crash mid-save never leaves a directory that looks complete.
+last, then the directory is renamed: a crash mid-save never leaves a directory that looks complete. The
+`.pt` files hold tensors and plain values only and are read back with `torch.load(weights_only=True)`: a
+checkpoint is data, never code (trainer/checkpoint/state_files.py).
 
 With `--storage_path s3://...` object storage is the checkpoint store and no disk is shared: each rank stages
 and uploads its own files (trainer/checkpoint/remote.py), and the local folder on rank 0's node is a copy
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
+from trainer.checkpoint.state_files import ResumeError, check_plain, check_weights_file, load_state_file
 from trainer.parallel import Parallel, barrier, full_state_dict, load_optimizer_state, optimizer_state_for_save
 
 if TYPE_CHECKING:
@@ -35,10 +38,6 @@ TRAIN_STATE_FILE = "train_state.json"
 TRAINING_ARGS_FILE = "training_args.json"
 TMP_PREFIX = ".tmp-"
 ADAPTER_FILE = "adapter_model.safetensors"   # a LoRA checkpoint's weights (model/adapters.py)
-
-
-class ResumeError(RuntimeError):
-    """A checkpoint cannot be resumed from; the message says why and what to do."""
 
 
 def step_dir_name(step: int) -> str:
@@ -165,6 +164,9 @@ def finalize(checkpoint_dir: str | Path, step: int, files: list[str], extra: Opt
 
 
 def save_state_file(obj: Any, path: Path) -> None:
+    """An optimizer / scheduler state as a .pt file that `torch.load(weights_only=True)` restores (checked
+    before writing: trainer/checkpoint/state_files.py), written elsewhere then renamed."""
+    check_plain(obj, path.name)
     part = path.with_name(path.name + ".part")
     torch.save(obj, part)
     os.replace(part, path)
@@ -237,15 +239,35 @@ def plan_resume(*, checkpoint_dir: Path, auto_resume: bool, resume_from: Optiona
     return ResumePlan(None, reason="random init (--from_scratch)")
 
 
+def check_resume_files(plan: ResumePlan) -> None:
+    """Before any worker starts: the weights files open, and every optimizer / scheduler file a full resume
+    would read loads as data (memory-mapped, so a large optimizer costs little); the first that does not is a
+    `ResumeError` naming it."""
+    if plan.source is None:
+        return
+    for name in dict.fromkeys((plan.weights_file, plan.ema_file)):
+        if (plan.source / name).is_file() and name.endswith(".safetensors"):
+            check_weights_file(plan.source / name)
+    if not (plan.load_train_state and plan.load_optimizer):
+        return
+    names = sorted(p for p in plan.source.glob("optimizer.*-of-*.pt") if p.is_file())
+    names += [plan.source / SCHEDULER_FILE] if (plan.source / SCHEDULER_FILE).is_file() else []
+    for path in names:
+        load_state_file(path, mmap=True)
+
+
 def plan_resume_for(cfg: TrainConfig, *, auto_resume: Optional[bool] = None,
                     ray_checkpoint: Optional[Path] = None) -> ResumePlan:
-    """`plan_resume` with the settings of a `trainer.config.TrainConfig` (`auto_resume` overrides its own)."""
+    """`plan_resume` with the settings of a `trainer.config.TrainConfig` (`auto_resume` overrides its own),
+    its weights, optimizer and scheduler files checked to load as data (`check_resume_files`)."""
     t = cfg.train
-    return plan_resume(checkpoint_dir=cfg.checkpoint_dir,
+    plan = plan_resume(checkpoint_dir=cfg.checkpoint_dir,
                        auto_resume=t.auto_resume if auto_resume is None else auto_resume,
                        resume_from=t.resume_from, model_path=cfg.model.model_path,
                        finetune_from_ema=t.finetune_from_ema, resume_model_only=t.resume_model_only,
                        resume_model_optimizer=t.resume_model_optimizer, ray_checkpoint=ray_checkpoint)
+    check_resume_files(plan)   # jobs/train.py calls this on the driver: a bad file is refused before Ray starts
+    return plan
 
 
 def plan_fetched(source: Path, reason: str, *, restart: bool, resume_model_only: bool,
@@ -289,6 +311,7 @@ def load_weights_checked(model, source: Path, filename: str, *, strict: bool, lo
     """Load weights; never let a wrong directory silently leave the model at random init."""
     from trainer.model_setup import load_weights_into
 
+    check_weights_file(source / filename)
     missing, unexpected, loaded = load_weights_into(model, source, filename)
     if loaded == 0:
         raise ResumeError(f"{source / filename}: no tensor matches the model (unexpected keys e.g. "
@@ -313,6 +336,7 @@ class TrainingState:
     model_config: Any               # written as the inference files (llm/vit configs)
     tokenizer: Any
     adapter: Any = None             # trainer.adapters.LoraRun: the checkpoint holds adapters, not full weights
+    inference: Optional[dict] = None   # training_args.json's "inference" record (trainer/checkpoint/inference_record.py)
 
     def full_states(self) -> tuple[Optional[dict], Optional[dict]]:
         """Full model and EMA state dicts (collectives under FSDP: every rank calls; rank 0 gets them)."""
@@ -343,8 +367,7 @@ def _load_optimizer(source: Path, state: TrainingState, fetch: Optional[Callable
     if fetch is not None and not f.is_file():   # this rank's shard only, fetched by this rank
         fetch(f.name)
     if f.is_file():
-        # tensors and plain values only: weights_only never unpickles arbitrary objects
-        saved = torch.load(f, map_location="cpu", weights_only=True)
+        saved = load_state_file(f)
     else:   # saved with another FSDP shard count: rebuild this rank's shard from all old ones
         from trainer.checkpoint.reshard import load_resharded_optimizer
 
@@ -356,7 +379,7 @@ def _load_optimizer(source: Path, state: TrainingState, fetch: Optional[Callable
     load_optimizer_state(state.optimizer, saved)
     sched_file = source / SCHEDULER_FILE
     if sched_file.is_file():
-        state.scheduler.load_state_dict(torch.load(sched_file, map_location="cpu", weights_only=True))
+        state.scheduler.load_state_dict(load_state_file(sched_file))
 
 
 def save_checkpoint(cfg: TrainConfig, state: TrainingState, step: int, stream_state: Optional[dict], rank: int,
@@ -420,7 +443,8 @@ def write_shared_files(folder: Path, cfg: TrainConfig, state: TrainingState, mod
         files += _write_full_weights(folder, cfg, model_state, ema_state)
     save_state_file(state.scheduler.state_dict(), folder / SCHEDULER_FILE)
     write_json(folder / TRAIN_STATE_FILE, {"step": step, "world_size": world, "train_steps": step})
-    write_inference_files(folder, state.model_config, state.tokenizer, training_args=cfg.flat())
+    args = {**cfg.flat(), **({"inference": state.inference} if state.inference else {})}
+    write_inference_files(folder, state.model_config, state.tokenizer, training_args=args)
     files += [SCHEDULER_FILE, TRAIN_STATE_FILE, TRAINING_ARGS_FILE]
     return files
 

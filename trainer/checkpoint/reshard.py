@@ -117,7 +117,9 @@ def load_resharded_optimizer(source: Path, index: int, count: int,
             if fetch is not None and not (source / name).is_file():
                 fetch(name)
         if all((source / name).is_file() for name in names):
-            shards = [torch.load(source / name, map_location="cpu", weights_only=True) for name in names]
+            from trainer.checkpoint.state_files import load_state_file
+
+            shards = [load_state_file(source / name) for name in names]   # data only, never code
             return reshard_optimizer(shards, index, count)
     return None
 

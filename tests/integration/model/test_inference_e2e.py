@@ -3,7 +3,8 @@ records until it memorises them (every answer token ahead of the runner-up by tr
 then the real CLIs in subprocesses.
 
 - jobs/vqa.py answers the memorised VQA prompt with the memorised answer (greedy), also in batch mode over
-  JSONL records in the catalog format, where bad lines are reported per record;
+  JSONL records in the catalog format, where bad lines are reported per record; neither job nor the Python API
+  is told the small transforms the demo trained at: they come from the checkpoint's training_args.json;
 - jobs/generate.py, for the memorised H&E -> IHC editing instruction, writes the memorised understanding
   text and an image whose sampled latent is close to the target's VAE latent: relative L2 error below
   LATENT_TOL and below half the distance from the target to any other shipped tile's latent.
@@ -34,7 +35,6 @@ from pipelines.imaging.decode import load_image_rgb
 ROOT = Path(__file__).resolve().parents[3]
 IMAGES = EXAMPLES / "images"
 LATENT_TOL = 0.5
-TRANSFORMS = ["--vae_transform", "64,32,16", "--vit_transform", "56,28,14,3136"]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_vqa_cli_answers_the_memorised_prompt(demo_ckpt, tmp_path):
     prompt = rec["message"][0]["value"].split("<image>")[1].strip()   # the text piece the SFT plan trains on
     answer = rec["message"][1]["value"]
     r = _run("vqa.py", "--model_path", demo_ckpt, "--image", IMAGES / rec["input_img"][0]["path"],
-             "--prompt", prompt, "--greedy", *TRANSFORMS[2:])
+             "--prompt", prompt, "--greedy")   # no transform flags: the checkpoint's recorded ones
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == answer
 
@@ -71,7 +71,7 @@ def test_vqa_cli_answers_the_memorised_prompt(demo_ckpt, tmp_path):
     src.write_text("\n".join(lines))
     out = tmp_path / "answers.jsonl"
     r = _run("vqa.py", "--model_path", demo_ckpt, "--input", src, "--output", out, "--data_dir", IMAGES,
-             "--greedy", *TRANSFORMS[2:])
+             "--greedy")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "[vqa] 3/3 records, 2 failed" in r.stderr and "1/3 records done, 2 failed" in r.stdout
     got = [json.loads(x) for x in out.read_text().splitlines()]
@@ -81,13 +81,28 @@ def test_vqa_cli_answers_the_memorised_prompt(demo_ckpt, tmp_path):
     assert "nope.png: no such file" in got[1]["error"] and "JSON" in got[2]["error"] and got[2]["line"] == 3
 
 
+def test_python_api_uses_the_trained_transforms(demo_ckpt):
+    """VQAInferencer / ImageGenerator with only the checkpoint path: the transforms the demo trained at
+    (trainer/tiny_demo.py VAE_ARGS / VIT_ARGS), and the memorised answer."""
+    from model.inference.api import ImageGenerator, VQAInferencer
+    from trainer.tiny_demo import VIT_ARGS
+
+    gen = ImageGenerator(demo_ckpt)
+    assert (gen.vae_transform, gen.vit_transform) == (VAE_ARGS, VIT_ARGS)
+    vqa = VQAInferencer(demo_ckpt, loaded=gen._loaded)
+    assert vqa.vit_transform == VIT_ARGS
+    rec = shipped_record("ct_mr_vqa", 0)
+    prompt = rec["message"][0]["value"].split("<image>")[1].strip()
+    assert vqa.infer_single(IMAGES / rec["input_img"][0]["path"], prompt, do_sample=False) == rec["message"][1]["value"]
+
+
 def test_generate_cli_reproduces_the_memorised_edit(demo_ckpt, tmp_path):
     rec = shipped_record("he_to_ihc_edit", 0)
     instruction = rec["message"][0]["value"].strip()    # edit plans keep the human text verbatim (tag included)
     out, lat = tmp_path / "ihc.png", tmp_path / "ihc_latent.safetensors"
     r = _run("generate.py", "--model_path", demo_ckpt, "--image", IMAGES / rec["input_img"][0]["path"],
              "--instruction", instruction, "--understanding", "turn", "--cfg_text_scale", "1", "--out", out,
-             "--save_latent", lat, "--json", *TRANSFORMS)
+             "--save_latent", lat, "--json")   # VAE 64 / ViT 56 px from the checkpoint's training_args.json
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["understanding"] == rec["message"][1]["value"]          # memorised text, generated first

@@ -125,8 +125,13 @@ def test_merged_export_forward_equals_the_adapted_model(setup, tmp_path):
     info = export_merged(ckpt, tmp_path / "merged")
     merged_dir = Path(info["out"])
     for f in ("model.safetensors", "ema.safetensors", "ae.safetensors", "llm_config.json", "vit_config.json",
-              "merged_from.json"):
+              "merged_from.json", "training_args.json"):
         assert (merged_dir / f).is_file(), f
+    # the export is a released-layout directory that still defaults to the transforms the run trained at
+    from model.inference.defaults import read_defaults
+
+    recorded = json.loads((ckpt / "training_args.json").read_text())["inference"]["vit_transform"]
+    assert read_defaults(merged_dir).vit_transform.max_image_size == recorded["max_image_size"]
     adapted = load_adapted_model(ckpt, merge=False).eval()   # base + EMA adapter, unmerged (peft layers)
     merged = load_model_from_dir(merged_dir).eval()
     assert any(".lora_A." in n for n, _ in adapted.named_parameters())
