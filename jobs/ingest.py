@@ -19,6 +19,7 @@ from dataclasses import asdict
 from datasets_catalog.catalog import CatalogError, load_catalog
 from jobs import prog
 from pipelines.ingest.driver import IngestError, format_summary, run_ingest
+from pipelines.ingest.ray_session import job_path_problem
 from pipelines.imaging.medical import with_keep_dicom_tags
 from pipelines.imaging.medical_hooks import register_medical_imaging
 from pipelines.report.ingest_checks import register_ingest_checks
@@ -76,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.store_pixels:
             catalog = catalog.with_store_pixels()
         only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
+        problem = job_path_problem(args.out if args.out else catalog.output_dir,
+                                   "--out" if args.out else f"the catalog's output_dir ({args.catalog})")
+        if problem:
+            raise IngestError(problem if args.out else problem + " with --out")
         report = run_ingest(catalog, out=args.out, only=only, force=args.force,
                             reference_images=args.reference_images, address=args.address,
                             verify_images=args.verify_images, progress=not args.quiet,
