@@ -66,17 +66,40 @@ def train_func(config: dict) -> None:
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
 
+    logging.getLogger(RAY_TRAIN_ERROR_LOGGER).addFilter(_without_user_errors)
     try:
         train_loop(config["cfg"], reporter=RayReporter(), ray_checkpoint=ray_ckpt, print_fn=echo)
     except Exception as exc:
-        if is_user_error(exc):
-            raise UserError(USER_ERROR_MARK + one_line(exc)) from None
+        cause = user_error_in(exc)
+        if cause is not None:
+            raise UserError(USER_ERROR_MARK + one_line(cause)) from None
         raise
+
+
+# Ray Train logs every exception of the training function with its traceback from this logger; a user
+# error is the one line the driver prints instead (an infrastructure failure keeps its traceback)
+RAY_TRAIN_ERROR_LOGGER = "ray.train.v2._internal.util"
+
+
+def _without_user_errors(record: logging.LogRecord) -> bool:
+    return USER_ERROR_MARK not in record.getMessage()
 
 
 class UserError(RuntimeError):
     """A mistake in the run's inputs found inside a worker: reported once and not retried (restarting the
     worker group cannot fix it; FailureConfig.max_failures is for infrastructure failures)."""
+
+
+def user_error_in(exc: BaseException) -> Optional[BaseException]:
+    """The user error `exc` is or wraps (the batch loader re-raises its worker's error as the cause), or None."""
+    seen: set[int] = set()
+    current: Optional[BaseException] = exc
+    while current is not None and id(current) not in seen:
+        if is_user_error(current):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def is_user_error(exc: BaseException) -> bool:

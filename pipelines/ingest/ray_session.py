@@ -77,6 +77,10 @@ def start_or_join(flag: Optional[str], local: dict[str, Any], join: dict[str, An
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = requested_address(flag)
+    if address == "auto":
+        # Ray's own "auto" falls back to any Ray process it finds on the machine; the cluster `ray start` recorded
+        # is the one meant (docs/cluster.md#which-ray)
+        address = machine_cluster() or address
     if address:
         if not reachable(address, timeout=5.0):
             raise RaySessionError(

@@ -90,3 +90,17 @@ def test_shards_root_is_the_mixtures_shards_else_its_catalogs_output_dir(tmp_pat
         "catalog: ../catalog/radiology.yaml", f"catalog: {ROOT / 'catalog' / 'radiology.yaml'}\nshards: /shared/shards"))
     cfg = resolve_paths(load_config(["--config", str(mix)]))
     assert launch._shards_root(cfg) == "/shared/shards"
+
+
+def test_a_user_error_is_found_under_the_loaders_wrapper():
+    from pipelines.packing.packer import PackingError
+
+    try:
+        try:
+            raise PackingError("no sample of this pack could be decoded")
+        except PackingError as inner:
+            raise RuntimeError(f"batch loader failed: {inner!r}") from inner
+    except RuntimeError as outer:
+        wrapped = outer
+    assert str(launch.user_error_in(wrapped)) == "no sample of this pack could be decoded"
+    assert launch.user_error_in(RuntimeError("gloo: connection reset")) is None
