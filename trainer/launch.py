@@ -1,8 +1,11 @@
 """Ray Train launch: TorchTrainer + ScalingConfig / RunConfig / FailureConfig / CheckpointConfig.
 
 Ray: joins a cluster when `--address` or RAY_ADDRESS is given (`ray job submit` sets it), else starts an
-embedded local Ray with enough logical CPUs that train workers (fractional CPUs on CPU) never starve
-the other Ray work. CPU workers use gloo + DDP; GPU workers NCCL + FSDP2 (trainer.parallel).
+embedded local Ray of its own, also beside a cluster on the machine (pipelines.ingest.ray_session), with
+enough logical CPUs that train workers (fractional CPUs on CPU) never starve the other Ray work. Under
+`ray job submit`, paths inside the job's throw-away working directory are refused before Ray starts. A
+user error inside a worker ends the run at once with one line; other failures get FailureConfig's restarts
+(docs/cluster.md#which-ray). CPU workers use gloo + DDP; GPU workers NCCL + FSDP2 (trainer.parallel).
 Checkpoints are written by the loop straight into the run directory and reported to Ray Train without a
 copy (NO_UPLOAD), so a restarted worker group resumes from exactly the files the loop wrote.
 """

@@ -129,6 +129,7 @@ def job_path_problem(value: str | Path, what: str) -> Optional[str]:
     resolved = (Path.cwd() / path).resolve()
     if path.is_absolute() and not resolved.is_relative_to(root):
         return None
-    return (f"{what} {text} is inside this `ray job submit` job's working directory ({resolved}), which Ray "
+    where = "" if str(resolved) == text else f" ({resolved})"
+    return (f"{what} {text}{where} is inside this `ray job submit` job's working directory, which Ray "
             f"unpacks for this job on one node and deletes afterwards (docs/cluster.md); use a path every node "
             f"sees (an absolute path on a shared filesystem, e.g. /shared/medloom/...) or s3://bucket/prefix")
