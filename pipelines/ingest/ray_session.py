@@ -81,6 +81,11 @@ def start_or_join(flag: Optional[str], local: dict[str, Any], join: dict[str, An
         # Ray's own "auto" falls back to any Ray process it finds on the machine; the cluster `ray start` recorded
         # is the one meant (docs/cluster.md#which-ray)
         address = machine_cluster() or address
+    if address and address.lower().startswith(("http://", "https://")):
+        raise RaySessionError(
+            f"{address!r} (--address or RAY_ADDRESS) is a Ray job server's address, for `ray job submit`; submit "
+            f"this job with `ray job submit --working-dir . -- python jobs/...`, pass the cluster's GCS address "
+            f"(--address HEAD_IP:6379, or auto on a cluster node), or unset RAY_ADDRESS to run on a local Ray")
     if address:
         if not reachable(address, timeout=5.0):
             raise RaySessionError(

@@ -119,3 +119,12 @@ def test_any_relative_path_is_refused_and_any_uri_accepted_in_a_job(tmp_path_fac
         relative = "/".join(parts)
         assert rs.job_path_problem(relative, "x") is not None
         assert rs.job_path_problem(f"{scheme}://bucket/{relative}", "x") is None
+
+
+def test_a_job_server_url_in_ray_address_is_one_line_that_says_how_to_submit(no_ray_env):
+    # the README exports RAY_ADDRESS=http://HEAD_IP:8265 for `ray job submit`; a job run by hand in that
+    # shell must not try to ray.init() a dashboard URL
+    no_ray_env.setenv("RAY_ADDRESS", "http://10.0.0.1:8265")
+    with pytest.raises(rs.RaySessionError) as err:
+        rs.start_or_join(None, local={}, join={})
+    assert "\n" not in str(err.value) and "ray job submit" in str(err.value) and "unset RAY_ADDRESS" in str(err.value)
