@@ -47,8 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "about width x height x 3 bytes more per target on disk. Same as store_pixels: "
                              "true in the catalog (per dataset or top level)")
     parser.add_argument("--address", metavar="ADDR",
-                        help="join a Ray cluster ('auto' or host:port; RAY_ADDRESS works too). "
-                             "Default: start a local Ray for this run")
+                        help="join a Ray cluster ('auto': the one `ray start` started on this machine, or "
+                             "host:port; RAY_ADDRESS works too, and `ray job submit` sets it). Default: a local "
+                             "Ray of this run's own, also when a cluster runs on the machine (docs/cluster.md)")
     parser.add_argument("--verify-images", action="store_true",
                         help="also decode every image fully (slow) to catch corruption inside the pixel data")
     parser.add_argument("--keep-dicom-tags", metavar="KEYWORD,...", default="",
