@@ -152,7 +152,7 @@ def read_and_write_every_byte(workdir: Path, paths: list[str]) -> float:
 def ray_start_stop() -> float:
     """(r): what a fresh `jobs/ingest.py` pays before it touches a record: interpreter, Ray import and start."""
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import ray; ray.init(include_dashboard=False, log_to_driver=False); "
+    subprocess.run([sys.executable, "-c", "import ray; ray.init(address=\"local\", include_dashboard=False, log_to_driver=False); "
                     "ray.shutdown()"], check=True, capture_output=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     return time.perf_counter() - started
 
@@ -211,7 +211,7 @@ def ingest_in_process(workdir: Path) -> tuple[float, float]:
     from pipelines.ingest.driver import run_ingest
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
              object_store_memory=256 * 1024 * 1024,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     try:

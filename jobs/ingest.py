@@ -19,6 +19,7 @@ from dataclasses import asdict
 from datasets_catalog.catalog import CatalogError, load_catalog
 from jobs import prog
 from pipelines.ingest.driver import IngestError, format_summary, run_ingest
+from pipelines.ingest.ray_session import job_path_problem
 from pipelines.imaging.medical import with_keep_dicom_tags
 from pipelines.imaging.medical_hooks import register_medical_imaging
 from pipelines.report.ingest_checks import register_ingest_checks
@@ -46,8 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "about width x height x 3 bytes more per target on disk. Same as store_pixels: "
                              "true in the catalog (per dataset or top level)")
     parser.add_argument("--address", metavar="ADDR",
-                        help="join a Ray cluster ('auto' or host:port; RAY_ADDRESS works too). "
-                             "Default: start a local Ray for this run")
+                        help="join a Ray cluster ('auto': the one `ray start` started on this machine, or "
+                             "host:port; RAY_ADDRESS works too, and `ray job submit` sets it). Default: a local "
+                             "Ray of this run's own, also when a cluster runs on the machine (docs/cluster.md)")
     parser.add_argument("--verify-images", action="store_true",
                         help="also decode every image fully (slow) to catch corruption inside the pixel data")
     parser.add_argument("--keep-dicom-tags", metavar="KEYWORD,...", default="",
@@ -76,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.store_pixels:
             catalog = catalog.with_store_pixels()
         only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
+        problem = job_path_problem(args.out if args.out else catalog.output_dir,
+                                   "--out" if args.out else f"the catalog's output_dir ({args.catalog})")
+        if problem:
+            raise IngestError(problem if args.out else problem + " with --out")
         report = run_ingest(catalog, out=args.out, only=only, force=args.force,
                             reference_images=args.reference_images, address=args.address,
                             verify_images=args.verify_images, progress=not args.quiet,

@@ -55,9 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     if remote is not None:
         print(f"[train] checkpoints go to {remote.display()} (each rank uploads its own files, COMPLETE.json "
               f"last; restarts resume from the newest complete one there); local run dir {cfg.results_dir}")
-    from trainer.launch import launch
+    from trainer.launch import LaunchError, launch
 
-    summary = launch(cfg)
+    try:
+        summary = launch(cfg)
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if as_json:
         print(json.dumps(summary, default=str))
     else:
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[train] error: {summary['error']}", file=sys.stderr)
         elif note:
             print(f"[train] note: {note}")
-    return 1 if summary["error"] else 0
+    return (2 if summary.get("user_error") else 1) if summary["error"] else 0
 
 
 def _topology_note(plan, cfg) -> str:

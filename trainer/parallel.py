@@ -11,6 +11,7 @@ Also: gathering full state dicts for saving, and optimizer state <-> plain local
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -104,7 +105,12 @@ def wrap_ddp(model: nn.Module, freeze_vae: bool) -> Parallel:
 
     device_ids = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else None
     # some micro-batches carry no ViT or no VAE tokens: those experts get no gradient on that rank
-    ddp = DDP(step, device_ids=device_ids, find_unused_parameters=True, broadcast_buffers=False)
+    # broadcast_buffers=False: our buffers are rank-local. Newer torch calls the flag deprecated in favour of
+    # forward_sync_buffers, which still syncs at init (the FutureWarning itself says to keep the old flag for
+    # that), so the warning is silenced here, where it arises, and nowhere else
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*deprecated", category=FutureWarning)
+        ddp = DDP(step, device_ids=device_ids, find_unused_parameters=True, broadcast_buffers=False)
     return Parallel(ddp, model, "ddp", (0, 1) if rank == 0 else None, (0, 1))
 
 

@@ -20,6 +20,7 @@ from typing import Any, Callable, TextIO
 
 from pipelines.ingest.build import DatasetPlan, IngestError
 from pipelines.ingest.chunk import ChunkResult, ChunkTask, failed_chunk
+from pipelines.ingest.ray_session import RaySessionError, requested_address, start_or_join
 
 ROOT = Path(__file__).resolve().parents[2]   # the repository: Ray workers import `pipelines` from here
 ChunkRunner = Callable[[ChunkTask], ChunkResult]   # builds one chunk where its task says; returns its counts
@@ -63,45 +64,25 @@ class Progress:
 
 # -- Ray ------------------------------------------------------------------------------------------------
 
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail fast on a host:port nobody listens on (Ray itself retries for minutes)."""
-    import socket
-
-    target = address.split("://", 1)[-1]
-    if target == "auto" or ":" not in target:
-        return
-    host, _, port = target.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
-    except (OSError, ValueError) as exc:
-        raise IngestError(f"cannot reach the Ray cluster at {address!r} ({exc}); check the address, start one "
-                          f"with `ray start --head`, or drop --address / RAY_ADDRESS to use a local Ray") from None
-
-
 def _ensure_ray(address: str | None, say: Callable[[str], None] = lambda m: None) -> bool:
-    """Use a running Ray if there is one; else join `address`/RAY_ADDRESS or start a local one.
-    Returns True when this call started (and so must stop) Ray."""
+    """Use this process's running Ray if there is one; else join `address`/RAY_ADDRESS or start a local Ray
+    of its own (pipelines.ingest.ray_session). Returns True when this call started (and so must stop) Ray."""
     import ray
 
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}}
-    address = address or os.environ.get("RAY_ADDRESS")
-    say(f"[ingest] joining Ray at {address}" if address else
-        f"[ingest] starting a local Ray ({os.cpu_count() or 2} CPUs; takes a few seconds)")
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING, "runtime_env": env}
-    if address:
-        _check_reachable(address)
-        try:
-            ray.init(address=address, **quiet)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise IngestError(f"cannot join the Ray cluster at {address!r} ({exc}); start one with "
-                              f"`ray start --head`, or drop --address / RAY_ADDRESS to use a local Ray") from None
-    else:
-        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False,
-                 object_store_memory=256 * 1024 * 1024, **quiet)
+    joining = requested_address(address)
+    say(f"[ingest] joining Ray at {joining}" if joining else
+        f"[ingest] starting a local Ray ({os.cpu_count() or 2} CPUs; takes a few seconds)")
+    try:
+        _, note = start_or_join(address, local={"num_cpus": os.cpu_count() or 2, "include_dashboard": False,
+                                                "object_store_memory": 256 * 1024 * 1024, **quiet}, join=quiet)
+    except RaySessionError as exc:
+        raise IngestError(str(exc)) from None
+    if note:
+        say(f"[ingest] note: {note}")
     return True
 
 

@@ -43,8 +43,11 @@ def pids_under(marker: str) -> list[int]:
 class RayNode:
     """One `ray start --block` process (own session, own temp dir, own agent ports) and its log."""
 
-    def __init__(self, args: list[str], env: dict) -> None:
-        self.temp_dir = tempfile.mkdtemp(prefix="raynode_", dir="/tmp")   # short: socket paths are length-limited
+    def __init__(self, args: list[str], env: dict, temp_dir: str | None = None) -> None:
+        # short: socket paths are length-limited. `temp_dir` = <RAY_TMPDIR>/ray makes this node the machine's
+        # "current cluster" (ray_current_cluster) for processes that run with that RAY_TMPDIR only
+        self.temp_dir = temp_dir or tempfile.mkdtemp(prefix="raynode_", dir="/tmp")
+        Path(self.temp_dir).mkdir(parents=True, exist_ok=True)
         self.log = Path(self.temp_dir) / "start.log"
         # own agent / metrics ports: the defaults (52365, ...) may belong to another Ray on this machine
         ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",

@@ -1,110 +1,127 @@
-"""Two Ray nodes on one machine, started with `ray start` as separate processes (2 CPUs each, a custom
-resource each to tell them apart), sharing no disk path for shards: the ingest writes to the localhost S3
-server, the trainer reads its shards from there. The ingest's chunk tasks and the two training workers
-(STRICT_SPREAD: one per node) record the node they ran on; the test checks both nodes did work.
+"""The README's "Running on a cluster" recipe, on one machine: two Ray nodes started with `ray start` as separate
+processes (2 CPUs each, their own temp dirs), the head with the job server, and the jobs sent with
+`ray job submit --working-dir <checkout> -- python jobs/...` exactly as the README shows, shards and
+checkpoints on a shared absolute path. The working dir is a copy of the tracked files whose
+configs/radiology_sft.yaml names the shared shards folder (the one edit the recipe asks for); `shards/` and
+`runs/` are not shipped.
 
-One test, because starting two nodes and a Ray Train fit costs about a minute on 2 cores.
+Checked: a train job with the config's own relative paths (storage_path: runs, shards in the catalog's
+output_dir) is refused in one `error:` line before Ray Train starts; the ingest of the shipped catalog ran
+chunks on both nodes; the two training workers (STRICT_SPREAD: one per node) recorded both node ids, and
+the checkpoint is complete on the shared path.
+
+One test, because two nodes, a job server and three jobs cost about 2-3 minutes on 2 cores.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
-from pipelines.storage import uris as storage
-
-from trainer.checkpoint import remote as checkpoint_remote
-from tests.helpers.ray_nodes import RayNode, free_port, pids_under, stop_nodes
+from tests.helpers.ray_nodes import RayNode, free_port, pids_under, ray_binary, stop_nodes
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(cmd: list[str], env: dict, timeout: float) -> dict:
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-5000:]
-    lines = proc.stdout.splitlines()
-    for i in reversed(range(len(lines))):          # the summary: the last JSON document starting a line
+def _checkout_copy(dest: Path, shards: Path) -> Path:
+    """The tracked files (what `--working-dir .` ships from a clean checkout), with the mixture's shards
+    pointed at the shared folder."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in files.decode().split("\0"):
+        if name and (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    config = dest / "configs" / "radiology_sft.yaml"
+    text = config.read_text()
+    assert "\nshards:" not in text
+    config.write_text(text.replace("seed: 42\n", f"seed: 42\nshards: {shards}\n", 1))
+    return dest
+
+
+def _submit(dashboard: str, workdir: Path, entrypoint: list[str], env: dict, timeout: float,
+            expect_ok: bool = True) -> str:
+    cmd = [ray_binary(), "job", "submit", "--address", dashboard, "--working-dir", str(workdir), "--",
+           *entrypoint]
+    for _ in range(15):   # the job agent registers a little after the dashboard answers
+        proc = subprocess.run(cmd, env=env, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+        out = proc.stdout + proc.stderr
+        if "No available agent" not in out:
+            break
+        time.sleep(2)
+    assert (proc.returncode == 0) is expect_ok, f"$ {' '.join(entrypoint)}\n{out[-6000:]}"
+    return out
+
+
+def _last_json(text: str) -> dict:
+    """The last JSON document that starts a line (the job's `--json` summary; Ray's status lines follow it)."""
+    lines = text.splitlines()
+    for i in reversed(range(len(lines))):
         if lines[i].startswith("{"):
             try:
-                return json.loads("\n".join(lines[i:]))
+                return json.JSONDecoder().raw_decode("\n".join(lines[i:]))[0]
             except ValueError:
                 continue
-    raise AssertionError(f"no JSON summary in the output:\n{out[-5000:]}")
+    raise AssertionError(f"no JSON summary in the job output:\n{text[-5000:]}")
 
 
-def test_two_nodes_ingest_and_train(tmp_path, s3_server):
-    from tests.helpers.shard_factory import make_catalog, tiny, write_config
-
-    bucket = storage.as_path(f"s3://medloom-mn-{uuid.uuid4().hex[:8]}", endpoint=s3_server)
-    bucket.create_bucket()
-    shards = f"s3://{bucket.bucket}/shards"
-    catalog = make_catalog(tmp_path / "data", [tiny("vqa", "sft", rows=16, seed=1),
-                                               tiny("txt", "text_only", rows=8, seed=2)])
-    catalog.write_text(catalog.read_text() + "rows_per_shard: 4\ntokenizer: builtin\n")   # 6 chunk tasks
-    mix = write_config(tmp_path / "mix.yaml", f"""
-catalog: {catalog}
-shards: {shards}
-sft: {{dataset_names: [vqa], weight: 2}}
-text_only: {{dataset_names: [txt], weight: 1}}
-train:
-  model: tiny
-  from_scratch: true
-  visual_gen: false           # VQA + text only: no generation dataset in this mixture
-  warmup_steps: 1
-  log_every: 1
-  expected_num_tokens: 384
-  max_num_tokens: 640
-  max_num_tokens_per_sample: 384
-  prefer_buffer_before: 192
-""")
-    # Every node gets the S3 endpoint and credentials from its environment, as on a real cluster.
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
-    env.update({"RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2", "AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing",
-                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true",
-                "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)})
-    port = free_port()
+def test_readme_cluster_recipe_on_two_nodes(tmp_path):
+    shared = tmp_path / "shared" / "medloom"           # "a filesystem mounted at the same path on every node"
+    shared.mkdir(parents=True)
+    workdir = _checkout_copy(tmp_path / "checkout", shared / "shards")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
+    env.update({"RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2",
+                "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])})
+    port, dash_port = free_port(), free_port()
     address = f"127.0.0.1:{port}"
+    dashboard = f"http://127.0.0.1:{dash_port}"
     nodes: list[RayNode] = []
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 240
         nodes.append(RayNode(["--head", f"--port={port}", "--num-cpus=2", '--resources={"medloom_head": 1}',
-                              "--include-dashboard=false", "--object-store-memory=150000000"], env))
+                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+                              "--object-store-memory=150000000"], env))
         nodes[0].wait_started(deadline)     # sequential starts are faster than parallel ones on 2 cores
         nodes.append(RayNode([f"--address={address}", "--num-cpus=2", '--resources={"medloom_worker": 1}',
                               "--object-store-memory=150000000"], env))
         nodes[1].wait_started(deadline)
 
-        ingest = _run([sys.executable, "jobs/ingest.py", str(catalog), "--out", shards, "--address", address,
-                       "--json", "--quiet"], env, timeout=240)
-        assert ingest["ok"] and [d["status"] for d in ingest["datasets"]] == ["built", "built"]
-        ingest_nodes = set(ingest["nodes"])
-        assert len(ingest_nodes) == 2 and sum(ingest["nodes"].values()) == 6, ingest["nodes"]
-        assert storage.is_complete(bucket / "shards" / "vqa", "_manifest.json")
+        train = ["python", "jobs/train.py", "--config", "configs/radiology_sft.yaml", "--num_workers", "2",
+                 "--placement_strategy", "STRICT_SPREAD", "--total_steps", "2", "--warmup_steps", "1",
+                 "--save_every", "2", "--dataloader_workers", "0", "--json"]
+        # the config's storage_path (runs) and, without the edit, the catalog's shards folder would live in
+        # the job's unpacked working dir: refused in one line before any worker starts
+        (workdir / "configs" / "relative.yaml").write_text(
+            (ROOT / "configs" / "radiology_sft.yaml").read_text())
+        refused = _submit(dashboard, workdir, [*train[:3], "configs/relative.yaml", *train[4:]], env, 120,
+                          expect_ok=False)
+        # (`ray job submit` shows the job's output twice: streamed, then in the failed job's status message)
+        errors = sorted({line for line in refused.splitlines() if line.startswith("error:")})
+        assert len(errors) == 1 and "Traceback" not in refused, refused[-4000:]
+        assert "--storage_path" in errors[0] and "shards folder" in errors[0] and "s3://" in errors[0]
 
-        # checkpoints to S3 too: the run directory stays local ($MEDLOOM_LOCAL_RUNS), complete checkpoints
-        # are mirrored to s3://.../runs/mix/checkpoints with COMPLETE.json last
-        runs = tmp_path / "runs"
-        summary = _run([sys.executable, "jobs/train.py", "--config", str(mix), "--address", address,
-                        "--num_workers", "2", "--placement_strategy", "STRICT_SPREAD",
-                        "--storage_path", f"s3://{bucket.bucket}/runs", "--total_steps", "2", "--save_every", "2",
-                        "--dataloader_workers", "0", "--json"], {**env, "MEDLOOM_LOCAL_RUNS": str(runs)},
-                       timeout=400)
+        out = _submit(dashboard, workdir, ["python", "jobs/ingest.py", "catalog/radiology.yaml", "--out",
+                                           str(shared / "shards"), "--json", "--quiet"], env, 300)
+        ingest = _last_json(out)
+        assert ingest["ok"] and {d["status"] for d in ingest["datasets"]} == {"built"}, ingest
+        assert len(ingest["nodes"]) == 2, ingest["nodes"]            # chunks ran on both nodes
+        assert (shared / "shards" / "ct_mr_vqa" / "_manifest.json").is_file()
+
+        out = _submit(dashboard, workdir, [*train, "--storage_path", str(shared / "runs")], env, 500)
+        summary = _last_json(out)
         assert summary["error"] is None and summary["metrics"]["step"] == 2, summary
-        remote = bucket / "runs" / "mix" / "checkpoints"
-        assert summary["remote_checkpoint_dir"] == remote.display()
-        assert checkpoint_remote.newest_remote_complete(remote) == remote / "0000002"
-        workers = [json.loads(line) for line in (runs / "mix" / "workers.jsonl").read_text().splitlines()]
+        assert "Traceback" not in out and "FutureWarning" not in out, out[-5000:]
+        run = shared / "runs" / "radiology_sft"
+        assert (run / "checkpoints" / "0000002" / "COMPLETE.json").is_file()
+        workers = [json.loads(line) for line in (run / "workers.jsonl").read_text().splitlines()]
         assert sorted(w["rank"] for w in workers) == [0, 1]
-        train_nodes = {w["node_id"] for w in workers}
-        assert len(train_nodes) == 2 and train_nodes == ingest_nodes    # one worker on each of the two nodes
+        assert {w["node_id"] for w in workers} == set(ingest["nodes"])   # one worker on each node
     finally:
         stop_nodes(nodes)
     for node in nodes:
