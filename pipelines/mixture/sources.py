@@ -80,6 +80,10 @@ class ResolvedMixture:
     notes: list[str]
 
 
+class _NoShards(MixtureConfigError):
+    """A dataset of the catalog that has not been ingested into the shards folder yet."""
+
+
 def _manifest_transforms(manifest: dict) -> tuple[ImageTransformArgs | None, ImageTransformArgs | None]:
     t = manifest.get("transforms") or {}
     vae = t.get("image_transform_args") or t.get("vae")
@@ -107,7 +111,7 @@ def _load_dataset(name: str, group: GroupConfig, catalog: Catalog, shards_dir: P
     folder = shards_dir / name
     manifest_path = folder / "_manifest.json"
     if not manifest_path.is_file():
-        raise MixtureConfigError(
+        raise _NoShards(
             f"{where}: no shards for dataset {name!r} in {folder} yet. Run: python jobs/ingest.py "
             f"{catalog.path} --only {name}" + (f" --out {shards_dir}" if shards_dir != catalog.output_dir else ""))
     try:
@@ -204,8 +208,10 @@ def resolve_sources(cfg: MixtureConfig) -> ResolvedMixture:
     except CatalogError as exc:
         raise MixtureConfigError(str(exc)) from None
     shards_dir = cfg.shards or catalog.output_dir
+    folder_missing = isinstance(shards_dir, Path) and not shards_dir.exists()
     notes: list[str] = []
     problems: list[str] = []
+    unbuilt: list[str] = []
     loaded: dict[str, DatasetSource | None] = {}
     failed: set[str] = set()
     groups = []
@@ -218,6 +224,11 @@ def resolve_sources(cfg: MixtureConfig) -> ResolvedMixture:
                 if use.name not in failed:
                     try:
                         loaded[cache_key] = _load_dataset(use.name, gc, catalog, shards_dir, cfg, notes)
+                    except _NoShards as exc:
+                        failed.add(use.name)
+                        unbuilt.append(use.name)
+                        if not folder_missing:
+                            problems.append(str(exc))
                     except MixtureConfigError as exc:
                         problems.extend(exc.problems)
                         failed.add(use.name)
@@ -235,6 +246,11 @@ def resolve_sources(cfg: MixtureConfig) -> ResolvedMixture:
                             f"{', '.join(u.name for u in gc.datasets)} are empty or num_used_data "
                             f"selects nothing); give it weight 0 (in every stage too) or fix num_used_data")
         groups.append(group)
+    if folder_missing and unbuilt:   # one line for the folder, not one per dataset
+        out = f" --out {shards_dir}" if shards_dir != catalog.output_dir else ""
+        problems.insert(0, f"{cfg.path or '<mixture config>'}: no shards yet: the shards folder {shards_dir} does "
+                           f"not exist. Run: python jobs/ingest.py {catalog.path} --only {','.join(unbuilt)}{out} "
+                           f"(or name the folder the ingest wrote with --shards or a shards: key)")
     if problems:
         raise MixtureConfigError.of(problems)
     return ResolvedMixture(cfg, catalog, shards_dir, groups, notes)

@@ -148,3 +148,14 @@ def test_catalog_key_wins_over_the_search_and_flags_win_over_the_key(project, tm
     other = tmp_path / "other.yaml"
     flagged = cfg.with_locations(catalog=other, shards="s", base=tmp_path)
     assert (flagged.catalog, flagged.shards, flagged.catalog_from) == (other, tmp_path / "s", "--catalog")
+
+
+def test_a_missing_shards_folder_is_one_line_next_to_the_other_problems(tmp_path):
+    catalog = make_catalog(tmp_path, [tiny("vqa", "sft", 16), tiny("txt", "text_only", 12)])
+    cfg = MixtureConfig.from_yaml(write_config(tmp_path / "m.yaml", UPSTREAM.replace("[txt]", "[txtt]")))
+    problems = check_mixture(cfg.with_locations(catalog=catalog, shards=tmp_path / "nowhere"))
+    assert len(problems) == 2
+    assert problems[0] == (f"{tmp_path / 'm.yaml'}: no shards yet: the shards folder {tmp_path / 'nowhere'} does not "
+                           f"exist. Run: python jobs/ingest.py {catalog} --only vqa --out {tmp_path / 'nowhere'} (or "
+                           f"name the folder the ingest wrote with --shards or a shards: key)")
+    assert "names dataset 'txtt', which is not in the catalog" in problems[1]
