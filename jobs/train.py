@@ -106,7 +106,7 @@ def preflight(cfg) -> tuple[list[str], object, object]:
         from trainer.evaluation import EvalConfigError, check_eval_section
 
         try:
-            check_eval_section(cfg.mixture_path)
+            check_eval_section(cfg.mixture_path, cfg.data.catalog, cfg.data.shards)
         except (EvalConfigError, MixtureConfigError) as exc:
             problems.append(str(exc))
     plan = None

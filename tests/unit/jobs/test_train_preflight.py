@@ -113,3 +113,15 @@ def test_cpu_refusal_names_train_values_that_fit(tmp_path):
     assert cpu_memory_refusal(cfg, print_fn=lines.append, available=int(need * 1.01)) is None
     cfg.run.check_memory = False
     assert cpu_memory_refusal(cfg, print_fn=lines.append, available=1) is None
+
+
+def test_a_truncated_eval_shard_is_named_before_the_run(tmp_path):
+    catalog = make_catalog(tmp_path, [tiny("vqa", "sft", 16, seed=1), tiny("gen", "t2i", 8, seed=2),
+                                      tiny("held_out", "sft", 8, seed=3)])
+    part = sorted((tmp_path / "shards" / "held_out").glob("part-*.parquet"))[0]
+    part.write_bytes(part.read_bytes()[:100])
+    mix = write_config(tmp_path / "mix.yaml", f"catalog: {catalog}\n{UPSTREAM}eval: {{datasets: [held_out], every: 5}}\n")
+    cfg = resolve_paths(load_config(["--config", str(mix), "--storage_path", str(tmp_path / "runs"), *SMALL]))
+    problems, _, _ = train_job.preflight(cfg)
+    assert len(problems) == 1 and problems[0].startswith(f"{part}: shard file is unreadable (")
+    assert "re-run the ingest with --force --only held_out" in problems[0]
