@@ -161,16 +161,19 @@ def scan_dataset(folder: Path, collect_refs: list[ImageRef] | None = None) -> Da
     stats.task = manifest.get("task")
     stats.rejects = _read_rejects(folder)
     listed = [folder / str(s.get("file")) for s in manifest.get("shards") or [] if isinstance(s, dict)]
+    catalog = manifest.get("catalog")   # the catalog the ingest read: named in the command that rebuilds
     for path in listed:
         if not path.is_file():
-            raise ShardReadError(path, "shard file listed in _manifest.json is missing")
+            raise ShardReadError(path, "shard file listed in _manifest.json is missing", catalog)
     stats.files = sorted(set(folder.glob("part-*.parquet")) | set(listed))
     for path in stats.files:
-        pf = open_shard(path)
         try:
+            pf = open_shard(path)
             table = pf.read(columns=_projected_columns(pf, IMAGE_FIELDS))
+        except ShardReadError as exc:
+            raise ShardReadError(path, exc.problem, catalog) from None
         except (OSError, ValueError, pa.ArrowException) as exc:
-            raise ShardReadError(path, shard_problem(exc)) from None
+            raise ShardReadError(path, shard_problem(exc), catalog) from None
         cols = {name: table.column(name).to_pylist() for name in table.column_names}
         n = table.num_rows
         stats.rows += n

@@ -25,11 +25,11 @@ class ShardReadError(ValueError):
     """A shard file that is missing or does not read as Parquet (truncated, overwritten, not Parquet). `str()`
     names the file and says how to rebuild it; `dataset` is the shard folder's name (the ingest's --only)."""
 
-    def __init__(self, path: Any, problem: str) -> None:
+    def __init__(self, path: Any, problem: str, catalog: Any = None) -> None:
         self.path, self.problem = str(path), problem
         self.dataset = PurePosixPath(self.path.rstrip("/")).parent.name
         super().__init__(f"{self.path}: {problem}; re-run the ingest with --force --only {self.dataset} "
-                         f"(python jobs/ingest.py CATALOG --force --only {self.dataset})")
+                         f"(python jobs/ingest.py {catalog or 'CATALOG'} --force --only {self.dataset})")
 
 
 def shard_problem(exc: BaseException) -> str:

@@ -4,6 +4,7 @@ together; and a truncated shard is one `error:` line naming the file from plan.p
 train.py alike."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -109,11 +110,13 @@ def test_truncated_shard_is_one_line_naming_the_file(truncated, job):
 
 
 def test_missing_shard_file_is_named_by_report(tmp_path):
-    make_catalog(tmp_path, [tiny("chest_vqa", "sft", 40)])
+    catalog = make_catalog(tmp_path, [tiny("chest_vqa", "sft", 40)])
+    manifest = tmp_path / "shards" / "chest_vqa" / "_manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "catalog": str(catalog)}))  # as ingest writes
     part = sorted((tmp_path / "shards" / "chest_vqa").glob("part-*.parquet"))[-1]
     part.unlink()
     proc = run(["jobs/report.py", str(tmp_path / "shards"), "--out", str(tmp_path / "r.html")])
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"error: {part}: shard file listed in _manifest.json is missing; re-run the "
-                                   f"ingest with --force --only chest_vqa (python jobs/ingest.py CATALOG --force "
+                                   f"ingest with --force --only chest_vqa (python jobs/ingest.py {catalog} --force "
                                    f"--only chest_vqa)")
