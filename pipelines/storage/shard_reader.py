@@ -30,6 +30,10 @@ class ShardReadError(ValueError):
         self.dataset = PurePosixPath(self.path.rstrip("/")).parent.name
         super().__init__(f"{self.path}: {problem}; re-run the ingest with --force --only {self.dataset} "
                          f"(python jobs/ingest.py {catalog or 'CATALOG'} --force --only {self.dataset})")
+        self.catalog = catalog
+
+    def __reduce__(self):   # raised in loader processes: crosses a process boundary whole
+        return type(self), (self.path, self.problem, self.catalog)
 
 
 def shard_problem(exc: BaseException) -> str:
