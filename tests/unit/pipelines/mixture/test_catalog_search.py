@@ -159,3 +159,14 @@ def test_a_missing_shards_folder_is_one_line_next_to_the_other_problems(tmp_path
                            f"exist. Run: python jobs/ingest.py {catalog} --only vqa --out {tmp_path / 'nowhere'} (or "
                            f"name the folder the ingest wrote with --shards or a shards: key)")
     assert "names dataset 'txtt', which is not in the catalog" in problems[1]
+
+
+def test_stream_names_the_catalog_it_found_on_stderr(project, monkeypatch, capsys):
+    from jobs import stream as stream_job
+
+    root, catalog, upstream = project
+    monkeypatch.chdir(root)
+    assert stream_job.main([str(upstream), "--take", "1", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"catalog {catalog} (found by dataset names in {root / 'catalog'}/*.yaml)"
+    assert captured.out.count("\n") == 1 and '"samples"' in captured.out      # stdout stays one JSON line per pack
