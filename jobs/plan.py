@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Dry-run a mixture config from shard metadata only (no image decoding).
 
-    python jobs/plan.py CONFIG [--steps N] [--world-size W] [--num-workers K] [--seed S] [--json]
+    python jobs/plan.py CONFIG [--catalog CAT] [--shards DIR] [--steps N] [--world-size W] [--num-workers K] [--json]
 
 Prints, per group and per dataset, the realised share in samples and in tokens, the passes over each
 dataset in N steps, the mean packing efficiency and the samples that can never fit. Exit status 2 for a
-config, catalog or usage error (one message, no traceback).
+config, catalog, shard or usage error: one `error:` line per problem, all problems at once, no traceback
+(the same preflight jobs/train.py runs before starting Ray: pipelines.mixture.sources.check_mixture).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import sys
 
 from datasets_catalog.catalog import CatalogError
 from jobs import prog
-from pipelines.mixture.config import MixtureConfig, MixtureConfigError
+from pipelines.mixture.config import MixtureConfig, MixtureConfigError, add_location_flags, print_problems
 from pipelines.mixture.dry_run import packing_from_config, plan_mixture
 
 
@@ -28,6 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "that can never fit. Packing settings come from the config's train: section unless given.",
         epilog="Example: python jobs/plan.py configs/radiology_sft.yaml --steps 200 --world-size 2 --json")
     p.add_argument("config", help="mixture config YAML (upstream dataset YAML, see docs/mixture.md)")
+    add_location_flags(p)
     p.add_argument("--steps", type=int, help="packs per rank and loader worker to simulate (default 100; with "
                                               "stages: enough packs to reach the last stage's until_step)")
     p.add_argument("--world-size", type=int, help="number of ranks (default: the config's train: num_workers, "
@@ -51,7 +53,8 @@ def _train_int(cfg: MixtureConfig, key: str, default: int) -> int:
 
 
 def format_report(r: dict) -> str:
-    lines = [f"mixture {r['config']}  ({r['steps']} steps x {r['world_size']} rank(s) x {r['num_workers']} "
+    lines = [f"catalog {r['catalog']} ({r['catalog_from']}); shards {r['shards']}",
+             f"mixture {r['config']}  ({r['steps']} steps x {r['world_size']} rank(s) x {r['num_workers']} "
              f"worker(s) = {r['packs']} packs, seed {r['seed']}, weights in {r['weight_unit']})",
              f"world size {r['world_size']} ({r['world_size_from']}), loader workers per rank "
              f"{r['num_workers']} ({r['num_workers_from']}), gradient accumulation "
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --steps, --world-size and --num-workers must be at least 1", file=sys.stderr)
         return 2
     try:
-        cfg = MixtureConfig.from_yaml(args.config)
+        cfg = MixtureConfig.from_yaml(args.config).with_locations(args.catalog, args.shards)
         world_size = args.world_size or max(1, _train_int(cfg, "num_workers", 1))
         num_workers = args.num_workers or max(1, _train_int(cfg, "dataloader_workers", 1))
         grad_accum = max(1, _train_int(cfg, "gradient_accumulation_steps", 1))
@@ -99,12 +102,13 @@ def main(argv: list[str] | None = None) -> int:
                                       max_num_tokens=args.max_num_tokens,
                                       max_num_tokens_per_sample=args.max_num_tokens_per_sample)
         report = plan_mixture(cfg, packing, steps, world_size, num_workers, args.seed, args.epoch, grad_accum)
+        report["catalog_from"] = cfg.catalog_from
         for key, arg, train_key in (("world_size", args.world_size, "num_workers"),
                                     ("num_workers", args.num_workers, "dataloader_workers")):
             report[f"{key}_from"] = ("--" + key.replace("_", "-") if arg is not None else
                                      f"train: {train_key}" if train_key in cfg.train else "default")
     except (MixtureConfigError, CatalogError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_problems(exc)
         return 2
     print(json.dumps(report, sort_keys=False) if args.json else format_report(report))
     return 0

@@ -4,7 +4,8 @@
 Writes one self-contained HTML page (plots embedded as PNG) with rows per dataset and modality, reject
 reasons, image size / aspect / token / text-length distributions, thumbnails decoded as the trainer sees
 them, and duplicate images by content hash with train/validation leakage listed first.
-Exit codes: 0 ok, 1 leakage found with --strict, 2 usage error (e.g. no such folder).
+Exit codes: 0 ok, 1 leakage found with --strict, 2 usage error (e.g. no such folder) or a missing or
+unreadable shard file (one `error:` line naming it and the ingest command that rebuilds it).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from jobs import prog
 from pipelines.report.quality import write_report
+from pipelines.storage.shard_reader import ShardReadError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or (args.shards_dir / "report.html")
     only = [n for n in args.only.split(",") if n] or None
-    report = write_report(args.shards_dir, out, seed=args.seed, thumbnails=max(0, args.thumbnails), only=only)
+    try:
+        report = write_report(args.shards_dir, out, seed=args.seed, thumbnails=max(0, args.thumbnails), only=only)
+    except ShardReadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps({**report.summary(), "report": str(out)}, indent=2))
     else:

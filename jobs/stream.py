@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """Print the sample ids of the next N packed sequences one rank would train on (metadata only).
 
-    python jobs/stream.py CONFIG --rank R --world-size W [--take N] [--state-in F ...] [--state-out F] [--json]
+    python jobs/stream.py CONFIG [--catalog CAT] [--shards DIR] --rank R --world-size W [--take N] [--state-in F ...]
+                          [--state-out F] [--json]
 
 For debugging determinism and resume: `--state-out` saves the stream's position after the N packs, and
 `--state-in` continues from it (give the states of all ranks of an earlier run to continue with another
-world size). Exit status 2 for a config, state or usage error (one message, no traceback).
+world size). Exit status 2 for a config, shard, state or usage error (one `error:` line per problem, no
+traceback). A catalog chosen by --catalog or by the catalog/*.yaml search is named on stderr.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from pathlib import Path
 from datasets_catalog.catalog import CatalogError
 from jobs import prog
 from pipelines.mixture.stream import MixtureStream, StreamStateError
-from pipelines.mixture.config import MixtureConfig, MixtureConfigError
+from pipelines.mixture.config import MixtureConfig, MixtureConfigError, add_location_flags, print_problems
 from pipelines.mixture.dry_run import packing_from_config, tokenizer_for
 from pipelines.mixture.sources import resolve_sources
 
@@ -33,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                "--state-out /tmp/r0.json; then --state-in /tmp/r0.json continues. To change the world size, "
                "pass every old rank's state: --state-in /tmp/r0.json /tmp/r1.json")
     p.add_argument("config", help="mixture config YAML (see docs/mixture.md)")
+    add_location_flags(p)
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--world-size", type=int, default=1)
     p.add_argument("--worker-id", type=int, default=0, help="loader worker of this rank (default 0)")
@@ -63,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR)   # no-op where logging is set up already
     args = parse_args(argv)
     try:
-        cfg = MixtureConfig.from_yaml(args.config)
+        cfg = MixtureConfig.from_yaml(args.config).with_locations(args.catalog, args.shards)
         resolved = resolve_sources(cfg)
+        if cfg.catalog_from != "catalog: key":
+            print(f"catalog {resolved.catalog.path} ({cfg.catalog_from})", file=sys.stderr)
         grad_accum = cfg.train.get("gradient_accumulation_steps", 1)
         if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
             raise MixtureConfigError(f"{args.config}: train: gradient_accumulation_steps must be a whole number "
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(tmp).write_text(json.dumps(stream.state_dict()))
             os.replace(tmp, args.state_out)
     except (MixtureConfigError, CatalogError, StreamStateError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_problems(exc)
         return 2
     return 0
 

@@ -24,7 +24,12 @@ MODEL_PRESETS = ("tiny", "7b")
 
 
 class ConfigError(ValueError):
-    """A user mistake in the configuration; the message says what to change."""
+    """A user mistake in the configuration; the message says what to change. `problems` holds one line per
+    mistake when `validate` found several (jobs/train.py prints each as its own `error:` line)."""
+
+    def __init__(self, message: str, problems: Optional[list[str]] = None) -> None:
+        self.problems = list(problems) if problems else [message]
+        super().__init__(message)
 
 
 def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
@@ -58,6 +63,10 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     dataset_config_file: Optional[str] = _f(None, "mixture YAML (default: the --config file)")
+    catalog: Optional[str] = _f(None, "catalog YAML (wins over the mixture's catalog: key; default: that key, else "
+                                      "the one of catalog/*.yaml that lists every dataset name)")
+    shards: Optional[str] = _f(None, "shard folder or s3://bucket/prefix (wins over the mixture's shards: key; "
+                                     "default: that key, else the catalog's output_dir)")
     prefetch_factor: int = _f(2, "packed batches loaded ahead of compute")
     dataloader_workers: int = _f(1, "background loader processes per Ray worker (0 = a thread); "
                                      "upstream's DataArguments.num_workers")
@@ -397,18 +406,28 @@ def _kind_names(fact: str) -> str:
 
 def validate(cfg: TrainConfig, generation_groups: Optional[list[str]] = None,
              mandatory: Optional[dict[str, bool]] = None) -> None:
-    """Refuse unsafe or contradictory settings. `generation_groups`: mixture groups with noised VAE targets;
-    `mandatory`: {"vit": bool, "gen": bool} coverage by mandatory groups (None = mixture not inspected)."""
+    """Refuse unsafe or contradictory settings, all of them at once (one ConfigError whose `problems` lists
+    each). `generation_groups`: mixture groups with noised VAE targets; `mandatory`: {"vit": bool, "gen":
+    bool} coverage by mandatory groups (None = mixture not inspected)."""
+    problems = _problems(cfg, generation_groups, mandatory)
+    if problems:
+        raise ConfigError(problems[0] if len(problems) == 1 else "\n".join(problems), problems)
+
+
+def _problems(cfg: TrainConfig, generation_groups: Optional[list[str]],
+              mandatory: Optional[dict[str, bool]]) -> list[str]:
     t, m, d, r = cfg.train, cfg.model, cfg.data, cfg.run
+    problems: list[str] = []
+    bad = problems.append
     if r.placement_strategy not in ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"):
-        raise ConfigError(f"placement_strategy must be PACK, SPREAD, STRICT_SPREAD or STRICT_PACK, got "
+        bad(f"placement_strategy must be PACK, SPREAD, STRICT_SPREAD or STRICT_PACK, got "
                           f"{r.placement_strategy!r}")
     if not cfg.mixture_path:
-        raise ConfigError("no dataset mixture: pass --config CONFIG.yaml (or --dataset_config_file)")
+        bad("no dataset mixture: pass --config CONFIG.yaml (or --dataset_config_file)")
     if t.total_steps < 1:
-        raise ConfigError(f"total_steps must be >= 1, got {t.total_steps}")
+        bad(f"total_steps must be >= 1, got {t.total_steps}")
     if t.warmup_steps < 0 or t.warmup_steps > t.total_steps:
-        raise ConfigError(
+        bad(
             f"warmup_steps ({t.warmup_steps}) is longer than training (total_steps {t.total_steps}): the LR would "
             f"only reach {t.lr * t.total_steps / max(t.warmup_steps, 1):.3g} of lr={t.lr} (upstream's train_example.sh "
             f"pitfall). "
@@ -416,52 +435,55 @@ def validate(cfg: TrainConfig, generation_groups: Optional[list[str]] = None,
     for name in ("log_every", "save_every", "max_checkpoints", "gradient_accumulation_steps", "num_workers",
                  "prefetch_factor", "num_replicate"):
         if cfg.get(name) < 1:
-            raise ConfigError(f"{name} must be >= 1, got {cfg.get(name)}")
+            bad(f"{name} must be >= 1, got {cfg.get(name)}")
     if d.dataloader_workers < 0:
-        raise ConfigError(f"dataloader_workers must be >= 0, got {d.dataloader_workers}")
+        bad(f"dataloader_workers must be >= 0, got {d.dataloader_workers}")
     if d.dataloader_threads < 0:
-        raise ConfigError(f"dataloader_threads must be >= 0, got {d.dataloader_threads}")
+        bad(f"dataloader_threads must be >= 0, got {d.dataloader_threads}")
     if t.stop_at_step is not None and not 1 <= t.stop_at_step <= t.total_steps:
-        raise ConfigError(f"stop_at_step must be in [1, total_steps={t.total_steps}], got {t.stop_at_step}")
+        bad(f"stop_at_step must be in [1, total_steps={t.total_steps}], got {t.stop_at_step}")
     if not 0.0 <= t.ema <= 1.0:
-        raise ConfigError(f"ema (decay) must be in [0, 1], got {t.ema}")
+        bad(f"ema (decay) must be in [0, 1], got {t.ema}")
     if t.lr_scheduler not in VALID_SCHEDULERS:
-        raise ConfigError(f"lr_scheduler must be one of {', '.join(VALID_SCHEDULERS)}, got {t.lr_scheduler!r}")
+        bad(f"lr_scheduler must be one of {', '.join(VALID_SCHEDULERS)}, got {t.lr_scheduler!r}")
     if t.lr_scheduler == "cosine" and t.min_lr > t.lr:
-        raise ConfigError(f"min_lr ({t.min_lr}) must not exceed lr ({t.lr})")
+        bad(f"min_lr ({t.min_lr}) must not exceed lr ({t.lr})")
     if m.layer_module not in VALID_LAYER_MODULES:
-        raise ConfigError(f"layer_module must be one of {', '.join(VALID_LAYER_MODULES)}, got {m.layer_module!r} "
+        bad(f"layer_module must be one of {', '.join(VALID_LAYER_MODULES)}, got {m.layer_module!r} "
                           f"(UniMedVL's default 'Qwen2MoTDecoderLayer_with_hidden_outputs' is not a valid key)")
     if r.parallelism not in ("auto", "ddp", "fsdp"):
-        raise ConfigError(f"parallelism must be auto, ddp or fsdp, got {r.parallelism!r}")
+        bad(f"parallelism must be auto, ddp or fsdp, got {r.parallelism!r}")
     if t.sharding_strategy not in VALID_SHARDING:
-        raise ConfigError(f"sharding_strategy must be one of {', '.join(VALID_SHARDING)}, got {t.sharding_strategy!r}")
+        bad(f"sharding_strategy must be one of {', '.join(VALID_SHARDING)}, got {t.sharding_strategy!r}")
     if m.model is not None and m.model not in MODEL_PRESETS:
-        raise ConfigError(f"--model must be one of {', '.join(MODEL_PRESETS)}, got {m.model!r}")
+        bad(f"--model must be one of {', '.join(MODEL_PRESETS)}, got {m.model!r}")
     if m.model is None and m.model_path is None:
-        raise ConfigError("no model: pass --model tiny|7b (architecture preset) or --model_path CHECKPOINT_DIR")
+        bad("no model: pass --model tiny|7b (architecture preset) or --model_path CHECKPOINT_DIR")
     if m.model is not None and m.model_path is not None:
-        raise ConfigError("pass either --model (a preset) or --model_path (a checkpoint), not both")
+        bad("pass either --model (a preset) or --model_path (a checkpoint), not both")
     if m.llm_path or m.vit_path:
-        raise ConfigError("llm_path / vit_path (loading raw Qwen2 / SigLIP weights) are not supported: convert them "
+        bad("llm_path / vit_path (loading raw Qwen2 / SigLIP weights) are not supported: convert them "
                           "into a checkpoint directory and pass --model_path")
     if t.finetuning_type not in ("full", "freeze", "lora"):
-        raise ConfigError(f"finetuning_type must be full, freeze or lora, got {t.finetuning_type!r}")
+        bad(f"finetuning_type must be full, freeze or lora, got {t.finetuning_type!r}")
     if t.finetuning_type == "lora":
-        _validate_lora(cfg)
+        try:
+            _validate_lora(cfg)
+        except ConfigError as exc:
+            bad(str(exc))
     if not t.visual_und and not t.visual_gen:
-        raise ConfigError("visual_und and visual_gen are both False: nothing to train on images; enable one")
+        bad("visual_und and visual_gen are both False: nothing to train on images; enable one")
     if t.finetune_from_hf and not m.model_path:
-        raise ConfigError("finetune_from_hf needs --model_path (the HF checkpoint directory to fine-tune)")
+        bad("finetune_from_hf needs --model_path (the HF checkpoint directory to fine-tune)")
     has_weights = bool(m.model_path) or bool(t.resume_from)
     if not has_weights and not t.from_scratch:
-        raise ConfigError(
+        bad(
             "no weights to fine-tune from: pass --model_path CHECKPOINT_DIR or --resume_from CHECKPOINT_DIR, "
             "or --from_scratch True to train from random init on purpose (upstream silently did the latter)")
     if t.from_scratch and has_weights:
-        raise ConfigError("--from_scratch contradicts --model_path/--resume_from (weights would be loaded)")
+        bad("--from_scratch contradicts --model_path/--resume_from (weights would be loaded)")
     if t.visual_gen and generation_groups is not None and not generation_groups:
-        raise ConfigError(
+        bad(
             f"visual_gen is True but the mixture has no generation dataset ({_kind_names('generation')}): "
             "every batch would lack MSE targets and ranks would skip collectives. Add one, "
             "or pass --visual_gen False")
@@ -472,19 +494,20 @@ def validate(cfg: TrainConfig, generation_groups: Optional[list[str]] = None,
             what = {"vit": "an image-understanding group whose samples always carry ViT tokens "
                            f"({_kind_names('always_vit')})",
                     "gen": f"a generation group ({_kind_names('generation')})"}
-            raise ConfigError(
+            bad(
                 f"FSDP over {r.num_workers} ranks needs every rank to run the same units in every step, so each "
                 f"pack must contain {' and '.join(what[k] for k in need)}: mark such a group `is_mandatory: true` "
                 f"in the mixture (UniMedVL's TRAINING.md rule), or use --parallelism ddp")
-    if r.use_gpu and t.sharding_strategy == "HYBRID_SHARD":
+    if r.use_gpu and t.sharding_strategy == "HYBRID_SHARD" and t.num_replicate >= 1:
         shard = t.num_shard or max(1, r.num_workers // t.num_replicate)
         if t.num_replicate * shard != r.num_workers:
-            raise ConfigError(f"HYBRID_SHARD needs num_replicate ({t.num_replicate}) x num_shard ({shard}) == "
+            bad(f"HYBRID_SHARD needs num_replicate ({t.num_replicate}) x num_shard ({shard}) == "
                               f"num_workers ({r.num_workers})")
+    return problems
 
 
-PATH_ARGS = ("config", "dataset_config_file", "model_path", "resume_from", "vae_path", "storage_path",
-             "results_dir", "checkpoint_dir")
+PATH_ARGS = ("config", "dataset_config_file", "catalog", "shards", "model_path", "resume_from", "vae_path",
+             "storage_path", "results_dir", "checkpoint_dir")
 
 
 def resolve_paths(cfg: TrainConfig, base: Optional[Path] = None) -> TrainConfig:

@@ -89,9 +89,12 @@ class StreamFactory:
             yield batch
 
 
-def load_mixture(mixture: MixtureConfig | str) -> MixtureConfig:
-    """The parsed mixture config: a path is read (once per run: pass the result on), a config is kept."""
-    return mixture if isinstance(mixture, MixtureConfig) else MixtureConfig.from_yaml(mixture)
+def load_mixture(mixture: MixtureConfig | str, catalog: Optional[str] = None,
+                 shards: Optional[str] = None) -> MixtureConfig:
+    """The parsed mixture config: a path is read (once per run: pass the result on), a config is kept. The
+    run's --catalog / --shards (absolute after trainer.config.resolve_paths) win over the YAML's keys."""
+    cfg = mixture if isinstance(mixture, MixtureConfig) else MixtureConfig.from_yaml(mixture)
+    return cfg.with_locations(catalog, shards) if catalog or shards else cfg
 
 
 def generation_groups(mixture: MixtureConfig | str) -> list[str]:

@@ -97,14 +97,15 @@ def select_rows(rows: list[dict], samples: int, seed: int) -> list[dict]:
     return [ordered[i] for i in picked]
 
 
-def load_eval_rows(mixture_path: Path, names: list[str]) -> dict[str, tuple[list[dict], Optional[str], str]]:
+def load_eval_rows(mixture_path: Path, names: list[str], catalog: Optional[str] = None,
+                   shards: Optional[str] = None) -> dict[str, tuple[list[dict], Optional[str], str]]:
     """{dataset: (shard rows, data_dir, task)} from the shards of the mixture's catalog."""
     import pyarrow.parquet as pq
 
     from datasets_catalog.catalog import load_catalog
     from pipelines.mixture.config import MixtureConfig
 
-    mix = MixtureConfig.from_yaml(mixture_path)
+    mix = MixtureConfig.from_yaml(mixture_path).with_locations(catalog, shards)   # the run's --catalog / --shards
     catalog = load_catalog(mix.catalog_path())
     shards = mix.shards or catalog.output_dir
     out = {}
@@ -122,12 +123,13 @@ def load_eval_rows(mixture_path: Path, names: list[str]) -> dict[str, tuple[list
     return out
 
 
-def check_eval_section(mixture_path: str | Path) -> Optional[EvalSettings]:
+def check_eval_section(mixture_path: str | Path, catalog: Optional[str] = None,
+                       shards: Optional[str] = None) -> Optional[EvalSettings]:
     """Before launching (jobs/train.py): the section parses and every eval dataset has shards."""
     from datasets_catalog.catalog import load_catalog
     from pipelines.mixture.config import MixtureConfig
 
-    mix = MixtureConfig.from_yaml(mixture_path)
+    mix = MixtureConfig.from_yaml(mixture_path).with_locations(catalog, shards)   # the run's --catalog / --shards
     settings = parse_eval_section(mix.eval, f"{mixture_path}: eval")
     if settings is None:
         return None
@@ -140,7 +142,20 @@ def check_eval_section(mixture_path: str | Path) -> Optional[EvalSettings]:
         if not (shards / name / "_manifest.json").is_file():
             raise EvalConfigError(f"{mixture_path}: eval dataset {name!r} has no shards in {shards / name}; run "
                                   f"python jobs/ingest.py {catalog.path} --only {name}")
+        _check_shard_files(shards / name, catalog.path)
     return settings
+
+
+def _check_shard_files(folder: Path, catalog_path: Path) -> None:
+    """Every shard file the manifest lists is there and its footer reads (what the workers will read)."""
+    from pipelines.storage.shard_reader import ShardReadError, open_shard
+
+    for entry in json.loads((folder / "_manifest.json").read_text()).get("shards", []):
+        try:
+            open_shard(folder / entry["file"])
+        except ShardReadError as exc:
+            raise EvalConfigError(f"{exc.path}: {exc.problem}; re-run the ingest with --force --only {folder.name} "
+                                  f"(python jobs/ingest.py {catalog_path} --force --only {folder.name})") from None
 
 
 @dataclass
@@ -179,7 +194,8 @@ class TrainingEvaluator:
                          vit_cond_dropout_prob=0.0, vae_cond_dropout_prob=0.0)
         budget = trainer.cfg.data.expected_num_tokens
         packs: list[_Pack] = []
-        for name, (rows, data_dir, task) in load_eval_rows(Path(path), settings.datasets).items():
+        for name, (rows, data_dir, task) in load_eval_rows(Path(path), settings.datasets, trainer.cfg.data.catalog,
+                                                                  trainer.cfg.data.shards).items():
             chosen = select_rows(rows, settings.samples, _seed(settings, name))
             group: list = []
             for i, row in enumerate(chosen):

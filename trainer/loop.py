@@ -249,7 +249,7 @@ class Trainer:
         from trainer.model_setup import packing_config, tokenizer_spec
 
         cfg = self.cfg
-        mixture = load_mixture(str(cfg.mixture_path))
+        mixture = load_mixture(str(cfg.mixture_path), cfg.data.catalog, cfg.data.shards)
         self.mixture_groups = self.groups or mixture.group_names
         self.mixture_cfg = mixture
         if self.is_main:   # what inference defaults to: the transforms trained at (model/inference/defaults.py)

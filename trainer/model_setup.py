@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Optional
 
 from pipelines.packing.config import PackingConfig
 from trainer.config import TrainConfig
 
+if TYPE_CHECKING:   # torch is imported where a model is built: jobs/train.py's preflight runs without it
+    import torch
+    from torch import nn
 
 
 def tokenizer_spec(cfg: TrainConfig) -> Optional[str]:
@@ -147,6 +147,7 @@ def memory_plan_for(cfg: TrainConfig):
                        freeze_vae=t.freeze_vae)
 
 
+
 def memory_line(cfg: TrainConfig, plan) -> str:
     ckpt = cfg.train.activation_checkpointing and cfg.run.use_gpu
     peak = plan.peak_ckpt_gib if ckpt else plan.peak_gib
@@ -178,3 +179,73 @@ def _vocab(cfg: TrainConfig) -> int:
     from datasets_catalog.tokenizer import TextTokenizer
 
     return TextTokenizer.load(tokenizer_spec(cfg)).vocab_size
+
+
+# CPU runs (DDP, fp32, no activation checkpointing): each Ray worker holds a full replica. Measured on the tiny
+# preset over the shipped example (configs/radiology_sft.yaml transforms, one process, dataloader_workers 0):
+# peak RSS 0.63 GiB at 2,048 tokens per pack and 1.12 GiB at 8,192, i.e. about 80 KiB per packed token, most
+# of it outside the decoder layers the planner models (ViT and VAE encoders, the batch's pixels, logits).
+CPU_PROCESS_BYTES = int(0.45 * 1024 ** 3)     # torch, Python and the code before any tensor (measured)
+CPU_IMAGE_PATH_BYTES_PER_TOKEN = 72 * 1024    # per packed token, beyond the planner's decoder activations
+CPU_LOADER_BYTES = int(0.5 * 1024 ** 3)       # one background loader process (measured 0.41 GiB at 8,192 tokens)
+
+
+def cpu_memory_per_worker(cfg: TrainConfig, expected_num_tokens: Optional[int] = None) -> float:
+    """Estimated peak bytes of one CPU Ray worker (its loader processes included): fp32 weights, gradients,
+    AdamW and EMA of a full replica of the decoder (counted from the layout, no model is built: that takes
+    seconds), fp32 decoder activations without checkpointing (the planner's per-token term,
+    docs/training.md#memory-planner, doubled for fp32), fp32 logits, and the measured per-token allowance."""
+    tokens = expected_num_tokens or cfg.data.expected_num_tokens
+    mc = build_model_config(cfg, _vocab(cfg))
+    llm = mc.llm
+    q_out, kv_out = llm.num_attention_heads * llm.head_dim, llm.num_key_value_heads * llm.head_dim
+    layer = 2 * llm.hidden_size * q_out + 2 * llm.hidden_size * kv_out + 3 * llm.hidden_size * llm.intermediate_size
+    params = 2 * llm.num_hidden_layers * layer + 2 * llm.vocab_size * llm.hidden_size   # MoT: two experts per layer
+    replica = 20 * params                                                                # fp32 weights, grads, AdamW, EMA
+    # model/memory.py's activation_bytes_per_token_layer (bf16: 2 x (7 hidden + 3 kv + 4 intermediate)), in
+    # fp32; written out here because importing model.memory imports torch (seconds) before the run is known good
+    activations = llm.num_hidden_layers * 4 * (7 * llm.hidden_size + 3 * kv_out + 4 * llm.intermediate_size) * tokens
+    logits = 8 * llm.vocab_size * (tokens // 4)        # fp32 logits and their gradient over the CE tokens
+    return (CPU_PROCESS_BYTES + replica + activations + logits + CPU_IMAGE_PATH_BYTES_PER_TOKEN * tokens
+            + cfg.data.dataloader_workers * CPU_LOADER_BYTES)
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable of /proc/meminfo (what can be allocated without swapping), else the physical memory."""
+    import os
+
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def cpu_memory_refusal(cfg: TrainConfig, print_fn=print, available: Optional[int] = None) -> Optional[str]:
+    """Print the CPU estimate (per worker and for all workers); when all workers exceed this machine's
+    available memory, the refusal text with the train: values that fit (None otherwise)."""
+    gib = 1024 ** 3
+    per = cpu_memory_per_worker(cfg)
+    n = cfg.run.num_workers
+    have = available_memory_bytes() if available is None else available
+    print_fn(f"memory estimate per CPU worker: {per / gib:.1f} GiB at {cfg.data.expected_num_tokens:,} tokens per "
+             f"pack ({n} worker(s): {n * per / gib:.1f} GiB; {have / gib:.1f} GiB available on this machine)")
+    if n * per <= have or not cfg.run.check_memory:
+        return None
+    fits = []
+    tokens = cfg.data.expected_num_tokens
+    while tokens > 512 and not fits:
+        tokens //= 2
+        if n * cpu_memory_per_worker(cfg, tokens) <= have:
+            fits.append(f"train: {{expected_num_tokens: {tokens}, max_num_tokens: {tokens * 9 // 8}, "
+                        f"max_num_tokens_per_sample: {min(tokens, cfg.data.max_num_tokens_per_sample)}, "
+                        f"prefer_buffer_before: {tokens // 2}}}")
+    if n > 1 and per <= have:
+        fits.append(f"train: {{num_workers: {max(1, int(have // per))}}}")
+    hint = ("; values that fit: " + " or ".join(fits)) if fits else "; no smaller pack fits: use a bigger machine"
+    return (f"the estimated peak memory of {n} CPU worker(s) ({n * per / gib:.1f} GiB, {per / gib:.1f} GiB each at "
+            f"{cfg.data.expected_num_tokens:,} tokens per pack) exceeds the {have / gib:.1f} GiB available on this "
+            f"machine{hint} (in the config's train: section or as --flags); or pass --check_memory False to start "
+            f"anyway (docs/training.md#memory-planner)")

@@ -4,18 +4,22 @@ Top-level keys are task kinds (upstream class names or our aliases); each holds 
 several (grouped form: `dataset_names: {group: [names]}` -> groups named `{key}_{group}`). The optional
 top-level keys are ours:
 
-    catalog: catalog/radiology.yaml   # the dataset catalog; default <project root>/catalog/radiology.yaml
+    catalog: catalog/radiology.yaml   # the dataset catalog; default: the one of catalog/*.yaml holding every name
     shards: shards                    # shard folder or s3://bucket/prefix; default: the catalog's output_dir
     seed: 42                          # data seed; default: the `seed` argument of MixtureStream
     weight_unit: samples              # or `tokens`: weights are shares of packed tokens
     stages: [...]                     # curriculum: weights by optimizer step (pipelines/mixture/stages.py)
     train: {...}                      # the trainer's section; ignored here
 
-Relative paths resolve against the config file's folder. This module only parses and checks structure;
+Relative paths resolve against the config file's folder. The jobs' `--catalog` / `--shards` flags win over
+the keys (`MixtureConfig.with_locations`), so an upstream YAML runs unchanged. Without either, the catalog is
+the one file of `catalog/*.yaml` (under the project root of the working directory and of the config) that
+holds every dataset name (`find_catalog`). This module only parses and checks structure;
 `pipelines.mixture.sources.resolve_sources` checks the names against the catalog and the shards.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from dataclasses import dataclass, field
@@ -32,7 +36,7 @@ from pipelines.mixture.stages import Stage, normalised, parse_stages, stage_inde
 OUR_TOP_LEVEL_KEYS = ("catalog", "shards", "seed", "weight_unit", "train", "shuffle_window_blocks", "stages", "eval")
 GROUP_KEYS = ("dataset_names", "image_transform_args", "vit_image_transform_args", "is_mandatory", "weight",
               "num_used_data", "shuffle_lines", "shuffle_seed", "resume_data_status", "frame_sampler_args")
-DEFAULT_CATALOG = "catalog/radiology.yaml"
+CATALOG_FOLDER = "catalog"        # searched (*.yaml) when neither a catalog: key nor --catalog names one
 DEFAULT_SHUFFLE_WINDOW_BLOCKS = 4
 
 
@@ -45,7 +49,17 @@ def _shards_location(base: Path, shards: str):
 
 
 class MixtureConfigError(ValueError):
-    """A user mistake in a mixture config (or in what it names). `str()` is the one message to print."""
+    """A user mistake in a mixture config (or in what it names). `str()` is the message to print; `problems`
+    holds one line per mistake when several were found at once (each printed as its own `error:` line)."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        self.problems = list(problems) if problems else [message]
+        super().__init__(message)
+
+    @classmethod
+    def of(cls, problems: list[str]) -> "MixtureConfigError":
+        """One error carrying every problem (the first as its message)."""
+        return cls(problems[0] if len(problems) == 1 else "\n".join(problems), problems)
 
 
 @dataclass(frozen=True)
@@ -84,6 +98,7 @@ class MixtureConfig:
     train: dict[str, Any] = field(default_factory=dict)
     stages: tuple[Stage, ...] = ()   # curriculum (pipelines/mixture/stages.py); () = the weights above throughout
     eval: Any = None                 # the raw `eval:` section (parsed by trainer/evaluation.py)
+    catalog_from: str = "catalog: key"   # how the catalog was chosen (printed by the jobs)
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -157,12 +172,35 @@ class MixtureConfig:
                    seed=seed, weight_unit=unit, shuffle_window_blocks=window,
                    train=dict(train) if isinstance(train, dict) else {}, eval=raw.get("eval"))
 
+    def with_locations(self, catalog: str | Path | None = None, shards: str | Path | None = None,
+                       base: Path | None = None) -> "MixtureConfig":
+        """The jobs' `--catalog` / `--shards` flags, which win over the YAML's keys (relative paths resolve
+        against `base`, the working directory by default). With no catalog at all, the one found by
+        `find_catalog` is pinned here, so every process of a run (Ray workers included) reads the same."""
+        base = Path(base or Path.cwd())
+        out = self
+        if shards:
+            out = dataclasses.replace(out, shards=_shards_location(base, str(shards)))
+        if catalog:
+            return dataclasses.replace(out, catalog=_resolve(base, str(catalog)), catalog_from="--catalog")
+        if out.catalog is None:
+            found = find_catalog(out)
+            return dataclasses.replace(out, catalog=found, catalog_from=f"found by dataset names in "
+                                                                        f"{found.parent}/*.yaml")
+        return out
+
     # -- derived ------------------------------------------------------------------------------------
     def catalog_path(self) -> Path:
-        """The catalog this config names, or `<project root>/catalog/radiology.yaml`."""
+        """The catalog this config names (key or flag), else the one of catalog/*.yaml that holds every
+        dataset name of its groups (`find_catalog`; MixtureConfigError when none or several do)."""
         if self.catalog is not None:
             return self.catalog
-        return project_root(self.path.resolve().parent if self.path is not None else Path.cwd()) / DEFAULT_CATALOG
+        return find_catalog(self)
+
+    @property
+    def dataset_names(self) -> list[str]:
+        """Every dataset name the groups list, once, in config order."""
+        return list(dict.fromkeys(u.name for g in self.groups for u in g.datasets))
 
     @property
     def group_names(self) -> list[str]:
@@ -174,6 +212,77 @@ class MixtureConfig:
         if self.stages:
             return normalised(self.stages[stage_index(self.stages, step or 0)].weights)
         return normalised([g.weight for g in self.groups])
+
+
+def add_location_flags(parser) -> None:
+    """`--catalog` and `--shards` on an argparse parser (jobs/plan.py, jobs/stream.py; jobs/train.py has the
+    same names in trainer/config.py): they win over the config's catalog: / shards: keys."""
+    parser.add_argument("--catalog", help="catalog YAML (wins over the config's catalog: key; default: that key, "
+                                          "else the one of catalog/*.yaml that lists every dataset name)")
+    parser.add_argument("--shards", help="shard folder or s3://bucket/prefix (wins over the config's shards: "
+                                         "key; default: that key, else the catalog's output_dir)")
+
+
+def print_problems(exc: BaseException, file=None) -> None:
+    """One `error:` line per problem (MixtureConfigError.problems, else the exception's message)."""
+    import sys
+
+    for line in getattr(exc, "problems", None) or [str(exc)]:
+        print(f"error: {line}", file=file or sys.stderr)
+
+
+def catalog_search_dirs(cfg: MixtureConfig) -> list[Path]:
+    """`catalog/` under the project root of the working directory, then of the config file's folder."""
+    starts = [Path.cwd()] + ([cfg.path.resolve().parent] if cfg.path is not None else [])
+    return list(dict.fromkeys((project_root(s.resolve()) / CATALOG_FOLDER).resolve() for s in starts))
+
+
+def _catalog_names(path: Path) -> list[str] | None:
+    """Dataset names a catalog file lists (safe YAML, names only: `load_catalog` validates the chosen one);
+    None when the file does not read as a catalog."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    entries = raw.get("datasets") if isinstance(raw, dict) else None
+    if not isinstance(entries, list):
+        return None
+    return [str(e["name"]) for e in entries if isinstance(e, dict) and e.get("name") is not None]
+
+
+def find_catalog(cfg: MixtureConfig) -> Path:
+    """The one catalog of `catalog_search_dirs` whose datasets include every name of the mixture. A name no
+    catalog holds, names spread over several catalogs, or several catalogs holding them all: a
+    MixtureConfigError (one line per problem) that lists the catalogs searched and how to choose."""
+    where = str(cfg.path) if cfg.path is not None else "<mixture config>"
+    dirs = catalog_search_dirs(cfg)
+    files = sorted({f.resolve() for d in dirs if d.is_dir() for f in (*d.glob("*.yaml"), *d.glob("*.yml"))})
+    listing = {f: _catalog_names(f) for f in files}
+    catalogs = {f: set(n) for f, n in listing.items() if n is not None}
+    searched = ", ".join(str(f) for f in files) or f"none: no *.yaml in {', '.join(map(str, dirs))}"
+    how = "add a 'catalog: PATH' key to the config or pass --catalog PATH"
+    wanted = cfg.dataset_names
+    holding = [f for f, names in catalogs.items() if set(wanted) <= names]
+    if len(holding) == 1:
+        return holding[0]
+    if len(holding) > 1:
+        raise MixtureConfigError(f"{where}: no catalog: key, and the dataset names ({', '.join(wanted)}) are in "
+                                 f"several catalogs: {', '.join(map(str, holding))}; {how} to choose one")
+    problems = []
+    known = sorted(set().union(*catalogs.values())) if catalogs else []
+    for name in wanted:
+        if any(name in names for names in catalogs.values()):
+            continue
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        hint = f" Close matches: {', '.join(close)}." if close else ""
+        problems.append(f"{where}: dataset {name!r} is in none of the catalogs searched (no catalog: key or "
+                        f"--catalog): {searched}.{hint} Add it to a catalog, or {how}")
+    if not problems:   # each name is somewhere, but no single catalog has them all
+        spread = "; ".join(f"{f} has {', '.join(n for n in wanted if n in catalogs[f])}"
+                           for f in catalogs if catalogs[f] & set(wanted))
+        problems.append(f"{where}: no catalog: key, and no single catalog holds every dataset name ({spread}); "
+                        f"a mixture reads one catalog: merge them, or {how}")
+    raise MixtureConfigError.of(problems)
 
 
 def _resolve(base: Path, value: str) -> Path:

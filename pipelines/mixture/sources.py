@@ -1,7 +1,10 @@
 """Resolve a `MixtureConfig` against the catalog and the shards: which rows each group reads.
 
 All user mistakes become one `MixtureConfigError` that says what to do: unknown dataset (close matches),
-no shards yet (the ingest command to run), task kind mismatch, empty groups.
+no shards yet (the ingest command to run), task kind mismatch, a missing or unreadable shard file (named,
+with the ingest command that rebuilds it), empty groups. Every dataset is checked before raising, so the
+error carries all problems at once (`MixtureConfigError.problems`); `check_mixture` is the same check as a
+list, the driver-side preflight of jobs/plan.py and jobs/train.py.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from datasets_catalog.transforms import ImageTransformArgs
 from pipelines.imaging.medical_hooks import register_medical_imaging
 from pipelines.mixture.config import GroupConfig, MixtureConfig, MixtureConfigError
 from pipelines.mixture.order import MAX_BLOCK_ROWS
-from pipelines.storage.shard_reader import ShardLayout
+from pipelines.storage.shard_reader import ShardLayout, ShardReadError
 from pipelines.storage.shard_schema import PIXEL_SHARD_READ_COLUMNS, SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
@@ -77,6 +80,10 @@ class ResolvedMixture:
     notes: list[str]
 
 
+class _NoShards(MixtureConfigError):
+    """A dataset of the catalog that has not been ingested into the shards folder yet."""
+
+
 def _manifest_transforms(manifest: dict) -> tuple[ImageTransformArgs | None, ImageTransformArgs | None]:
     t = manifest.get("transforms") or {}
     vae = t.get("image_transform_args") or t.get("vae")
@@ -104,7 +111,7 @@ def _load_dataset(name: str, group: GroupConfig, catalog: Catalog, shards_dir: P
     folder = shards_dir / name
     manifest_path = folder / "_manifest.json"
     if not manifest_path.is_file():
-        raise MixtureConfigError(
+        raise _NoShards(
             f"{where}: no shards for dataset {name!r} in {folder} yet. Run: python jobs/ingest.py "
             f"{catalog.path} --only {name}" + (f" --out {shards_dir}" if shards_dir != catalog.output_dir else ""))
     try:
@@ -126,9 +133,15 @@ def _load_dataset(name: str, group: GroupConfig, catalog: Catalog, shards_dir: P
     files = [folder / s["file"] for s in manifest.get("shards", [])]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise MixtureConfigError(f"{folder}: shard file(s) listed in _manifest.json are missing ({missing[0]}); "
-                                 f"re-run python jobs/ingest.py {catalog.path} --only {name} --force")
-    layout = ShardLayout.scan(files)
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise MixtureConfigError(f"{missing[0]}{more}: shard file listed in _manifest.json is missing; re-run the "
+                                 f"ingest with --force --only {name} (python jobs/ingest.py {catalog.path} "
+                                 f"--force --only {name})")
+    try:
+        layout = ShardLayout.scan(files)   # opens every shard's footer: a truncated file fails here
+    except ShardReadError as exc:
+        raise MixtureConfigError(f"{exc.path}: {exc.problem}; re-run the ingest with --force --only {name} "
+                                 f"(python jobs/ingest.py {catalog.path} --force --only {name})") from None
     source = DatasetSource(name, spec.task, folder, layout, manifest.get("data_dir")
                            or (str(spec.data_dir) if spec.data_dir else None), manifest)
     built_vae, built_vit = _manifest_transforms(manifest)
@@ -186,32 +199,74 @@ def _blocks(group: GroupSource) -> None:
 
 
 def resolve_sources(cfg: MixtureConfig) -> ResolvedMixture:
-    """Load the catalog, find every dataset's shards and lay out each group's rows."""
+    """Load the catalog, find every dataset's shards and lay out each group's rows. Raises one
+    MixtureConfigError carrying every problem found (each dataset is checked once)."""
     register_medical_imaging()   # the catalog's DICOM/NIfTI option sections are checked as at ingest
+    catalog_path = cfg.catalog_path()   # a catalog: key, --catalog, or the catalog/*.yaml search
     try:
-        catalog = load_catalog(cfg.catalog_path())
+        catalog = load_catalog(catalog_path)
     except CatalogError as exc:
-        hint = "" if cfg.catalog else " (no 'catalog:' key in the mixture config, so the default was used; add one)"
-        raise MixtureConfigError(f"{exc}{hint}") from None
+        raise MixtureConfigError(str(exc)) from None
     shards_dir = cfg.shards or catalog.output_dir
+    folder_missing = isinstance(shards_dir, Path) and not shards_dir.exists()
     notes: list[str] = []
-    loaded: dict[str, DatasetSource] = {}
+    problems: list[str] = []
+    unbuilt: list[str] = []
+    loaded: dict[str, DatasetSource | None] = {}
+    failed: set[str] = set()
     groups = []
     for gi, gc in enumerate(cfg.groups):
         sources = []
         for use in gc.datasets:
             cache_key = f"{use.name}|{gc.image_transform_args}|{gc.vit_image_transform_args}"
             if cache_key not in loaded:
-                loaded[cache_key] = _load_dataset(use.name, gc, catalog, shards_dir, cfg, notes)
-            sources.append(loaded[cache_key])
+                loaded[cache_key] = None
+                if use.name not in failed:
+                    try:
+                        loaded[cache_key] = _load_dataset(use.name, gc, catalog, shards_dir, cfg, notes)
+                    except _NoShards as exc:
+                        failed.add(use.name)
+                        unbuilt.append(use.name)
+                        if not folder_missing:
+                            problems.append(str(exc))
+                    except MixtureConfigError as exc:
+                        problems.extend(exc.problems)
+                        failed.add(use.name)
+            if loaded[cache_key] is not None:
+                sources.append(loaded[cache_key])
+        if len(sources) < len(gc.datasets):
+            continue   # its problems are reported; its rows cannot be laid out
         group = GroupSource(gc, gi, sources)
         _blocks(group)
         notes.extend(_clip_notes(group, cfg))
         used = gc.weight > 0 or gc.is_mandatory or any(s.weights[gi] > 0 for s in cfg.stages)
         if group.total == 0 and used:
             where = f"{cfg.path or '<mixture config>'}" + (f", line {gc.line}" if gc.line else "")
-            raise MixtureConfigError(f"{where}: group {gc.name!r} has no rows (datasets "
-                                     f"{', '.join(u.name for u in gc.datasets)} are empty or num_used_data "
-                                     f"selects nothing); give it weight 0 (in every stage too) or fix num_used_data")
+            problems.append(f"{where}: group {gc.name!r} has no rows (datasets "
+                            f"{', '.join(u.name for u in gc.datasets)} are empty or num_used_data "
+                            f"selects nothing); give it weight 0 (in every stage too) or fix num_used_data")
         groups.append(group)
+    if folder_missing and unbuilt:   # one line for the folder, not one per dataset
+        out = f" --out {shards_dir}" if shards_dir != catalog.output_dir else ""
+        problems.insert(0, f"{cfg.path or '<mixture config>'}: no shards yet: the shards folder {shards_dir} does "
+                           f"not exist. Run: python jobs/ingest.py {catalog.path} --only {','.join(unbuilt)}{out} "
+                           f"(or name the folder the ingest wrote with --shards or a shards: key)")
+    if problems:
+        raise MixtureConfigError.of(problems)
     return ResolvedMixture(cfg, catalog, shards_dir, groups, notes)
+
+
+def check_mixture(cfg: MixtureConfig) -> list[str]:
+    """Every problem of a mixture against its catalog and shards, one line each ([] when it can be trained
+    on): catalog, dataset names, task kinds, shards present, every shard's footer readable, empty groups.
+    Reads metadata only (no row data), so it answers in well under a second on the example. Notes (such as
+    transforms recomputed at read time) are left to the jobs that report them, not logged here."""
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        resolve_sources(cfg)
+    except MixtureConfigError as exc:
+        return exc.problems
+    finally:
+        log.setLevel(level)
+    return []

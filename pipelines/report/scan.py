@@ -3,7 +3,8 @@
 Shards are read with pyarrow column projection: the scalar columns plus the image struct fields other
 than `bytes`. Only the few rows picked for thumbnails are read again with their bytes (see
 `report_thumbs`). Splits and modalities come from each dataset's `_manifest.json`, reject reasons from
-its `_rejects.parquet`.
+its `_rejects.parquet`. A shard file the manifest lists but that is missing, or that does not read as
+Parquet, raises `ShardReadError` naming the file and the ingest command that rebuilds it.
 """
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipelines.storage.shard_reader import ShardReadError, open_shard, shard_problem
 
 TRAIN_SPLITS = frozenset({"train", "training"})
 EVAL_SPLITS = frozenset({"val", "valid", "validation", "dev", "test", "testing", "eval", "evaluation", "holdout"})
@@ -156,10 +160,20 @@ def scan_dataset(folder: Path, collect_refs: list[ImageRef] | None = None) -> Da
     stats = DatasetStats(name=str(manifest.get("dataset") or folder.name), folder=folder, manifest=manifest)
     stats.task = manifest.get("task")
     stats.rejects = _read_rejects(folder)
-    stats.files = sorted(folder.glob("part-*.parquet"))
+    listed = [folder / str(s.get("file")) for s in manifest.get("shards") or [] if isinstance(s, dict)]
+    catalog = manifest.get("catalog")   # the catalog the ingest read: named in the command that rebuilds
+    for path in listed:
+        if not path.is_file():
+            raise ShardReadError(path, "shard file listed in _manifest.json is missing", catalog)
+    stats.files = sorted(set(folder.glob("part-*.parquet")) | set(listed))
     for path in stats.files:
-        pf = pq.ParquetFile(path)
-        table = pf.read(columns=_projected_columns(pf, IMAGE_FIELDS))
+        try:
+            pf = open_shard(path)
+            table = pf.read(columns=_projected_columns(pf, IMAGE_FIELDS))
+        except ShardReadError as exc:
+            raise ShardReadError(path, exc.problem, catalog) from None
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            raise ShardReadError(path, shard_problem(exc), catalog) from None
         cols = {name: table.column(name).to_pylist() for name in table.column_names}
         n = table.num_rows
         stats.rows += n

@@ -13,10 +13,10 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from PIL import Image
 
 from pipelines.report.scan import IMAGE_COLUMNS, DatasetStats
+from pipelines.storage.shard_reader import open_shard
 
 THUMB_PX = 160
 
@@ -45,7 +45,7 @@ def _trainer_view(data: bytes | None, path: Path | None, meta: str | None, width
 
 def dataset_thumbnails(stats: DatasetStats, count: int, seed: int) -> list[Thumbnail]:
     """Up to `count` thumbnails of random rows with images (first image of each row)."""
-    files = {path: pq.ParquetFile(path) for path in stats.files}   # each footer read once
+    files = {path: open_shard(path) for path in stats.files}   # each footer read once
     groups = [(path, g, pf.metadata.row_group(g).num_rows) for path, pf in files.items()
               for g in range(pf.metadata.num_row_groups)]
     starts = list(itertools.accumulate((n for _, _, n in groups), initial=0))   # first row of each group

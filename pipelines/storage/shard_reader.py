@@ -11,7 +11,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,38 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.storage.uris import parquet_source   # local paths as they are; s3://... through pyarrow.fs
+
+
+class ShardReadError(ValueError):
+    """A shard file that is missing or does not read as Parquet (truncated, overwritten, not Parquet). `str()`
+    names the file and says how to rebuild it; `dataset` is the shard folder's name (the ingest's --only)."""
+
+    def __init__(self, path: Any, problem: str, catalog: Any = None) -> None:
+        self.path, self.problem = str(path), problem
+        self.dataset = PurePosixPath(self.path.rstrip("/")).parent.name
+        super().__init__(f"{self.path}: {problem}; re-run the ingest with --force --only {self.dataset} "
+                         f"(python jobs/ingest.py {catalog or 'CATALOG'} --force --only {self.dataset})")
+        self.catalog = catalog
+
+    def __reduce__(self):   # raised in loader processes: crosses a process boundary whole
+        return type(self), (self.path, self.problem, self.catalog)
+
+
+def shard_problem(exc: BaseException) -> str:
+    """What went wrong reading a shard file, in a few words (the exception's first line, without pyarrow's
+    type prefix)."""
+    if isinstance(exc, FileNotFoundError):
+        return "shard file is missing"
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"shard file is unreadable ({text})"
+
+
+def open_shard(path: Any) -> pq.ParquetFile:
+    """`pq.ParquetFile` of one shard (its footer is read here), or `ShardReadError` naming the file."""
+    try:
+        return pq.ParquetFile(parquet_source(path))
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise ShardReadError(path, shard_problem(exc)) from None
 
 
 @dataclass
@@ -40,7 +72,7 @@ class ShardLayout:
     def scan(cls, files: list[Path]) -> "ShardLayout":
         rg_file, rg_index, rg_rows, rg_bytes = [], [], [], []
         for fi, path in enumerate(files):
-            meta = pq.ParquetFile(parquet_source(path)).metadata
+            meta = open_shard(path).metadata
             for ri in range(meta.num_row_groups):
                 rg_file.append(fi)
                 rg_index.append(ri)
@@ -80,7 +112,7 @@ class RowGroupCache:
             files = self._local.files = OrderedDict()
         f = files.get(path)
         if f is None:
-            f = files[path] = pq.ParquetFile(parquet_source(path))
+            f = files[path] = open_shard(path)
             if len(files) > 32:
                 files.popitem(last=False)
         else:
@@ -101,8 +133,13 @@ class RowGroupCache:
             return loading.result()
         try:
             # one pyarrow thread: loader workers are processes already; pyarrow's pool only contends with them
-            table = self._file(path).read_row_group(rg, columns=list(columns) if columns else None,
-                                                    use_threads=False)
+            try:
+                table = self._file(path).read_row_group(rg, columns=list(columns) if columns else None,
+                                                        use_threads=False)
+            except (OSError, ValueError, pa.ArrowException) as exc:
+                if isinstance(exc, ShardReadError):
+                    raise
+                raise ShardReadError(path, f"row group {rg}: {shard_problem(exc)}") from None
         except BaseException as exc:
             with self._lock:
                 del self._loading[k]

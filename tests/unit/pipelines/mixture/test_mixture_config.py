@@ -36,7 +36,9 @@ def with_catalog(cfg: MixtureConfig, catalog: Path) -> MixtureConfig:
 
 def test_upstream_list_example_loads_unchanged(example_catalog):
     cfg = MixtureConfig.from_yaml(ROOT / "configs/mixture_example_list.yaml")
-    assert cfg.catalog is None and cfg.catalog_path() == ROOT / "catalog/radiology.yaml"   # documented default
+    assert cfg.catalog is None
+    with pytest.raises(MixtureConfigError, match="none of the catalogs searched"):   # its names are in no catalog/*.yaml
+        cfg.catalog_path()
     resolved = resolve_sources(with_catalog(cfg, example_catalog))
     groups = {g.name: g for g in resolved.groups}
     assert list(groups) == ["SftJSONLIterableDataset_Ver1", "MedicalImageEditingIterableDataset_ver1",
