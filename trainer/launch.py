@@ -179,21 +179,22 @@ def submitted_job_problems(cfg: TrainConfig) -> list[str]:
     checks += [(f"--{name}", cfg.get(name)) for name in ("results_dir", "checkpoint_dir") if cfg.get(name)]
     shards = _shards_root(cfg)
     if shards is not None:
-        checks.append((f"the shards folder of {cfg.mixture_path} (its shards:, else its catalog's output_dir)",
+        checks.append((f"the shards folder of {cfg.mixture_path} (--shards, else its shards:, else its catalog's "
+                        "output_dir)",
                        shards))
     return [p for p in (job_path_problem(value, what) for what, value in checks) if p]
 
 
 def _shards_root(cfg: TrainConfig) -> Optional[str]:
-    """Where the workers will read shards: the mixture's shards:, else its catalog's output_dir (None when
-    the mixture or catalog does not load: the config checks report that)."""
+    """Where the workers will read shards: --shards, else the mixture's shards:, else its catalog's output_dir
+    (None when the mixture or catalog does not load: the config checks report that)."""
     if not cfg.mixture_path:
         return None
     try:
         from datasets_catalog.catalog import load_catalog
         from trainer.data import load_mixture
 
-        mixture = load_mixture(cfg.mixture_path)
+        mixture = load_mixture(cfg.mixture_path, cfg.data.catalog, cfg.data.shards)
         if mixture.shards is not None:
             return str(mixture.shards)
         return str(load_catalog(mixture.catalog_path()).output_dir)

@@ -1,9 +1,8 @@
 """The README's "Running on a cluster" recipe, on one machine: two Ray nodes started with `ray start` as separate
 processes (2 CPUs each, their own temp dirs), the head with the job server, and the jobs sent with
 `ray job submit --working-dir <checkout> -- python jobs/...` exactly as the README shows, shards and
-checkpoints on a shared absolute path. The working dir is a copy of the tracked files whose
-configs/radiology_sft.yaml names the shared shards folder (the one edit the recipe asks for); `shards/` and
-`runs/` are not shipped.
+checkpoints on a shared absolute path (`--out`, `--shards`, `--storage_path`). The working dir is a copy of
+the tracked files, unchanged; `shards/` and `runs/` are not shipped.
 
 Checked: a train job with the config's own relative paths (storage_path: runs, shards in the catalog's
 output_dir) is refused in one `error:` line before Ray Train starts; the ingest of the shipped catalog ran
@@ -30,18 +29,13 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _checkout_copy(dest: Path, shards: Path) -> Path:
-    """The tracked files (what `--working-dir .` ships from a clean checkout), with the mixture's shards
-    pointed at the shared folder."""
+def _checkout_copy(dest: Path) -> Path:
+    """The tracked files: what `--working-dir .` ships from a clean checkout."""
     files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
     for name in files.decode().split("\0"):
         if name and (ROOT / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, dest / name)
-    config = dest / "configs" / "radiology_sft.yaml"
-    text = config.read_text()
-    assert "\nshards:" not in text
-    config.write_text(text.replace("seed: 42\n", f"seed: 42\nshards: {shards}\n", 1))
     return dest
 
 
@@ -74,7 +68,7 @@ def _last_json(text: str) -> dict:
 def test_readme_cluster_recipe_on_two_nodes(tmp_path):
     shared = tmp_path / "shared" / "medloom"           # "a filesystem mounted at the same path on every node"
     shared.mkdir(parents=True)
-    workdir = _checkout_copy(tmp_path / "checkout", shared / "shards")
+    workdir = _checkout_copy(tmp_path / "checkout")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
     env.update({"RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2",
                 "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])})
@@ -95,12 +89,9 @@ def test_readme_cluster_recipe_on_two_nodes(tmp_path):
         train = ["python", "jobs/train.py", "--config", "configs/radiology_sft.yaml", "--num_workers", "2",
                  "--placement_strategy", "STRICT_SPREAD", "--total_steps", "2", "--warmup_steps", "1",
                  "--save_every", "2", "--dataloader_workers", "0", "--json"]
-        # the config's storage_path (runs) and, without the edit, the catalog's shards folder would live in
+        # without the flags, the config's storage_path (runs) and its catalog's shards folder would live in
         # the job's unpacked working dir: refused in one line before any worker starts
-        (workdir / "configs" / "relative.yaml").write_text(
-            (ROOT / "configs" / "radiology_sft.yaml").read_text())
-        refused = _submit(dashboard, workdir, [*train[:3], "configs/relative.yaml", *train[4:]], env, 120,
-                          expect_ok=False)
+        refused = _submit(dashboard, workdir, train, env, 120, expect_ok=False)
         # (`ray job submit` shows the job's output twice: streamed, then in the failed job's status message)
         errors = sorted({line for line in refused.splitlines() if line.startswith("error:")})
         assert len(errors) == 1 and "Traceback" not in refused, refused[-4000:]
@@ -113,7 +104,8 @@ def test_readme_cluster_recipe_on_two_nodes(tmp_path):
         assert len(ingest["nodes"]) == 2, ingest["nodes"]            # chunks ran on both nodes
         assert (shared / "shards" / "ct_mr_vqa" / "_manifest.json").is_file()
 
-        out = _submit(dashboard, workdir, [*train, "--storage_path", str(shared / "runs")], env, 500)
+        out = _submit(dashboard, workdir, [*train, "--shards", str(shared / "shards"), "--storage_path",
+                                           str(shared / "runs")], env, 500)
         summary = _last_json(out)
         assert summary["error"] is None and summary["metrics"]["step"] == 2, summary
         assert "Traceback" not in out and "FutureWarning" not in out, out[-5000:]
