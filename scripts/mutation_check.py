@@ -42,7 +42,7 @@ MODULES: dict[str, list[str]] = {
     "pipelines/imaging/pixel_modes.py": [T + "pipelines/imaging/test_pixel_modes.py",
                                          T + "pipelines/imaging/test_dicom_io.py", T + "pipelines/imaging/test_nifti_io.py"],
     "pipelines/imaging/dicom.py": [T + "pipelines/imaging/test_dicom_io.py"],
-    "pipelines/imaging/nifti.py": [T + "pipelines/imaging/test_nifti_io.py"],
+    "pipelines/imaging/nifti.py": [T + "pipelines/imaging/test_nifti_io.py", T + "pipelines/imaging/test_nifti_rules.py"],
     "pipelines/ingest/chunk.py": [T + "pipelines/ingest/test_ingest.py"],
 }
 PACKAGES = ("datasets_catalog", "pipelines", "model", "trainer", "jobs")
