@@ -38,10 +38,12 @@ MODULES: dict[str, list[str]] = {
                                           T + "pipelines/packing/test_packing_properties.py"],
     "pipelines/packing/masks.py": [T + "pipelines/packing/test_masks.py"],
     "trainer/loss.py": [T + "trainer/test_loss.py"],
-    # encode_png, pixel_hash, scale_to_8bit and percentile_window are exercised by the DICOM / NIfTI readers
+    # the DICOM / NIfTI phantom tests also check encode_png, pixel_hash and the windows through the readers
     "pipelines/imaging/pixel_modes.py": [T + "pipelines/imaging/test_pixel_modes.py",
-                                         T + "pipelines/imaging/test_dicom_io.py", T + "pipelines/imaging/test_nifti_io.py"],
-    "pipelines/imaging/dicom.py": [T + "pipelines/imaging/test_dicom_io.py"],
+                                         T + "pipelines/imaging/test_pixel_rules.py",
+                                         T + "pipelines/imaging/test_dicom_rules.py",
+                                         T + "pipelines/imaging/test_nifti_rules.py"],
+    "pipelines/imaging/dicom.py": [T + "pipelines/imaging/test_dicom_rules.py", T + "pipelines/imaging/test_dicom_io.py"],
     "pipelines/imaging/nifti.py": [T + "pipelines/imaging/test_nifti_io.py", T + "pipelines/imaging/test_nifti_rules.py"],
     "pipelines/ingest/chunk.py": [T + "pipelines/ingest/test_ingest.py"],
 }
