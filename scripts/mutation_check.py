@@ -45,7 +45,7 @@ MODULES: dict[str, list[str]] = {
                                          T + "pipelines/imaging/test_nifti_rules.py"],
     "pipelines/imaging/dicom.py": [T + "pipelines/imaging/test_dicom_rules.py", T + "pipelines/imaging/test_dicom_io.py"],
     "pipelines/imaging/nifti.py": [T + "pipelines/imaging/test_nifti_io.py", T + "pipelines/imaging/test_nifti_rules.py"],
-    "pipelines/ingest/chunk.py": [T + "pipelines/ingest/test_ingest.py"],
+    "pipelines/ingest/chunk.py": [T + "pipelines/ingest/test_chunk.py", T + "pipelines/ingest/test_ingest.py"],
 }
 PACKAGES = ("datasets_catalog", "pipelines", "model", "trainer", "jobs")
 # mutmut exit-code statuses -> our columns
