@@ -33,7 +33,8 @@ T = "tests/unit/"
 MODULES: dict[str, list[str]] = {
     "datasets_catalog/transforms.py": [T + "datasets_catalog/test_transforms.py"],
     "datasets_catalog/plan.py": [T + "datasets_catalog/test_sequence_plans.py", T + "pipelines/packing/test_packing.py"],
-    "pipelines/mixture/order.py": [T + "pipelines/mixture/test_mixture_order.py"],
+    "pipelines/mixture/order.py": [T + "pipelines/mixture/test_order_layers.py",
+                                   T + "pipelines/mixture/test_mixture_order.py"],
     "pipelines/packing/position_ids.py": [T + "pipelines/packing/test_packing_ops.py",
                                           T + "pipelines/packing/test_packing_properties.py"],
     "pipelines/packing/masks.py": [T + "pipelines/packing/test_masks.py"],
