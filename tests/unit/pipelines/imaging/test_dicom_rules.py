@@ -150,18 +150,26 @@ def test_a_catalog_window_overrides_the_files():
 
 
 @pytest.mark.parametrize("explanation, recorded", [("TEST LUT", "TEST LUT"), (None, None)])
-def test_the_files_voi_lut(explanation, recorded):
+@pytest.mark.parametrize("with_window", [False, True])   # a file with both: the LUT wins
+def test_the_files_voi_lut(explanation, recorded, with_window):
     # stored values D (no rescale), a 10-bit LUT of 5 entries from input 0: D -> LUT[D] * 255 / 1023:
-    # 0, 100 -> 24.93, 200 -> 49.85, 1023 -> 255, 512 -> 127.62
+    # 0, 100 -> 24.93, 200 -> 49.85, 1023 -> 255, 1000 -> 249.27 (/ 1022 would give 249.51 -> 250)
     item = Dataset()
     item.LUTDescriptor = [5, 0, 10]
-    item.LUTData = np.array([0, 100, 200, 1023, 512], dtype="<u2").tobytes()   # OW: 16-bit words
+    item.LUTData = np.array([0, 100, 200, 1023, 1000], dtype="<u2").tobytes()   # OW: 16-bit words
     if explanation:
         item.LUTExplanation = explanation
-    [img] = _decode(_phantom(D.astype(np.uint16), VOILUTSequence=[item]))
+    window = {"WindowCenter": 2, "WindowWidth": 2} if with_window else {}
+    [img] = _decode(_phantom(D.astype(np.uint16), VOILUTSequence=[item], **window))
     assert img.meta["window"] == {"source": "file_voi_lut", "lut_bits": 10, "explanation": recorded,
                                   "inverted": False}
-    assert _grey(img) == _levels({0: 0, 1: 25, 2: 50, 3: 255, 4: 128})
+    assert _grey(img) == _levels({0: 0, 1: 25, 2: 50, 3: 255, 4: 249})
+
+
+def test_an_empty_voi_lut_function_is_linear():
+    [img] = _decode(_ct(WindowCenter=400.5, WindowWidth=801, VOILUTFunction=""))
+    assert img.meta["window"]["function"] == "LINEAR"
+    assert _grey(img) == _levels(LEVELS_8)
 
 
 def test_metadata_fields_and_their_json_types():
