@@ -285,3 +285,18 @@ def test_pixel_cap_is_inclusive():
     with pytest.raises(MedicalImageError) as err:
         decode_dicom(_phantom(), MedicalOptions.from_mapping({}, max_pixels=11))
     assert str(err.value) == "image_too_large: 4x3 = 12 pixels is over the cap of 11"
+
+
+def test_palette_colour_keeps_the_high_byte_of_16_bit_entries():
+    # indexes 0, 1, 2 through 16-bit LUTs; the high byte of each entry: 0x1234 -> 0x12 = 18, 0x8000 -> 128,
+    # 0xFF00 / 0xFFFF -> 255, 0x0100 -> 1, 0x7F80 -> 127, 0x00FF -> 0
+    luts = {"Red": [0x0000, 0x1234, 0xFF00], "Green": [0x00FF, 0x8000, 0xFFFF], "Blue": [0x0000, 0x0100, 0x7F80]}
+    attrs = {}
+    for name, entries in luts.items():
+        attrs[f"{name}PaletteColorLookupTableDescriptor"] = [3, 0, 16]
+        attrs[f"{name}PaletteColorLookupTableData"] = np.array(entries, dtype="<u2").tobytes()
+    data = _phantom(np.array([[0, 1, 2]], dtype=np.uint8), size=(1, 3), PhotometricInterpretation="PALETTE COLOR",
+                    BitsAllocated=8, BitsStored=8, HighBit=7, **attrs)
+    [img] = _decode(data)
+    assert img.mode == "RGB" and img.meta["color"] == "PALETTE COLOR->RGB (palette LUT)"
+    assert np.asarray(Image.open(io.BytesIO(img.png))).tolist() == [[[0, 0, 0], [18, 128, 1], [255, 255, 127]]]
