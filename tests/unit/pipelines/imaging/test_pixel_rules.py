@@ -274,3 +274,11 @@ def test_header_mode_check_edges():
     assert header_mode_is_plain(b"\xff\xd8\xff\xe0" + b"\x00" * 20) is None   # no SOF segment
     assert header_mode_is_plain(_encode(Image.new("CMYK", (8, 8)), "JPEG")) is False
     assert header_mode_is_plain(b"GIF89a" + b"\x00" * 30) is None
+
+
+def test_formats_without_frames_are_one_page():
+    buf = io.BytesIO()
+    Image.new("P", (3, 2)).save(buf, format="BMP")     # PIL's BMP reader has no n_frames
+    conv = convert_unusual(buf.getvalue())
+    assert conv.png is None and conv.meta == {"source_format": "BMP", "source_mode": "P", "output_mode": "RGB",
+                                              "conversion": "P->RGB (palette expanded at decode time)"}

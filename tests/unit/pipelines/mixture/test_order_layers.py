@@ -120,3 +120,8 @@ def test_reshard_layer_with_nothing_drawn():
     assert reshard_layer(3, 10, 0, [], []).to_state() == {"inflight": [], "runs": [], "tail": 0}
     # every stream exactly at the end of round 1: nothing left in it, the tail starts at round 2
     assert reshard_layer(3, 10, 0, [3, 3, 4], []).to_state() == {"inflight": [], "runs": [], "tail": 10}
+
+
+def test_reshard_layer_with_no_streams_keeps_every_position():
+    # no stream drew anything from a layer with 5 holes: the new layer is the old one unchanged (tail 0)
+    assert reshard_layer(3, 10, 5, [], []).to_state() == {"inflight": [], "runs": [], "tail": 0}
