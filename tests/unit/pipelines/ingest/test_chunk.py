@@ -294,3 +294,33 @@ def test_a_failed_chunk_of_blank_lines_writes_nothing(folder):
     result = failed_chunk(make_task(folder, b"\n  \n"), "x")
     assert (result.rows_read, result.blank_lines, result.rejects_file, result.reasons) == (0, 2, None, {})
     assert list((folder / "staging").iterdir()) == []
+
+
+def test_a_failed_chunk_names_itself_and_keeps_undecodable_bytes(folder):
+    result = failed_chunk(make_task(folder, b"caf\xe9\n", chunk_index=3), "killed")
+    assert (result.dataset, result.chunk_index, result.rows_rejected) == ("d", 3, 1)
+    [row] = pq.read_table(folder / "staging" / "_rejects-00003.parquet").to_pylist()
+    assert row["raw"] == "caf\ufffd" and row["detail"].startswith("the worker processing lines 1-1 (chunk 3)")
+    assert result.examples == {"worker_failed": [1, row["detail"]]}
+
+
+def test_stored_pixels_and_a_body_that_does_not_decode(folder):
+    body = bytearray(png(16, 16))
+    at = body.index(b"IDAT") + 6                      # after the chunk type and the 2-byte zlib header
+    body[at:at + 8] = b"\xff" * 8                     # header and length intact, compressed pixels garbled
+    (folder / "data" / "cut.png").write_bytes(bytes(body))
+    result = process_chunk(make_task(folder, (sft() + "\n" + sft("cut.png")).encode(), store_pixels=True))
+    struct = rows_of(folder, result)[0]["input_images"][0]
+    # a one-colour image stays that colour at any size: 512 x 512 and 378 x 378 RGB pixels of (120, 30, 200)
+    assert struct["vae_pixels"] == bytes([120, 30, 200]) * (512 * 512)
+    assert struct["vit_pixels"] == bytes([120, 30, 200]) * (378 * 378)
+    [(line, reason, detail)] = rejects_of(folder, result)
+    assert (line, reason) == (2, "image_corrupt")
+    assert detail.startswith("'cut.png': the header is valid but the image does not decode (")
+    assert detail.endswith("); re-export the file")
+
+
+def test_a_failed_chunk_rejects_only_its_byte_range(folder):
+    result = failed_chunk(make_task(folder, b"a\nb\nc\n", length=4), "x")      # "a\nb\n" of the file
+    assert result.rows_rejected == 2
+    assert pq.read_table(folder / "staging" / "_rejects-00007.parquet").column("raw").to_pylist() == ["a", "b"]
