@@ -185,9 +185,8 @@ def test_metadata_fields_and_their_json_types():
         "slice_thickness": 2.5, "pixel_spacing": [0.5, 0.75],
         "rescale": {"slope": 2.0, "intercept": -2000.0, "type": "HU"},
         "transfer_syntax": "Explicit VR Little Endian",
-        # DS "120" and IS "7" are whole numbers written without a point: ints; an empty value stays empty;
-        # a tag the file lacks is left out
-        "dicom_tags": {"ImageType": ["ORIGINAL", "PRIMARY"], "KVP": 120, "InstanceNumber": 7, "Manufacturer": ""},
+        # DS "120" -> 120.0, IS "7" -> 7; an empty value stays empty; a tag the file lacks is left out
+        "dicom_tags": {"ImageType": ["ORIGINAL", "PRIMARY"], "KVP": 120.0, "InstanceNumber": 7, "Manufacturer": ""},
         "output_mode": "L",
     }
 
@@ -300,3 +299,52 @@ def test_palette_colour_keeps_the_high_byte_of_16_bit_entries():
     [img] = _decode(data)
     assert img.mode == "RGB" and img.meta["color"] == "PALETTE COLOR->RGB (palette LUT)"
     assert np.asarray(Image.open(io.BytesIO(img.png))).tolist() == [[[0, 0, 0], [18, 128, 1], [255, 255, 127]]]
+
+
+def test_kept_tags_keep_json_types():
+    [img] = _decode(_ct(Modality="", KVP="120", InstanceNumber="7", StudyID="12", AccessionNumber="1.5",
+                        StationName="3.0", SeriesDescription="12a", SliceLocation=None, ImageType=["A", "B"]),
+                    keep_dicom_tags=["KVP", "InstanceNumber", "StudyID", "AccessionNumber", "StationName",
+                                     "SeriesDescription", "SliceLocation", "ImageType"])
+    tags = img.meta["dicom_tags"]
+    # DS -> float, IS -> int; a number written in a text VR: whole without a point -> int, else float
+    expected = {"KVP": 120.0, "InstanceNumber": 7, "StudyID": 12, "AccessionNumber": 1.5, "StationName": 3.0,
+                "SeriesDescription": "12a", "SliceLocation": None, "ImageType": ["A", "B"]}
+    assert tags == expected
+    assert {k: type(v) for k, v in tags.items()} == {k: type(v) for k, v in expected.items()}
+    assert "modality" not in img.meta                              # an empty value is left out
+
+
+def test_a_decoder_failure_names_the_syntax_and_the_first_lines(monkeypatch):
+    import pydicom.pixels
+
+    def fails(message):
+        def pixel_array(*args, **kwargs):
+            raise ValueError(message)
+        return pixel_array
+
+    monkeypatch.setattr(pydicom.pixels, "pixel_array", fails("one\n\n two \nthree\nfour"))
+    assert str(_error(_phantom())) == ("dicom_decode_failed: could not decode the pixel data (Explicit VR Little "
+                                       "Endian): one; two; three")
+    monkeypatch.setattr(pydicom.pixels, "pixel_array", fails("a" * 400))
+    assert _error(_phantom()).detail == "could not decode the pixel data (Explicit VR Little Endian): " + "a" * 300
+
+
+def test_an_unreadable_file_is_a_reason(monkeypatch):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    def dcmread(*args, **kwargs):
+        raise InvalidDicomError("no preamble")
+
+    monkeypatch.setattr(pydicom, "dcmread", dcmread)
+    assert str(_error(b"DICM")) == "dicom_invalid: not a readable DICOM file (no preamble)"
+
+
+def test_nine_bit_rgb_is_scaled_and_noted():
+    # v * 255 / 511: 0 -> 0, 256 -> 127.75 -> 128, 511 -> 255
+    rgb = np.array([[[0, 256, 511]]], dtype=np.uint16)
+    [img] = _decode(_phantom(rgb, size=(1, 1), SamplesPerPixel=3, PhotometricInterpretation="RGB",
+                             PlanarConfiguration=0, BitsStored=9, HighBit=8))
+    assert img.meta["color"] == "RGB (9-bit scaled to 8-bit)"
+    assert np.asarray(Image.open(io.BytesIO(img.png))).tolist() == [[[0, 128, 255]]]
