@@ -118,6 +118,26 @@ def run_module(work: Path, module: str, max_children: int, log, only: list[str] 
     return seconds
 
 
+def mutant_diff(mutated: Path, function: str) -> str:
+    """The diff of one mutant against the original function, read from mutmut's mutated copy of the module
+    (which holds `<name>__mutmut_orig` and every `<name>__mutmut_<n>`): the same lines `mutmut show` prints,
+    without starting a mutmut process per survivor."""
+    import difflib
+    import re
+
+    source = mutated.read_text(encoding="utf-8")
+    base = function.rsplit("__mutmut_", 1)[0]
+
+    def body(name: str) -> list[str]:
+        found = re.search(r"^[ \t]*def " + re.escape(name) + r"\(.*?(?=^[ \t]*def |^[ \t]*class |^[A-Za-z_@]|\Z)",
+                          source, re.S | re.M)   # methods are indented in mutmut's copy
+        lines = found.group(0).splitlines() if found else [""]
+        return [lines[0].replace(name, base, 1), *lines[1:]]   # same name in both, so the signature compares
+
+    return "\n".join(difflib.unified_diff(body(base + "__mutmut_orig"), body(function), "original", "mutant",
+                                          lineterm="", n=0))
+
+
 def collect(work: Path, module: str, equivalents: dict[str, str]) -> ModuleResult:
     """Read mutmut's per-file results (mutants/<module>.meta) and the diff of every survivor."""
     ws = work / slug(module)
@@ -143,7 +163,7 @@ def collect(work: Path, module: str, equivalents: dict[str, str]) -> ModuleResul
             setattr(res, column, getattr(res, column) + 1)
         if column == "not_checked":   # an interrupted run: counted, listed in the table only
             continue
-        diff = mutmut(ws, "show", name).stdout.strip()
+        diff = mutant_diff(ws / "mutants" / module, name.rsplit(".", 1)[-1])
         res.survivors.append({"name": name, "status": column, "diff": diff, "equivalent": reason})
     counted = res.total - res.equivalent - res.not_checked   # an interrupted run scores what it checked
     res.score = (res.killed + res.timeout) / counted if counted else 1.0

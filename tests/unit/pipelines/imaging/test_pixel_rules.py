@@ -174,15 +174,15 @@ def test_plain_and_one_bit_modes():
 
 @pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
 def test_high_bit_depth_grey_is_stretched(mode):
-    # values 10 / 20 / 30: min-max 10..30, LINEAR_EXACT c 20 w 20 -> 0, .5, 1 -> 0, 127.5 -> 128, 255;
-    # 16 bit: 0, 32767.5 -> 32768, 65535
-    img = Image.fromarray(np.array([[10, 20, 30]], dtype=np.int32)).convert(mode) if mode != "I" \
-        else Image.fromarray(np.array([[10, 20, 30]], dtype=np.int32))
+    # values 10 / 20 / 25 / 30: min-max 10..30, LINEAR_EXACT c 20 w 20 -> 0, .5, .75, 1 -> 0, 127.5 -> 128,
+    # 191.25 -> 191, 255; 16 bit: 0, 32767.5 -> 32768, 49151.25 -> 49151, 65535
+    arr = np.array([[10, 20, 25, 30]], dtype=np.int32)
+    img = Image.fromarray(arr).convert(mode) if mode != "I" else Image.fromarray(arr)
     out, text = convert_pil_image(img)
-    assert (out.mode, text, _px(out)) == ("L", f"{mode}->L (min-max 10..30 stretched to 0..255)", [[0, 128, 255]])
+    assert (out.mode, text, _px(out)) == ("L", f"{mode}->L (min-max 10..30 stretched to 0..255)", [[0, 128, 191, 255]])
     out, text = convert_pil_image(img, keep_16bit=True)
     assert out.mode == "I;16" and text == f"{mode}->I;16 (min-max 10..30 stretched to 0..65535)"
-    assert _px(out) == [[0, 32768, 65535]]
+    assert _px(out) == [[0, 32768, 49151, 65535]]
 
 
 def test_float_images_become_8_bit_even_with_keep_16bit():

@@ -225,6 +225,7 @@ def test_a_row_arrow_refuses_costs_only_its_line(folder, monkeypatch):
     result = process_chunk(make_task(folder, "\n".join(sft(answer=f"Answer {i}.") for i in range(3)).encode()))
     [(line, reason, detail)] = rejects_of(folder, result)
     assert (line, reason) == (2, "internal_error") and " while converting the row to Arrow: " in detail
+    assert not detail.startswith("NoneType")                     # the exception Arrow raised is named
     assert [r["line_number"] for r in rows_of(folder, result)] == [1, 3]
     assert (result.rows_written, result.samples_written, result.rows_rejected, result.images) == (2, 2, 1, 2)
     assert result.text_tokens == 2 * (5 + 9)
@@ -324,3 +325,18 @@ def test_a_failed_chunk_rejects_only_its_byte_range(folder):
     result = failed_chunk(make_task(folder, b"a\nb\nc\n", length=4), "x")      # "a\nb\n" of the file
     assert result.rows_rejected == 2
     assert pq.read_table(folder / "staging" / "_rejects-00007.parquet").column("raw").to_pylist() == ["a", "b"]
+
+
+def test_a_chunk_whose_only_row_arrow_refuses_writes_no_shard(folder, monkeypatch):
+    real = ingest_chunk.ChunkProcessor.finish
+
+    def finish(self, items):
+        rows = real(self, items)
+        for row in rows:
+            row["num_tokens"] = "not a number"
+        return rows
+
+    monkeypatch.setattr(ingest_chunk.ChunkProcessor, "finish", finish)
+    result = process_chunk(make_task(folder, sft().encode()))
+    assert (result.shard_file, result.rows_written, result.rows_rejected) == (None, 0, 1)
+    assert not (folder / "staging" / "chunk-00007.parquet").exists()
