@@ -33,17 +33,20 @@ T = "tests/unit/"
 MODULES: dict[str, list[str]] = {
     "datasets_catalog/transforms.py": [T + "datasets_catalog/test_transforms.py"],
     "datasets_catalog/plan.py": [T + "datasets_catalog/test_sequence_plans.py", T + "pipelines/packing/test_packing.py"],
-    "pipelines/mixture/order.py": [T + "pipelines/mixture/test_mixture_order.py"],
+    "pipelines/mixture/order.py": [T + "pipelines/mixture/test_order_layers.py",
+                                   T + "pipelines/mixture/test_mixture_order.py"],
     "pipelines/packing/position_ids.py": [T + "pipelines/packing/test_packing_ops.py",
                                           T + "pipelines/packing/test_packing_properties.py"],
     "pipelines/packing/masks.py": [T + "pipelines/packing/test_masks.py"],
     "trainer/loss.py": [T + "trainer/test_loss.py"],
-    # encode_png, pixel_hash, scale_to_8bit and percentile_window are exercised by the DICOM / NIfTI readers
+    # the DICOM / NIfTI phantom tests also check encode_png, pixel_hash and the windows through the readers
     "pipelines/imaging/pixel_modes.py": [T + "pipelines/imaging/test_pixel_modes.py",
-                                         T + "pipelines/imaging/test_dicom_io.py", T + "pipelines/imaging/test_nifti_io.py"],
-    "pipelines/imaging/dicom.py": [T + "pipelines/imaging/test_dicom_io.py"],
-    "pipelines/imaging/nifti.py": [T + "pipelines/imaging/test_nifti_io.py"],
-    "pipelines/ingest/chunk.py": [T + "pipelines/ingest/test_ingest.py"],
+                                         T + "pipelines/imaging/test_pixel_rules.py",
+                                         T + "pipelines/imaging/test_dicom_rules.py",
+                                         T + "pipelines/imaging/test_nifti_rules.py"],
+    "pipelines/imaging/dicom.py": [T + "pipelines/imaging/test_dicom_rules.py", T + "pipelines/imaging/test_dicom_io.py"],
+    "pipelines/imaging/nifti.py": [T + "pipelines/imaging/test_nifti_io.py", T + "pipelines/imaging/test_nifti_rules.py"],
+    "pipelines/ingest/chunk.py": [T + "pipelines/ingest/test_chunk.py", T + "pipelines/ingest/test_ingest.py"],
 }
 PACKAGES = ("datasets_catalog", "pipelines", "model", "trainer", "jobs")
 # mutmut exit-code statuses -> our columns
@@ -115,6 +118,26 @@ def run_module(work: Path, module: str, max_children: int, log, only: list[str] 
     return seconds
 
 
+def mutant_diff(mutated: Path, function: str) -> str:
+    """The diff of one mutant against the original function, read from mutmut's mutated copy of the module
+    (which holds `<name>__mutmut_orig` and every `<name>__mutmut_<n>`): the same lines `mutmut show` prints,
+    without starting a mutmut process per survivor."""
+    import difflib
+    import re
+
+    source = mutated.read_text(encoding="utf-8")
+    base = function.rsplit("__mutmut_", 1)[0]
+
+    def body(name: str) -> list[str]:
+        found = re.search(r"^[ \t]*def " + re.escape(name) + r"\(.*?(?=^[ \t]*def |^[ \t]*class |^[A-Za-z_@]|\Z)",
+                          source, re.S | re.M)   # methods are indented in mutmut's copy
+        lines = found.group(0).splitlines() if found else [""]
+        return [lines[0].replace(name, base, 1), *lines[1:]]   # same name in both, so the signature compares
+
+    return "\n".join(difflib.unified_diff(body(base + "__mutmut_orig"), body(function), "original", "mutant",
+                                          lineterm="", n=0))
+
+
 def collect(work: Path, module: str, equivalents: dict[str, str]) -> ModuleResult:
     """Read mutmut's per-file results (mutants/<module>.meta) and the diff of every survivor."""
     ws = work / slug(module)
@@ -140,7 +163,7 @@ def collect(work: Path, module: str, equivalents: dict[str, str]) -> ModuleResul
             setattr(res, column, getattr(res, column) + 1)
         if column == "not_checked":   # an interrupted run: counted, listed in the table only
             continue
-        diff = mutmut(ws, "show", name).stdout.strip()
+        diff = mutant_diff(ws / "mutants" / module, name.rsplit(".", 1)[-1])
         res.survivors.append({"name": name, "status": column, "diff": diff, "equivalent": reason})
     counted = res.total - res.equivalent - res.not_checked   # an interrupted run scores what it checked
     res.score = (res.killed + res.timeout) / counted if counted else 1.0

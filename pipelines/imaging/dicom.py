@@ -101,7 +101,10 @@ def _check_decodable(ds) -> None:
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if ts is None:
         raise MedicalImageError(DICOM_INVALID, "the file meta has no Transfer Syntax UID; re-save the file with one")
-    decoder = get_decoder(ts)
+    try:
+        decoder = get_decoder(ts)
+    except NotImplementedError:   # pydicom 3 raises for a syntax it has no decoder for (instead of None)
+        decoder = None
     if decoder is None:
         raise MedicalImageError(DICOM_UNSUPPORTED_SYNTAX, f"no decoder exists for transfer syntax {ts.name} ({ts})")
     if not decoder.is_available:

@@ -256,3 +256,26 @@ def test_metadata_has_no_identifiers_and_allow_list_adds_tags():
 def test_allow_list_is_validated(tags, hint):
     with pytest.raises(ValueError, match=hint):
         MedicalOptions.from_mapping({"keep_dicom_tags": tags})
+
+
+def test_missing_decoder_message_is_exact(monkeypatch):
+    from pydicom.pixels import get_decoder
+
+    ds = _ds("MR_small_jpeg_ls_lossless.dcm")
+    decoder = get_decoder(ds.file_meta.TransferSyntaxUID)
+    monkeypatch.setattr(decoder, "_available", {})
+    with pytest.raises(MedicalImageError) as err:
+        decode_medical(_bytes("MR_small_jpeg_ls_lossless.dcm"), None)
+    missing = "; ".join(decoder.missing_dependencies) or "a decoding plugin"
+    assert err.value.detail == (f"pixel data is {ds.file_meta.TransferSyntaxUID.name}; install a decoder for it "
+                                f"({missing}), e.g. pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg")
+
+
+def test_undecodable_pixels_name_the_other_decoders():
+    from pydicom.pixels import get_decoder
+
+    ds = _ds("JPEG-lossy.dcm")
+    missing = "; ".join(get_decoder(ds.file_meta.TransferSyntaxUID).missing_dependencies)
+    with pytest.raises(MedicalImageError) as err:
+        decode_medical(_bytes("JPEG-lossy.dcm"), None)
+    assert missing and err.value.detail.endswith(f"; another decoder may read it ({missing})")
