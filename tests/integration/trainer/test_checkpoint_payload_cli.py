@@ -12,20 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers.pickle_payload import Payload
 from tests.helpers.shard_factory import write_mixture
 from trainer.checkpoint import local as ck
 from trainer.config import load_config
 from trainer.loop import train_loop
 
 ROOT = Path(__file__).resolve().parents[3]
-
-
-class Payload:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch '{self.marker}'",))
 
 
 @pytest.fixture(scope="module")

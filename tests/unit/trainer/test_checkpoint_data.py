@@ -3,7 +3,6 @@
 on resume (through resume_from, auto-resume or a full restore); the user gets one line naming the file."""
 from __future__ import annotations
 
-import os
 import zipfile
 from pathlib import Path
 
@@ -12,22 +11,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.helpers.pickle_payload import Payload
 from tests.helpers.shard_factory import write_mixture
 from trainer.checkpoint import local as ck
 from trainer.checkpoint.state_files import check_plain, load_state_file
 from trainer.config import load_config, validate
 from trainer.data import generation_groups
 from trainer.loop import train_loop
-
-
-class Payload:
-    """What an attacker pickles: loading it with weights_only=False runs `touch MARKER` (a shell command)."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch '{self.marker}'",))
 
 
 @pytest.fixture(scope="module")
