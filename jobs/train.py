@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def preflight(cfg) -> tuple[list[str], object, object]:
-    """Every check that can fail before a Ray worker starts, on the driver, all of them: resources (GPUs
+    """Every check that can fail before a Ray worker starts, on the driver, all of them (first, alone: paths a
+    submitted job cannot use, trainer.launch.submitted_job_problems): resources (GPUs
     when --use_gpu, the memory estimate per worker), the mixture against catalog and shards (the check
     jobs/plan.py runs: pipelines.mixture.sources.check_mixture), the training arguments, the eval: section
     and the resume source. Returns (problems, resume plan or None, mixture); pins the catalog the mixture
@@ -87,7 +88,11 @@ def preflight(cfg) -> tuple[list[str], object, object]:
     from pipelines.mixture.sources import check_mixture
     from trainer.config import ConfigError, validate
     from trainer.data import generation_groups, load_mixture, mandatory_coverage
+    from trainer.launch import submitted_job_problems
 
+    misplaced = submitted_job_problems(cfg)
+    if misplaced:   # under `ray job submit`: relative paths point into the job's throw-away folder, so the
+        return misplaced, None, None   # shard checks would only report the consequence of that
     problems = _resource_problems(cfg)
     mixture = None
     if cfg.mixture_path:

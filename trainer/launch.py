@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from trainer.checkpoint.remote import remote_checkpoint_root
 from trainer.config import TrainConfig, local_runs_root, resolve_paths
 
 
@@ -292,6 +291,8 @@ def launch(cfg: TrainConfig) -> dict[str, Any]:
         cfg.train.results_dir = str(cfg.results_dir)
     where = init_ray(cfg)
     trainer = build_trainer(cfg)
+    from trainer.checkpoint.remote import remote_checkpoint_root   # imports torch: not at preflight time
+
     remote = remote_checkpoint_root(cfg.run.storage_path, cfg.run_name)
     summary: dict[str, Any] = {
         "ray": where, "results_dir": str(cfg.results_dir), "checkpoint_dir": str(cfg.checkpoint_dir),
