@@ -100,10 +100,33 @@ def start_or_join(flag: Optional[str], local: dict[str, Any], join: dict[str, An
                 f"drop --address / RAY_ADDRESS to run on a local Ray") from None
         return f"Ray cluster at {address}", ""
     cluster = machine_cluster()
-    ray.init(address="local", **local)
+    _init_local(local)
     note = (f"a Ray cluster runs on this machine ({cluster}) and is not used: this run has its own local Ray; "
             f"pass --address auto to run on the cluster") if cluster else ""
     return "embedded local Ray", note
+
+
+def _init_local(settings: dict[str, Any]) -> None:
+    """ray.init(address="local") on a GCS port chosen here, told to the session's workers and actors as their
+    RAY_ADDRESS: Ray Train's helper actors look the cluster up by address, and with no RAY_ADDRESS they find
+    every Ray on the machine (or the one `ray start` recorded) instead of this one."""
+    import ray
+
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    runtime_env = dict(settings.get("runtime_env") or {})
+    address = f"{ray.util.get_node_ip_address()}:{port}"
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), "RAY_ADDRESS": address}
+    saved = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        ray.init(address="local", **{**settings, "runtime_env": runtime_env})
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = saved
 
 
 # -- paths of a submitted job -------------------------------------------------------------------------------
