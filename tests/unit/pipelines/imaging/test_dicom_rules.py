@@ -348,3 +348,33 @@ def test_nine_bit_rgb_is_scaled_and_noted():
                              PlanarConfiguration=0, BitsStored=9, HighBit=8))
     assert img.meta["color"] == "RGB (9-bit scaled to 8-bit)"
     assert np.asarray(Image.open(io.BytesIO(img.png))).tolist() == [[[0, 128, 255]]]
+
+
+def _palette(bits: int, entries: dict[str, list[int]] | None) -> bytes:
+    attrs = {}
+    for name, values in (entries or {}).items():
+        attrs[f"{name}PaletteColorLookupTableDescriptor"] = [len(values), 0, bits]
+        attrs[f"{name}PaletteColorLookupTableData"] = np.array(values, dtype="u1" if bits == 8 else "<u2").tobytes()
+    return _phantom(np.array([[0, 1, 2]], dtype=np.uint8), size=(1, 3), PhotometricInterpretation="PALETTE COLOR",
+                    BitsAllocated=8, BitsStored=8, HighBit=7, **attrs)
+
+
+def test_an_8_bit_palette_lut_decodes_or_is_a_reason():
+    # three 8-bit entries are 3 bytes, padded to 4 in the file; pydicom 3 reads 4 * 8 / 3 bits per entry and
+    # raises TypeError ('uint11'), which escaped as a traceback. Either the entries as they are (a pydicom that
+    # reads them) or the clear reason, never a traceback.
+    data = _palette(8, {"Red": [0, 18, 255], "Green": [0, 128, 255], "Blue": [0, 1, 127]})
+    try:
+        [img] = _decode(data)
+    except MedicalImageError as err:
+        assert str(err).startswith("dicom_unsupported_pixels: the PALETTE COLOR lookup table cannot be applied "
+                                   "(descriptor [3, 0, 8]); convert the file to RGB (pydicom: ")
+    else:
+        assert np.asarray(Image.open(io.BytesIO(img.png))).tolist() == [[[0, 0, 0], [18, 128, 1], [255, 255, 127]]]
+
+
+def test_a_palette_file_without_its_lut_is_a_reason():
+    err = _error(_palette(8, None))
+    assert err.reason == "dicom_unsupported_pixels"
+    assert str(err).startswith("dicom_unsupported_pixels: the PALETTE COLOR lookup table cannot be applied "
+                               "(no RedPaletteColorLookupTableDescriptor); convert the file to RGB (pydicom: ")
