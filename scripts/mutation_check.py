@@ -104,6 +104,9 @@ def make_workspace(work: Path, module: str, resume: bool = False) -> Path:
         f.write("\n".join(section))
     if kept.is_dir():
         os.replace(kept, ws / "mutants")
+        # mutmut's test-to-function map from the last run only learns about tests added since; a function added
+        # since would be tested by those alone, so the map is rebuilt (one run of the module's tests)
+        (ws / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     return ws
 
 
