@@ -340,3 +340,89 @@ def test_a_chunk_whose_only_row_arrow_refuses_writes_no_shard(folder, monkeypatc
     result = process_chunk(make_task(folder, sft().encode()))
     assert (result.shard_file, result.rows_written, result.rows_rejected) == (None, 0, 1)
     assert not (folder / "staging" / "chunk-00007.parquet").exists()
+
+
+def test_get_tokenizer_loads_each_spec_once(monkeypatch, tmp_path):
+    monkeypatch.setattr(ingest_chunk, "_TOKENIZERS", {})
+    tok = ingest_chunk.get_tokenizer(None)
+    assert tok.encode("ab") == [tok.encode("a")[0], tok.encode("b")[0]]   # the builtin tokenizer: a token a byte
+    assert ingest_chunk.get_tokenizer(None) is tok and ingest_chunk._TOKENIZERS == {None: tok}
+    with pytest.raises(FileNotFoundError):                                # a directory spec is loaded, not ignored
+        ingest_chunk.get_tokenizer(str(tmp_path / "no-tokenizer-here"))
+
+
+def test_vae_uses_one_image_budget_and_vit_the_image_count(folder):
+    # VAE max_pixels 300,000: 512 x 512 = 262,144 fits the budget of one image (the VAE transform always gets
+    # img_num 1). vlm_sft shares the ViT budget between a record's images (docs/upstream-compat.md#resize-rule):
+    # max_pixels 200,000 / 2 images = 100,000 < 378 x 378 = 142,884, so s = 100,000 / 142,884; 378 s = 264.55
+    # -> 265 -> 265 / 14 = 18.9 -> 19 x 14 = 266; 19 x 19 = 361 patches
+    two = json.dumps({"image": ["a.png", "b.png"], "conversations": [
+        {"from": "human", "value": "<image><image>\nSame?"}, {"from": "gpt", "value": "No."}]})
+    result = process_chunk(make_task(folder, two.encode(), task="vlm_sft",
+                                     image_transform_args={**VAE, "max_pixels": 300_000},
+                                     vit_image_transform_args={**VIT, "max_pixels": 200_000}))
+    [row] = rows_of(folder, result)
+    assert [(i["vae_width"], i["vae_height"], i["vae_tokens"], i["vit_width"], i["vit_height"], i["vit_tokens"])
+            for i in row["input_images"]] == [(512, 512, 1024, 266, 266, 361)] * 2
+
+
+def _nifti_patterns(path: Path) -> None:
+    """16x16x3: slice 0 left half 1, slice 1 top half 1, slice 2 one corner quarter 1 (the rest 0)."""
+    data = np.zeros((16, 16, 3), dtype=np.float32)
+    data[:8, :, 0] = 1
+    data[:, :8, 1] = 1
+    data[:8, :8, 2] = 1
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+
+
+def test_medical_meta_is_sorted_json_and_stored_pixels_follow_the_slice(folder):
+    _nifti_patterns(folder / "data" / "v.nii")
+    lines = "\n".join([sft("v.nii"), sft()])
+    result = process_chunk(make_task(folder, lines.encode(), store_pixels=True, extra_options={"slices": "all"}))
+    rows = rows_of(folder, result)
+    assert [r["sample_id"] for r in rows] == ["d:1:s0", "d:1:s1", "d:1:s2", "d:2"]
+    images = [r["input_images"][0] for r in rows]
+    assert images[3]["meta"] is None                                   # a PNG has no medical metadata
+    metas = [json.loads(i["meta"]) for i in images[:3]]
+    assert [m["slice"] for m in metas] == [0, 1, 2]
+    for image, meta in zip(images[:3], metas):                         # keys sorted, at every level
+        assert image["meta"] == json.dumps(meta, sort_keys=True)
+    # each slice row stores its own slice's pixels (the decoder is told the slice by the meta): three patterns
+    assert len({i["vae_pixels"] for i in images[:3]}) == 3
+    assert len({i["vit_pixels"] for i in images[:3]}) == 3
+
+
+class CountingTokenizer(FlakyTokenizer):
+    """FlakyTokenizer that records every call's texts."""
+
+    def __init__(self):
+        self.calls: list[list[str]] = []
+
+    def count_tokens(self, texts):
+        self.calls.append(list(texts))
+        return super().count_tokens(texts)
+
+
+def test_one_batch_call_counts_every_record(folder, monkeypatch):
+    tok = CountingTokenizer()
+    monkeypatch.setattr(ingest_chunk, "get_tokenizer", lambda spec: tok)
+    lines = "\n".join([sft(question="Q1", answer="A"), sft(question="Q22", answer="Bb")])
+    result = process_chunk(make_task(folder, lines.encode()))
+    assert tok.calls == [["Q1", "A", "Q22", "Bb"]]           # one call for the group, texts in record order
+    assert [r["text_tokens"] for r in rows_of(folder, result)] == [2 + 1, 3 + 2]
+
+
+def test_an_image_struct_is_built_once_per_file_and_setting(folder, monkeypatch):
+    built = []
+    real = ingest_chunk.ChunkProcessor._image_struct
+
+    def spy(self, ref, rel, probe, vit_num):
+        built.append(rel)
+        return real(self, ref, rel, probe, vit_num)
+
+    monkeypatch.setattr(ingest_chunk.ChunkProcessor, "_image_struct", spy)
+    lines = "\n".join([sft(), sft(answer="Again."), sft("b.png"), sft()])
+    result = process_chunk(make_task(folder, lines.encode()))
+    assert result.rows_written == 4 and built == ["a.png", "b.png"]          # a.png's struct is reused
+    process_chunk(make_task(folder, sft().encode()))                        # the next chunk of this process too
+    assert built == ["a.png", "b.png"]
