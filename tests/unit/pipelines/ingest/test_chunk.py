@@ -426,3 +426,73 @@ def test_an_image_struct_is_built_once_per_file_and_setting(folder, monkeypatch)
     assert result.rows_written == 4 and built == ["a.png", "b.png"]          # a.png's struct is reused
     process_chunk(make_task(folder, sft().encode()))                        # the next chunk of this process too
     assert built == ["a.png", "b.png"]
+
+
+def test_the_tasks_tokenizer_spec_and_row_identity(folder, monkeypatch):
+    specs = []
+    monkeypatch.setattr(ingest_chunk, "get_tokenizer", lambda spec: specs.append(spec) or FlakyTokenizer())
+    result = process_chunk(make_task(folder, sft().encode(), tokenizer="some/tokenizer/dir"))
+    assert specs == ["some/tokenizer/dir"]
+    [row] = rows_of(folder, result)
+    assert (row["sample_id"], row["dataset"], row["task"], row["line_number"]) == ("d:1", "d", "sft", 1)
+
+
+def test_a_record_mapping_reads_openai_style_records(folder):
+    # columns/tags of the catalog entry: messages under "msgs", images under "pics", role "role" / text "content"
+    mapping = {"messages": "msgs", "images": "pics", "role_tag": "role", "content_tag": "content",
+               "user_tag": "user", "assistant_tag": "assistant"}
+    line = json.dumps({"pics": ["a.png"], "msgs": [{"role": "user", "content": "<image>\nWhat?"},
+                                                  {"role": "assistant", "content": "Yes."}]})
+    result = process_chunk(make_task(folder, line.encode(), task="vlm_sft", extra_options={"record_mapping": mapping}))
+    [row] = rows_of(folder, result)
+    assert row["messages"] == [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Yes."}]
+    assert [i["path"] for i in row["input_images"]] == ["a.png"] and row["text_tokens"] == 5 + 4
+
+
+def test_image_byte_cap_and_verify_reach_the_probe(folder):
+    # a.png is a 16x16 PNG of more than 50 bytes: a 50-byte cap rejects it before it is opened
+    result = process_chunk(make_task(folder, sft().encode(), max_image_bytes=50))
+    assert result.reasons == {"image_too_big": 1}
+    body = bytearray(png(16, 16))
+    at = body.index(b"IDAT") + 6
+    body[at:at + 8] = b"\xff" * 8                     # the header is valid, the compressed pixels are not
+    (folder / "data" / "cut.png").write_bytes(bytes(body))
+    assert process_chunk(make_task(folder, sft("cut.png").encode())).rows_written == 1       # header-only probe
+    image_cache.PROBES.clear()
+    image_cache.STRUCTS.clear()
+    assert process_chunk(make_task(folder, sft("cut.png").encode(), verify_images=True)).reasons == {"image_corrupt": 1}
+
+
+def test_a_file_is_probed_once_per_process(folder, monkeypatch):
+    probed = []
+    real = ingest_chunk.probe_image
+
+    def spy(*args, **kwargs):
+        probed.append(args[0] if args else kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ingest_chunk, "probe_image", spy)
+    process_chunk(make_task(folder, "\n".join([sft(), sft(answer="Again."), sft("b.png")]).encode()))
+    process_chunk(make_task(folder, sft().encode()))
+    assert len(probed) == 2                                               # a.png and b.png, once each
+
+
+def test_images_after_the_expanded_one_stay_in_every_slice_row(folder):
+    _nifti(folder / "data" / "v.nii", 2)
+    line = json.dumps({"input_img": [{"path": "a.png"}, {"path": "v.nii"}, {"path": "b.png"}],
+                       "message": [{"from": "human", "value": "<image><image><image>\nCompare."},
+                                   {"from": "gpt", "value": "Same."}]})
+    result = process_chunk(make_task(folder, line.encode(), extra_options={"slices": "all"}))
+    rows = rows_of(folder, result)
+    assert [r["sample_id"] for r in rows] == ["d:1:s0", "d:1:s1"]
+    assert [[i["path"] for i in r["input_images"]] for r in rows] == [["a.png", "v.nii", "b.png"]] * 2
+
+
+def test_cached_structs_follow_the_extra_options(folder):
+    _nifti_patterns(folder / "data" / "v.nii")
+    sources = []
+    for window in ("minmax", "lung", "minmax"):
+        result = process_chunk(make_task(folder, sft("v.nii").encode(), extra_options={"window": window}))
+        sources.append(json.loads(rows_of(folder, result)[0]["input_images"][0]["meta"])["window"]["source"])
+    assert sources == ["minmax", "lung", "minmax"]
+
