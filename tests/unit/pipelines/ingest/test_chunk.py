@@ -496,3 +496,23 @@ def test_cached_structs_follow_the_extra_options(folder):
         sources.append(json.loads(rows_of(folder, result)[0]["input_images"][0]["meta"])["window"]["source"])
     assert sources == ["minmax", "lung", "minmax"]
 
+
+
+def test_an_unexpected_error_while_probing_costs_only_its_line(folder, monkeypatch):
+    real = ingest_chunk.ChunkProcessor.probe_record
+
+    def probe_record(self, line_number, raw, *args, **kwargs):
+        if line_number == 3:
+            raise RuntimeError("boom")
+        return real(self, line_number, raw, *args, **kwargs)
+
+    monkeypatch.setattr(ingest_chunk.ChunkProcessor, "probe_record", probe_record)
+    lines = "\n".join([sft(), "", sft(answer="Two."), "", sft(answer="Three.")])    # lines 1, 3, 5; 2 blanks
+    result = process_chunk(make_task(folder, lines.encode()))
+    assert rejects_of(folder, result) == [(3, "internal_error", "RuntimeError while validating the record and "
+                                                                "probing its images: boom" + TAIL)]
+    [reject] = pq.read_table(folder / "staging" / result.rejects_file).to_pylist()
+    assert reject["raw"] == sft(answer="Two.")
+    assert [r["line_number"] for r in rows_of(folder, result)] == [1, 5]
+    assert (result.blank_lines, result.rows_rejected, result.rows_written) == (2, 1, 2)
+    assert 0 <= result.seconds < 600
