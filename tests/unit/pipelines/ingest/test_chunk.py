@@ -516,3 +516,23 @@ def test_an_unexpected_error_while_probing_costs_only_its_line(folder, monkeypat
     assert [r["line_number"] for r in rows_of(folder, result)] == [1, 5]
     assert (result.blank_lines, result.rows_rejected, result.rows_written) == (2, 1, 2)
     assert 0 <= result.seconds < 600
+
+
+@pytest.mark.parametrize("rows, nbytes, logical, groups", [
+    # the same image s bytes in every row: counted once per group for the distinct bytes, once per row for the
+    # logical (in-memory) bytes
+    (256, None, "2s", [2, 2, 2, 1]),      # logical s, 2s >= 2s: close every 2 rows
+    (256, None, "2s+1", [3, 3, 1]),       # s, 2s, 3s >= 2s + 1: every 3 rows; the count restarts at 0
+    (2, "s+1", None, [2, 2, 2, 1]),       # distinct bytes s < s + 1 never close; each new group restarts at 0
+])
+def test_row_groups_close_by_logical_bytes_and_restart_their_counts(folder, monkeypatch, rows, nbytes, logical,
+                                                                     groups):
+    s = len(png(16, 16))
+    limits = {None: None, "s+1": s + 1, "2s": 2 * s, "2s+1": 2 * s + 1}
+    if logical:
+        monkeypatch.setattr(ingest_chunk, "ROW_GROUP_LOGICAL_BYTES", limits[logical])
+    lines = "\n".join(sft(answer=f"Answer {i}.") for i in range(7))
+    kw = {"row_group_bytes": limits[nbytes]} if nbytes else {}
+    result = process_chunk(make_task(folder, lines.encode(), row_group_rows=rows, **kw))
+    meta = pq.ParquetFile(folder / "staging" / result.shard_file).metadata
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == groups
