@@ -536,3 +536,46 @@ def test_row_groups_close_by_logical_bytes_and_restart_their_counts(folder, monk
     result = process_chunk(make_task(folder, lines.encode(), row_group_rows=rows, **kw))
     meta = pq.ParquetFile(folder / "staging" / result.shard_file).metadata
     assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == groups
+
+
+def test_a_slice_row_that_fails_rejects_its_whole_line_once(folder, monkeypatch):
+    _nifti(folder / "data" / "v.nii", 3)
+    real = ingest_chunk.packed_length
+    calls = []
+
+    def first_fails(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyError("x")
+        return real(*args)
+
+    monkeypatch.setattr(ingest_chunk, "packed_length", first_fails)
+    lines = "\n".join([sft("v.nii"), sft()])
+    result = process_chunk(make_task(folder, lines.encode(), extra_options={"slices": "all"}))
+    assert rejects_of(folder, result) == [(1, "internal_error", "KeyError while building the row: 'x'" + TAIL)]
+    assert [r["sample_id"] for r in rows_of(folder, result)] == ["d:2"]     # slices 1 and 2 of line 1 dropped too
+    assert len(calls) == 2                                                  # line 1's other slices not built
+
+
+def test_a_text_only_record_keeps_its_line_and_raw_bytes(folder, monkeypatch):
+    monkeypatch.setattr(ingest_chunk, "get_tokenizer", lambda spec: FlakyTokenizer())
+    text = json.dumps({"message": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]})
+    boom = json.dumps({"message": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "BOOM"}]})
+    result = process_chunk(make_task(folder, "\n".join(["", text, boom]).encode(), task="text_only", data_dir=None))
+    [row] = rows_of(folder, result)
+    assert (row["sample_id"], row["line_number"], row["input_images"], row["text_tokens"]) == ("d:2", 2, [], 3 + 6)
+    [reject] = pq.read_table(folder / "staging" / result.rejects_file).to_pylist()
+    assert (reject["line_number"], reject["reason"], reject["raw"]) == (3, "internal_error", boom)
+
+
+def test_stored_pixels_of_a_medical_image_follow_the_catalog_window(folder):
+    # values 0 and 1 through the lung window (centre -600, width 1500) are both light grey, near 230; through
+    # min-max they are black and white: the stored pixels must differ
+    _nifti_patterns(folder / "data" / "v.nii")
+    stored = {}
+    for window in ("minmax", "lung"):
+        result = process_chunk(make_task(folder, sft("v.nii").encode(), store_pixels=True,
+                                         extra_options={"window": window}))
+        stored[window] = rows_of(folder, result)[0]["input_images"][0]["vae_pixels"]
+    assert set(stored["minmax"]) >= {0, 255}
+    assert min(stored["lung"]) > 200 and stored["lung"] != stored["minmax"]
