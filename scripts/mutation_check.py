@@ -12,6 +12,7 @@ Score = (killed + timed out) / (all - equivalent). See docs/testing.md#mutation-
     python scripts/mutation_check.py                              # every module (about 30 min on 2 cores)
     python scripts/mutation_check.py --module trainer/loss.py     # one module
     python scripts/mutation_check.py --report-only                # rebuild the report from the last runs
+    python scripts/mutation_check.py --module M --resume          # finish a stopped run of M
 """
 from __future__ import annotations
 
@@ -76,9 +77,16 @@ def slug(module: str) -> str:
     return module.replace("/", "__").removesuffix(".py")
 
 
-def make_workspace(work: Path, module: str) -> Path:
-    """A fresh copy of the tracked files, with the mutmut section for this module in its pyproject.toml."""
+def make_workspace(work: Path, module: str, resume: bool = False) -> Path:
+    """A fresh copy of the tracked files, with the mutmut section for this module in its pyproject.toml.
+    With `resume`, the previous run's `mutants/` folder is kept: mutmut then runs only the mutants with no
+    result yet (an interrupted run) and those of functions whose source changed since (it keys results by a
+    hash of each function), and keeps every other verdict."""
     ws = work / slug(module)
+    kept = work / (slug(module) + ".mutants-kept")
+    if resume and (ws / "mutants").is_dir():
+        shutil.rmtree(kept, ignore_errors=True)
+        os.replace(ws / "mutants", kept)
     if ws.exists():
         shutil.rmtree(ws)
     files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
@@ -94,6 +102,11 @@ def make_workspace(work: Path, module: str) -> Path:
                "pytest_add_cli_args = [\"-p\", \"no:cacheprovider\"]", "use_git_change_detection = false", ""]
     with open(ws / "pyproject.toml", "a", encoding="utf-8") as f:
         f.write("\n".join(section))
+    if kept.is_dir():
+        os.replace(kept, ws / "mutants")
+        # mutmut's test-to-function map from the last run only learns about tests added since; a function added
+        # since would be tested by those alone, so the map is rebuilt (one run of the module's tests)
+        (ws / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     return ws
 
 
@@ -104,8 +117,9 @@ def mutmut(ws: Path, *args: str, capture: bool = True) -> subprocess.CompletedPr
     return subprocess.run([str(exe), *args], cwd=ws, env=env, capture_output=capture, text=True)
 
 
-def run_module(work: Path, module: str, max_children: int, log, only: list[str] | None = None) -> float:
-    ws = make_workspace(work, module)
+def run_module(work: Path, module: str, max_children: int, log, only: list[str] | None = None,
+               resume: bool = False) -> float:
+    ws = make_workspace(work, module, resume)
     log(f"[mutation] {module}: mutmut run in {ws} (tests: {' '.join(MODULES[module])})")
     started = time.perf_counter()
     proc = mutmut(ws, "run", "--max-children", str(max_children), *(only or []))
@@ -206,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="report prefix: writes OUT.json and OUT.md (default: mutation-report)")
     p.add_argument("--max-children", type=int, default=1, help="parallel mutant runs (default 1)")
     p.add_argument("--target", type=float, default=0.9, help="score every module must reach (default 0.9)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the last run's results in --work and run only the mutants without one (a stopped "
+                        "run) or whose function changed since")
     p.add_argument("--report-only", action="store_true", help="do not run mutmut; report the last runs in --work")
     p.add_argument("--only", nargs="+", metavar="NAME",
                    help="run only these mutants (mutmut names or globs), e.g. the survivors of a previous run; "
@@ -222,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         args.work.mkdir(parents=True, exist_ok=True)
         for module in modules:
-            run_module(args.work, module, args.max_children, log, args.only)
+            run_module(args.work, module, args.max_children, log, args.only, args.resume)
     results = [collect(args.work, m, equivalents) for m in modules]
     missing = [r.module for r in results if r.total == 0]
     if missing:

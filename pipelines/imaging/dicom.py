@@ -181,12 +181,27 @@ def _grey_display(ds, stored: np.ndarray, options: MedicalOptions) -> tuple[np.n
     return to_display(shown, options.keep_16bit), window
 
 
+def _palette_lut(stored: np.ndarray, ds) -> np.ndarray:
+    """pydicom's palette lookup; a table it cannot apply is a reject reason, not a traceback (an 8-bit LUT whose
+    data is padded to an even length makes it ask numpy for a 'uint11' type, a missing table is a ValueError)."""
+    from pydicom.pixels import apply_color_lut
+
+    try:
+        return apply_color_lut(stored, ds)
+    except (TypeError, ValueError, AttributeError, IndexError, KeyError) as exc:
+        desc = ds.get("RedPaletteColorLookupTableDescriptor")
+        table = f"descriptor {[int(v) for v in desc]}" if desc is not None else "no RedPaletteColorLookupTableDescriptor"
+        raise MedicalImageError(
+            DICOM_UNSUPPORTED_PIXELS,
+            f"the PALETTE COLOR lookup table cannot be applied ({table}); convert the file to RGB "
+            f"(pydicom: {type(exc).__name__}: {exc})",
+        ) from None
+
+
 def _colour_display(ds, stored: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     if photometric == "PALETTE COLOR":
-        from pydicom.pixels import apply_color_lut
-
-        rgb = apply_color_lut(stored, ds)
+        rgb = _palette_lut(stored, ds)
         if rgb.dtype.itemsize > 1:  # 16-bit LUT entries: keep the high byte (0xFF00 -> 255)
             rgb = (np.asarray(rgb, dtype=np.uint32) >> 8).astype(np.uint8)
         return np.asarray(rgb, dtype=np.uint8), {"color": "PALETTE COLOR->RGB (palette LUT)"}

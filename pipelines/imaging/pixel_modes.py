@@ -86,9 +86,10 @@ class WindowSpec:
         if "/" in text:
             c, _, w = text.partition("/")
             try:
-                return cls._fixed(float(c), float(w))
+                center, width = float(c), float(w)
             except ValueError:
                 raise ValueError(f"window {value!r}: write CENTER/WIDTH, e.g. 40/400") from None
+            return cls._fixed(center, width)   # outside the try: its precise message (width >= 1) is kept
         raise ValueError(
             f"unknown window {value!r}; use auto, minmax, percentile:LO,HI, CENTER/WIDTH or a preset: "
             + ", ".join(sorted(WINDOW_PRESETS))

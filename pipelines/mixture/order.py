@@ -89,8 +89,10 @@ class PassOrder:
 
     def split(self, u: int) -> tuple[int, int] | None:
         """(pass, position) of global position u (None only for an empty group)."""
+        if not self.span:   # an empty group: no pass has a position (divmod by 0 otherwise)
+            return None
         k, p = divmod(u, self.span)
-        return None if p >= self.total else (k, p)
+        return k, p
 
 
 def round_length(rows: int, slots: int) -> int:

@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pytest
 from PIL import Image
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
@@ -348,3 +349,103 @@ def test_nine_bit_rgb_is_scaled_and_noted():
                              PlanarConfiguration=0, BitsStored=9, HighBit=8))
     assert img.meta["color"] == "RGB (9-bit scaled to 8-bit)"
     assert np.asarray(Image.open(io.BytesIO(img.png))).tolist() == [[[0, 128, 255]]]
+
+
+def _palette(bits: int, entries: dict[str, list[int]] | None) -> bytes:
+    attrs = {}
+    for name, values in (entries or {}).items():
+        attrs[f"{name}PaletteColorLookupTableDescriptor"] = [len(values), 0, bits]
+        attrs[f"{name}PaletteColorLookupTableData"] = np.array(values, dtype="u1" if bits == 8 else "<u2").tobytes()
+    return _phantom(np.array([[0, 1, 2]], dtype=np.uint8), size=(1, 3), PhotometricInterpretation="PALETTE COLOR",
+                    BitsAllocated=8, BitsStored=8, HighBit=7, **attrs)
+
+
+def test_an_8_bit_palette_lut_decodes_or_is_a_reason():
+    # three 8-bit entries are 3 bytes, padded to 4 in the file; pydicom 3 reads 4 * 8 / 3 bits per entry and
+    # raises TypeError ('uint11'), which escaped as a traceback. Either the entries as they are (a pydicom that
+    # reads them) or the clear reason, never a traceback.
+    data = _palette(8, {"Red": [0, 18, 255], "Green": [0, 128, 255], "Blue": [0, 1, 127]})
+    try:
+        [img] = _decode(data)
+    except MedicalImageError as err:
+        assert str(err).startswith("dicom_unsupported_pixels: the PALETTE COLOR lookup table cannot be applied "
+                                   "(descriptor [3, 0, 8]); convert the file to RGB (pydicom: ")
+    else:
+        assert np.asarray(Image.open(io.BytesIO(img.png))).tolist() == [[[0, 0, 0], [18, 128, 1], [255, 255, 127]]]
+
+
+def test_a_palette_file_without_its_lut_is_a_reason():
+    err = _error(_palette(8, None))
+    assert err.reason == "dicom_unsupported_pixels"
+    assert str(err).startswith("dicom_unsupported_pixels: the PALETTE COLOR lookup table cannot be applied "
+                               "(no RedPaletteColorLookupTableDescriptor); convert the file to RGB (pydicom: ")
+
+
+def _resaved(data: bytes, drop: tuple[str, ...] = (), **attrs) -> bytes:
+    """`data` read back, with the `drop` elements deleted and `attrs` set, saved again."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    for keyword in drop:
+        delattr(ds, keyword)
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("keyword, dtype", [("FloatPixelData", "<f4"), ("DoubleFloatPixelData", "<f8")])
+def test_float_pixel_data_is_named_in_the_reject(keyword, dtype):
+    data = _resaved(_phantom(), drop=("PixelData",), **{keyword: np.zeros(12, dtype=dtype).tobytes()})
+    assert str(_error(data)) == ("dicom_no_pixels: the file has FloatPixelData (e.g. a report or structure set); "
+                                 "only image DICOMs can be ingested")
+
+
+def test_missing_rows_is_an_invalid_file():
+    err = _error(_resaved(_phantom(), drop=("Rows",)))
+    assert err.reason == "dicom_invalid" and err.detail.startswith("image attributes are missing or malformed (")
+
+
+def test_two_frames_and_a_zero_frame_count():
+    frames = np.stack([STORED, STORED + 100])                       # 2 frames: the middle rule picks 2 // 2 = 1
+    data = _phantom(frames, NumberOfFrames=2)
+    [middle] = _decode(data)
+    assert (middle.index, middle.suffix, middle.meta["frame"], middle.meta["num_frames"]) == (1, None, 1, 2)
+    every = _decode(data, frame="all")
+    assert [(f.index, f.suffix, f.meta["frame"]) for f in every] == [(0, "f0", 0), (1, "f1", 1)]
+    assert every[1].sha256 == middle.sha256 != every[0].sha256      # each frame its own stored pixels
+    # NumberOfFrames 0 counts as one frame: no frame keys, the single frame's pixels
+    [one] = _decode(_phantom(NumberOfFrames=0))
+    assert (one.index, one.suffix) == (None, None) and "frame" not in one.meta
+    assert _grey(one) == _levels(LEVELS_8)
+
+
+def test_missing_decoder_plugins_are_listed(monkeypatch):
+    import pydicom.pixels
+
+    class Decoder:
+        is_available = True   # the installed decoder fails; the other plugins it lists are missing
+        missing_dependencies = ["plugin a needs x", "plugin b needs y"]
+
+    def pixel_array(*args, **kwargs):
+        raise ValueError("boom")
+
+    monkeypatch.setattr(pydicom.pixels, "pixel_array", pixel_array)
+    monkeypatch.setattr(pydicom.pixels, "get_decoder", lambda uid: Decoder())
+    assert _error(_phantom()).detail == ("could not decode the pixel data (Explicit VR Little Endian): boom; another "
+                                         "decoder may read it (plugin a needs x; plugin b needs y)")
+    Decoder.is_available = False   # no plugin at all: the decoder-missing reason lists the same two
+    assert str(_error(_phantom())) == ("dicom_decoder_missing: pixel data is Explicit VR Little Endian; install a "
+                                       "decoder for it (plugin a needs x; plugin b needs y), e.g. pip install "
+                                       "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg")
+
+
+def test_a_palette_lut_error_names_its_type(monkeypatch):
+    import pydicom.pixels
+
+    def apply_color_lut(*args, **kwargs):
+        raise TypeError("bad table")
+
+    monkeypatch.setattr(pydicom.pixels, "apply_color_lut", apply_color_lut)
+    data = _palette(8, {"Red": [0, 1], "Green": [0, 1], "Blue": [0, 1]})
+    assert str(_error(data)) == ("dicom_unsupported_pixels: the PALETTE COLOR lookup table cannot be applied "
+                                 "(descriptor [2, 0, 8]); convert the file to RGB (pydicom: TypeError: bad table)")

@@ -67,7 +67,11 @@ def test_window_values_parse_and_describe(value, expected, described):
     ("percentile:-1,50", "window 'percentile:-1,50': need 0 <= LO < HI <= 100"),
     ("percentile:0,100.5", "window 'percentile:0,100.5': need 0 <= LO < HI <= 100"),
     ("a/b", "window 'a/b': write CENTER/WIDTH, e.g. 40/400"),
-    ("40/0.5", "window '40/0.5': write CENTER/WIDTH, e.g. 40/400"),
+    # a well-formed CENTER/WIDTH whose width is below 1 gets the precise message, not the "write" hint
+    ("40/0.5", "window width must be a finite number >= 1, got 0.5"),
+    ("40/0", "window width must be a finite number >= 1, got 0.0"),
+    ("40/-400", "window width must be a finite number >= 1, got -400.0"),
+    ("40/400/2", "window '40/400/2': write CENTER/WIDTH, e.g. 40/400"),
     ({"center": 40, "width": 0.5}, "window width must be a finite number >= 1, got 0.5"),
     ({"center": float("nan"), "width": 40}, "window width must be a finite number >= 1, got 40"),
     ({"center": 40, "width": float("inf")}, "window width must be a finite number >= 1, got inf"),

@@ -340,3 +340,242 @@ def test_a_chunk_whose_only_row_arrow_refuses_writes_no_shard(folder, monkeypatc
     result = process_chunk(make_task(folder, sft().encode()))
     assert (result.shard_file, result.rows_written, result.rows_rejected) == (None, 0, 1)
     assert not (folder / "staging" / "chunk-00007.parquet").exists()
+
+
+def test_get_tokenizer_loads_each_spec_once(monkeypatch, tmp_path):
+    monkeypatch.setattr(ingest_chunk, "_TOKENIZERS", {})
+    tok = ingest_chunk.get_tokenizer(None)
+    assert tok.encode("ab") == [tok.encode("a")[0], tok.encode("b")[0]]   # the builtin tokenizer: a token a byte
+    assert ingest_chunk.get_tokenizer(None) is tok and ingest_chunk._TOKENIZERS == {None: tok}
+    with pytest.raises(FileNotFoundError):                                # a directory spec is loaded, not ignored
+        ingest_chunk.get_tokenizer(str(tmp_path / "no-tokenizer-here"))
+
+
+def test_vae_uses_one_image_budget_and_vit_the_image_count(folder):
+    # VAE max_pixels 300,000: 512 x 512 = 262,144 fits the budget of one image (the VAE transform always gets
+    # img_num 1). vlm_sft shares the ViT budget between a record's images (docs/upstream-compat.md#resize-rule):
+    # max_pixels 200,000 / 2 images = 100,000 < 378 x 378 = 142,884, so s = 100,000 / 142,884; 378 s = 264.55
+    # -> 265 -> 265 / 14 = 18.9 -> 19 x 14 = 266; 19 x 19 = 361 patches
+    two = json.dumps({"image": ["a.png", "b.png"], "conversations": [
+        {"from": "human", "value": "<image><image>\nSame?"}, {"from": "gpt", "value": "No."}]})
+    result = process_chunk(make_task(folder, two.encode(), task="vlm_sft",
+                                     image_transform_args={**VAE, "max_pixels": 300_000},
+                                     vit_image_transform_args={**VIT, "max_pixels": 200_000}))
+    [row] = rows_of(folder, result)
+    assert [(i["vae_width"], i["vae_height"], i["vae_tokens"], i["vit_width"], i["vit_height"], i["vit_tokens"])
+            for i in row["input_images"]] == [(512, 512, 1024, 266, 266, 361)] * 2
+
+
+def _nifti_patterns(path: Path) -> None:
+    """16x16x3: slice 0 left half 1, slice 1 top half 1, slice 2 one corner quarter 1 (the rest 0)."""
+    data = np.zeros((16, 16, 3), dtype=np.float32)
+    data[:8, :, 0] = 1
+    data[:, :8, 1] = 1
+    data[:8, :8, 2] = 1
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+
+
+def test_medical_meta_is_sorted_json_and_stored_pixels_follow_the_slice(folder):
+    _nifti_patterns(folder / "data" / "v.nii")
+    lines = "\n".join([sft("v.nii"), sft()])
+    result = process_chunk(make_task(folder, lines.encode(), store_pixels=True, extra_options={"slices": "all"}))
+    rows = rows_of(folder, result)
+    assert [r["sample_id"] for r in rows] == ["d:1:s0", "d:1:s1", "d:1:s2", "d:2"]
+    images = [r["input_images"][0] for r in rows]
+    assert images[3]["meta"] is None                                   # a PNG has no medical metadata
+    metas = [json.loads(i["meta"]) for i in images[:3]]
+    assert [m["slice"] for m in metas] == [0, 1, 2]
+    for image, meta in zip(images[:3], metas):                         # keys sorted, at every level
+        assert image["meta"] == json.dumps(meta, sort_keys=True)
+    # each slice row stores its own slice's pixels (the decoder is told the slice by the meta): three patterns
+    assert len({i["vae_pixels"] for i in images[:3]}) == 3
+    assert len({i["vit_pixels"] for i in images[:3]}) == 3
+
+
+class CountingTokenizer(FlakyTokenizer):
+    """FlakyTokenizer that records every call's texts."""
+
+    def __init__(self):
+        self.calls: list[list[str]] = []
+
+    def count_tokens(self, texts):
+        self.calls.append(list(texts))
+        return super().count_tokens(texts)
+
+
+def test_one_batch_call_counts_every_record(folder, monkeypatch):
+    tok = CountingTokenizer()
+    monkeypatch.setattr(ingest_chunk, "get_tokenizer", lambda spec: tok)
+    lines = "\n".join([sft(question="Q1", answer="A"), sft(question="Q22", answer="Bb")])
+    result = process_chunk(make_task(folder, lines.encode()))
+    assert tok.calls == [["Q1", "A", "Q22", "Bb"]]           # one call for the group, texts in record order
+    assert [r["text_tokens"] for r in rows_of(folder, result)] == [2 + 1, 3 + 2]
+
+
+def test_an_image_struct_is_built_once_per_file_and_setting(folder, monkeypatch):
+    built = []
+    real = ingest_chunk.ChunkProcessor._image_struct
+
+    def spy(self, ref, rel, probe, vit_num):
+        built.append(rel)
+        return real(self, ref, rel, probe, vit_num)
+
+    monkeypatch.setattr(ingest_chunk.ChunkProcessor, "_image_struct", spy)
+    lines = "\n".join([sft(), sft(answer="Again."), sft("b.png"), sft()])
+    result = process_chunk(make_task(folder, lines.encode()))
+    assert result.rows_written == 4 and built == ["a.png", "b.png"]          # a.png's struct is reused
+    process_chunk(make_task(folder, sft().encode()))                        # the next chunk of this process too
+    assert built == ["a.png", "b.png"]
+
+
+def test_the_tasks_tokenizer_spec_and_row_identity(folder, monkeypatch):
+    specs = []
+    monkeypatch.setattr(ingest_chunk, "get_tokenizer", lambda spec: specs.append(spec) or FlakyTokenizer())
+    result = process_chunk(make_task(folder, sft().encode(), tokenizer="some/tokenizer/dir"))
+    assert specs == ["some/tokenizer/dir"]
+    [row] = rows_of(folder, result)
+    assert (row["sample_id"], row["dataset"], row["task"], row["line_number"]) == ("d:1", "d", "sft", 1)
+
+
+def test_a_record_mapping_reads_openai_style_records(folder):
+    # columns/tags of the catalog entry: messages under "msgs", images under "pics", role "role" / text "content"
+    mapping = {"messages": "msgs", "images": "pics", "role_tag": "role", "content_tag": "content",
+               "user_tag": "user", "assistant_tag": "assistant"}
+    line = json.dumps({"pics": ["a.png"], "msgs": [{"role": "user", "content": "<image>\nWhat?"},
+                                                  {"role": "assistant", "content": "Yes."}]})
+    result = process_chunk(make_task(folder, line.encode(), task="vlm_sft", extra_options={"record_mapping": mapping}))
+    [row] = rows_of(folder, result)
+    assert row["messages"] == [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Yes."}]
+    assert [i["path"] for i in row["input_images"]] == ["a.png"] and row["text_tokens"] == 5 + 4
+
+
+def test_image_byte_cap_and_verify_reach_the_probe(folder):
+    # a.png is a 16x16 PNG of more than 50 bytes: a 50-byte cap rejects it before it is opened
+    result = process_chunk(make_task(folder, sft().encode(), max_image_bytes=50))
+    assert result.reasons == {"image_too_big": 1}
+    body = bytearray(png(16, 16))
+    at = body.index(b"IDAT") + 6
+    body[at:at + 8] = b"\xff" * 8                     # the header is valid, the compressed pixels are not
+    (folder / "data" / "cut.png").write_bytes(bytes(body))
+    assert process_chunk(make_task(folder, sft("cut.png").encode())).rows_written == 1       # header-only probe
+    image_cache.PROBES.clear()
+    image_cache.STRUCTS.clear()
+    assert process_chunk(make_task(folder, sft("cut.png").encode(), verify_images=True)).reasons == {"image_corrupt": 1}
+
+
+def test_a_file_is_probed_once_per_process(folder, monkeypatch):
+    probed = []
+    real = ingest_chunk.probe_image
+
+    def spy(*args, **kwargs):
+        probed.append(args[0] if args else kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ingest_chunk, "probe_image", spy)
+    process_chunk(make_task(folder, "\n".join([sft(), sft(answer="Again."), sft("b.png")]).encode()))
+    process_chunk(make_task(folder, sft().encode()))
+    assert len(probed) == 2                                               # a.png and b.png, once each
+
+
+def test_images_after_the_expanded_one_stay_in_every_slice_row(folder):
+    _nifti(folder / "data" / "v.nii", 2)
+    line = json.dumps({"input_img": [{"path": "a.png"}, {"path": "v.nii"}, {"path": "b.png"}],
+                       "message": [{"from": "human", "value": "<image><image><image>\nCompare."},
+                                   {"from": "gpt", "value": "Same."}]})
+    result = process_chunk(make_task(folder, line.encode(), extra_options={"slices": "all"}))
+    rows = rows_of(folder, result)
+    assert [r["sample_id"] for r in rows] == ["d:1:s0", "d:1:s1"]
+    assert [[i["path"] for i in r["input_images"]] for r in rows] == [["a.png", "v.nii", "b.png"]] * 2
+
+
+def test_cached_structs_follow_the_extra_options(folder):
+    _nifti_patterns(folder / "data" / "v.nii")
+    sources = []
+    for window in ("minmax", "lung", "minmax"):
+        result = process_chunk(make_task(folder, sft("v.nii").encode(), extra_options={"window": window}))
+        sources.append(json.loads(rows_of(folder, result)[0]["input_images"][0]["meta"])["window"]["source"])
+    assert sources == ["minmax", "lung", "minmax"]
+
+
+
+def test_an_unexpected_error_while_probing_costs_only_its_line(folder, monkeypatch):
+    real = ingest_chunk.ChunkProcessor.probe_record
+
+    def probe_record(self, line_number, raw, *args, **kwargs):
+        if line_number == 3:
+            raise RuntimeError("boom")
+        return real(self, line_number, raw, *args, **kwargs)
+
+    monkeypatch.setattr(ingest_chunk.ChunkProcessor, "probe_record", probe_record)
+    lines = "\n".join([sft(), "", sft(answer="Two."), "", sft(answer="Three.")])    # lines 1, 3, 5; 2 blanks
+    result = process_chunk(make_task(folder, lines.encode()))
+    assert rejects_of(folder, result) == [(3, "internal_error", "RuntimeError while validating the record and "
+                                                                "probing its images: boom" + TAIL)]
+    [reject] = pq.read_table(folder / "staging" / result.rejects_file).to_pylist()
+    assert reject["raw"] == sft(answer="Two.")
+    assert [r["line_number"] for r in rows_of(folder, result)] == [1, 5]
+    assert (result.blank_lines, result.rows_rejected, result.rows_written) == (2, 1, 2)
+    assert 0 <= result.seconds < 600
+
+
+@pytest.mark.parametrize("rows, nbytes, logical, groups", [
+    # the same image s bytes in every row: counted once per group for the distinct bytes, once per row for the
+    # logical (in-memory) bytes
+    (256, None, "2s", [2, 2, 2, 1]),      # logical s, 2s >= 2s: close every 2 rows
+    (256, None, "2s+1", [3, 3, 1]),       # s, 2s, 3s >= 2s + 1: every 3 rows; the count restarts at 0
+    (2, "s+1", None, [2, 2, 2, 1]),       # distinct bytes s < s + 1 never close; each new group restarts at 0
+])
+def test_row_groups_close_by_logical_bytes_and_restart_their_counts(folder, monkeypatch, rows, nbytes, logical,
+                                                                     groups):
+    s = len(png(16, 16))
+    limits = {None: None, "s+1": s + 1, "2s": 2 * s, "2s+1": 2 * s + 1}
+    if logical:
+        monkeypatch.setattr(ingest_chunk, "ROW_GROUP_LOGICAL_BYTES", limits[logical])
+    lines = "\n".join(sft(answer=f"Answer {i}.") for i in range(7))
+    kw = {"row_group_bytes": limits[nbytes]} if nbytes else {}
+    result = process_chunk(make_task(folder, lines.encode(), row_group_rows=rows, **kw))
+    meta = pq.ParquetFile(folder / "staging" / result.shard_file).metadata
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == groups
+
+
+def test_a_slice_row_that_fails_rejects_its_whole_line_once(folder, monkeypatch):
+    _nifti(folder / "data" / "v.nii", 3)
+    real = ingest_chunk.packed_length
+    calls = []
+
+    def first_fails(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyError("x")
+        return real(*args)
+
+    monkeypatch.setattr(ingest_chunk, "packed_length", first_fails)
+    lines = "\n".join([sft("v.nii"), sft()])
+    result = process_chunk(make_task(folder, lines.encode(), extra_options={"slices": "all"}))
+    assert rejects_of(folder, result) == [(1, "internal_error", "KeyError while building the row: 'x'" + TAIL)]
+    assert [r["sample_id"] for r in rows_of(folder, result)] == ["d:2"]     # slices 1 and 2 of line 1 dropped too
+    assert len(calls) == 2                                                  # line 1's other slices not built
+
+
+def test_a_text_only_record_keeps_its_line_and_raw_bytes(folder, monkeypatch):
+    monkeypatch.setattr(ingest_chunk, "get_tokenizer", lambda spec: FlakyTokenizer())
+    text = json.dumps({"message": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]})
+    boom = json.dumps({"message": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "BOOM"}]})
+    result = process_chunk(make_task(folder, "\n".join(["", text, boom]).encode(), task="text_only", data_dir=None))
+    [row] = rows_of(folder, result)
+    assert (row["sample_id"], row["line_number"], row["input_images"], row["text_tokens"]) == ("d:2", 2, [], 3 + 6)
+    [reject] = pq.read_table(folder / "staging" / result.rejects_file).to_pylist()
+    assert (reject["line_number"], reject["reason"], reject["raw"]) == (3, "internal_error", boom)
+
+
+def test_stored_pixels_of_a_medical_image_follow_the_catalog_window(folder):
+    # values 0 and 1 through the lung window (centre -600, width 1500) are both light grey, near 230; through
+    # min-max they are black and white: the stored pixels must differ
+    _nifti_patterns(folder / "data" / "v.nii")
+    stored = {}
+    for window in ("minmax", "lung"):
+        result = process_chunk(make_task(folder, sft("v.nii").encode(), store_pixels=True,
+                                         extra_options={"window": window}))
+        stored[window] = rows_of(folder, result)[0]["input_images"][0]["vae_pixels"]
+    assert set(stored["minmax"]) >= {0, 255}
+    assert min(stored["lung"]) > 200 and stored["lung"] != stored["minmax"]

@@ -182,3 +182,13 @@ def test_chunk_of_one_and_integer_block_lengths():
     assert (one.chunk, one.span, one.total) == (1, 5, 5) and one.split(5) == (1, 0)
     assert PassOrder([3, 2], (0, 0), shuffle=False, chunk=0).chunk == 1
     assert one.block_starts.tolist() == [0, 3]
+
+
+def test_split_of_an_empty_group_is_none():
+    # the docstring's promise: a group with no rows has no (pass, position) for any global position (it used
+    # to raise ZeroDivisionError in divmod); a one-row group puts global position u at pass u, position 0
+    empty = PassOrder(np.array([], dtype=np.int64), (0, 0), shuffle=False, chunk=4)
+    assert (empty.total, empty.span) == (0, 0)
+    assert [empty.split(u) for u in (0, 1, 7)] == [None, None, None]
+    one = PassOrder(np.array([1]), (0, 0), shuffle=True, chunk=4)
+    assert [one.split(u) for u in (0, 1, 5)] == [(0, 0), (1, 0), (5, 0)]
