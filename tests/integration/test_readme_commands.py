@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.readme_table import readme_ingest_table, table_rows
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 SECTIONS = ("## Quickstart", "## From data to a trained model")
@@ -79,22 +81,13 @@ def _scratch_copy(tmp: Path) -> Path:
     return tmp
 
 
-def _table_rows(text: str) -> dict[str, list[str]]:
-    rows = {}
-    for line in text.splitlines():
-        cells = [c for c in re.split(r"\s{2,}", line.strip()) if c]
-        if len(cells) >= 9 and not cells[0].startswith("-") and cells[0] != "dataset":
-            rows[cells[0]] = cells[:-2]          # MB and seconds vary by machine
-    return rows
-
-
 def test_quickstart_and_recipe_run_as_written(tmp_path):
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     commands = [c for c in readme_commands(text) if c not in NOT_RUN and not INSTALL.match(c)]
     cwd = _scratch_copy(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}     # Python's default warning filters, as a user has them
     env.pop("RAY_ADDRESS", None)
-    shown_table = _table_rows(text[text.index("prints (real output"):])
+    shown_table = readme_ingest_table()
     outputs = []
     for command in commands:
         argv = shlex.split(command)
@@ -109,7 +102,7 @@ def test_quickstart_and_recipe_run_as_written(tmp_path):
             assert not re.search(r"\b(Future|Deprecation)Warning\b", out), f"`{command}` warned:\n{out[-4000:]}"
     ingests = [o for c, o in zip(commands, outputs) if c == "python jobs/ingest.py catalog/radiology.yaml"]
     assert len(ingests) == 2, "the Quickstart and the recipe both ingest the example"
-    assert _table_rows(ingests[0]) == shown_table, "the README's ingest table is not what the ingest prints"
+    assert table_rows(ingests[0]) == shown_table, "the README's ingest table is not what the ingest prints"
     again = [ln for ln in ingests[1].splitlines() if ln.startswith("[ingest] ")]
     assert len(again) == len(shown_table) - 1 and all(   # one line per dataset (the table also has TOTAL)
         ln.endswith(": up to date (inputs and settings unchanged), skipped") for ln in again), ingests[1]

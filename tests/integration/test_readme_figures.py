@@ -12,6 +12,7 @@ import pytest
 
 from datasets_catalog.catalog import load_catalog
 from pipelines.ingest.driver import format_summary, run_ingest
+from tests.helpers.readme_table import readme_ingest_table, table_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,21 +33,15 @@ def _block_after(text: str, marker: str) -> list[str]:
     return rest[start:rest.index("```", start)].splitlines()
 
 
-def _numbers(line: str) -> list[str]:
-    return [c for c in re.split(r"\s{2,}", line.strip()) if c]
-
-
 def test_readme_ingest_table(example_shards):
     _, report = example_shards
-    shown = _block_after((ROOT / "README.md").read_text(), "prints (real output")
-    real = format_summary(report).splitlines()
-    shown_rows = {cells[0]: cells for cells in map(_numbers, shown) if cells and not cells[0].startswith("-")}
-    real_rows = {cells[0]: cells for cells in map(_numbers, real) if cells and not cells[0].startswith("-")}
+    shown_rows = readme_ingest_table()
+    real_rows = table_rows(format_summary(report))
     datasets = [d.name for d in report.datasets]
     assert [k for k in shown_rows if k in datasets] == datasets
     for name in [*datasets, "TOTAL"]:
-        # dataset, task, status, read, written, rejected, images, tokens, shards (then MB and seconds: machine)
-        assert shown_rows[name][:-2] == real_rows[name][:-2], (name, shown_rows[name], real_rows[name])
+        # dataset, task, status, read, written, rejected, images, tokens, shards (MB and seconds: machine)
+        assert shown_rows[name] == real_rows[name], (name, shown_rows[name], real_rows[name])
 
 
 def _duckdb_rows(shards: Path, query: str) -> list[str]:

@@ -4,10 +4,10 @@ checks that table against the script itself)."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from datasets_catalog.catalog import load_catalog
+from tests.helpers.readme_table import readme_ingest_table
 from tests.unit.jobs.test_cli import medloom, run
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -24,15 +24,8 @@ def _datasets(out: Path) -> dict[str, tuple]:
 
 def _readme_table() -> dict[str, tuple]:
     """dataset -> (rows written, images, tokens) as the README's Quickstart table shows them."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = text[text.index("prints (real output"):]
-    block = block[block.index("```\n") + 4:]
-    rows = {}
-    for line in block[:block.index("```")].splitlines():
-        cells = [c for c in re.split(r"\s{2,}", line.strip()) if c]
-        if len(cells) >= 11 and cells[2] == "built":
-            rows[cells[0]] = (int(cells[4]), int(cells[6]), int(cells[7].replace(",", "")))
-    return rows
+    return {name: (int(cells[4]), int(cells[6]), int(cells[7].replace(",", "")))
+            for name, cells in readme_ingest_table().items() if cells[2] == "built"}
 
 
 def test_medloom_ingest_writes_what_the_readme_shows(tmp_path):
